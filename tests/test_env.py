@@ -1,0 +1,153 @@
+"""Environment resolution under faked variables: clusters, team files, overrides, //reference and mappers."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import env
+from env import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+AUDIOCRAFT_TEAM_FILE = """
+default:
+  dora_dir: /tmp/audiocraft_${oc.env:USER}
+  partitions:
+    global: debug
+    team: debug
+  reference_dir: /tmp
+slurm:
+  dora_dir: /checkpoint/$USER/experiments
+  partitions:
+    global: learnlab
+    team: audio
+  reference_dir: /large/reference
+  slurm_exclude: node[1-3]
+  dataset_mappers:
+    "^/checkpoint/[a-z]+": "/fsx/data"
+    "/fsx/data/old": "/fsx/data/new"
+darwin:
+  dora_dir: ~/runs
+  reference_dir: ~/reference
+"""
+
+
+@pytest.fixture
+def team_file(tmp_path, monkeypatch):
+    path = tmp_path / "labs.yaml"
+    path.write_text(AUDIOCRAFT_TEAM_FILE)
+    monkeypatch.setenv("AUDIOCRAFT_CONFIG", str(path))
+    monkeypatch.setenv("USER", "ada")
+    return path
+
+
+def test_default_team_works_out_of_the_box():
+    e = env.get_env()
+    assert e.team == "default" and e.config_file == ROOT / "config/teams/default.yaml"
+    assert e.runs_dir == ROOT / "runs" and e.reference_dir == ROOT / "reference"
+
+
+def test_environment_is_cached_until_reset(monkeypatch, tmp_path):
+    first = env.get_env()
+    monkeypatch.setenv("AUDIOCRAFT_DORA_DIR", str(tmp_path))
+    assert env.get_env() is first and env.get_env().runs_dir != tmp_path
+    env.reset()
+    assert env.get_env().runs_dir == tmp_path
+
+
+def test_audiocraft_team_file_loads_unchanged_and_expands_variables(team_file):
+    e = env.get_env()
+    assert e.cluster == "default" and e.runs_dir == Path("/tmp/audiocraft_ada") and e.reference_dir == Path("/tmp")
+
+
+def test_slurm_job_is_detected_and_selects_its_section(team_file, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    e = env.get_env()
+    assert e.cluster == "slurm" and e.runs_dir == Path("/checkpoint/ada/experiments")
+    assert env.slurm_partitions() == "audio,learnlab" and e.slurm_exclude == "node[1-3]"
+
+
+def test_macos_is_detected(team_file, monkeypatch):
+    monkeypatch.setattr(env.platform, "system", lambda: "Darwin")
+    e = env.get_env()
+    assert e.cluster == "darwin" and e.runs_dir == Path.home() / "runs"
+
+
+def test_aws_is_detected(monkeypatch):
+    monkeypatch.setattr(env.platform, "release", lambda: "5.10.0-1-aws")
+    assert env.detect_cluster() == "aws"
+
+
+def test_every_override_variable_wins(team_file, monkeypatch, tmp_path):
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    monkeypatch.setenv("AUDIOCRAFT_CLUSTER", "darwin")
+    monkeypatch.setenv("AUDIOCRAFT_DORA_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("AUDIOCRAFT_REFERENCE_DIR", str(tmp_path / "ref"))
+    e = env.get_env()
+    assert (e.cluster, e.runs_dir, e.reference_dir) == ("darwin", tmp_path / "runs", tmp_path / "ref")
+
+
+def test_team_selects_its_file(monkeypatch):
+    monkeypatch.setenv("AUDIOCRAFT_TEAM", "nosuchteam")
+    with pytest.raises(UserError, match=r"team file .*nosuchteam.yaml not found \(AUDIOCRAFT_TEAM='nosuchteam'"):
+        env.get_env()
+
+
+def test_broken_team_files_are_clear_errors(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.yaml"
+    monkeypatch.setenv("AUDIOCRAFT_CONFIG", str(bad))
+    bad.write_text("default: [unclosed\n")
+    with pytest.raises(UserError, match=r"bad.yaml: not valid YAML"):
+        env.get_env()
+    env.reset()
+    bad.write_text("default:\n  dataset_mappers:\n    '([': x\n")
+    with pytest.raises(UserError, match=r"dataset mapper '\(\[' is not a valid regex"):
+        env.get_env()
+
+
+def test_reference_paths_resolve_and_missing_ones_name_both(tmp_path, monkeypatch):
+    (tmp_path / "t5-base").mkdir()
+    monkeypatch.setenv("AUDIOCRAFT_REFERENCE_DIR", str(tmp_path))
+    assert env.resolve_path("//reference/t5-base") == tmp_path / "t5-base"
+    assert env.resolve_path("/abs/path") == Path("/abs/path")
+    with pytest.raises(UserError) as e:
+        env.resolve_path("//reference/encodec_32khz")
+    assert "//reference/encodec_32khz" in str(e.value) and str(tmp_path / "encodec_32khz") in str(e.value)
+    env.reset()
+    monkeypatch.setenv("AUDIOCRAFT_REFERENCE_DIR", str(tmp_path / "gone"))
+    with pytest.raises(UserError, match=r"reference directory .*gone does not exist"):
+        env.resolve_path("//reference/t5-base")
+
+
+def test_dataset_mappers_apply_in_order(team_file, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    assert env.map_dataset_path("/checkpoint/ada/old/a.wav") == "/fsx/data/new/a.wav"
+    assert env.map_dataset_path("/elsewhere/a.wav") == "/elsewhere/a.wav"
+
+
+def test_run_status_reads_history(tmp_path):
+    d = tmp_path / "xps" / "abcd1234"
+    assert env.run_status(d)["status"] == "not started"
+    d.mkdir(parents=True)
+    rows = [{"epoch": 1, "stage": "train", "ce": 5.0}, {"epoch": 1, "stage": "valid", "ce": 4.0},
+            {"epoch": 2, "stage": "train", "ce": 4.5}, {"epoch": 2, "stage": "valid", "ce": 4.2}]
+    (d / "history.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"cut")
+    s = env.run_status(d)
+    assert (s["status"], s["epoch"], s["train_ce"], s["valid_ce"], s["best_ce"]) == ("running", 2, 4.5, 4.2, 4.0)
+    (d / "status").write_text("done\n")
+    assert env.run_status(d)["status"] == "done"
+
+
+def test_env_command_prints_environment_and_run_info(tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "xps" / "abcd1234").mkdir(parents=True)
+    (runs / "xps" / "abcd1234" / "config.json").write_text('{"lr": 0.001}')
+    e = dict(__import__("os").environ, AUDIOCRAFT_DORA_DIR=str(runs))
+    out = subprocess.run([sys.executable, "env.py"], cwd=ROOT, env=e, capture_output=True, text=True)
+    assert out.returncode == 0 and f"runs dir    {runs}" in out.stdout
+    out = subprocess.run([sys.executable, "env.py", "info", "abcd1234"], cwd=ROOT, env=e, capture_output=True, text=True)
+    assert out.returncode == 0 and '"lr": 0.001' in out.stdout and '"status": "not started"' in out.stdout
+    out = subprocess.run([sys.executable, "env.py", "info", "nope"], cwd=ROOT, env=e, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith("error: no run 'nope'")
