@@ -1,0 +1,896 @@
+"""The MusicGen language model: codebook patterns, the transformer (AudioCraft's weights), CFG dropout, the loss,
+generation with a static KV cache and classifier-free guidance, and AudioCraft `state_dict.bin` import/export.
+
+    python model.py //reference/musicgen-small         # a state_dict.bin (dir or file): print its config and size
+    python model.py config                             # print the default LMConfig and its parameter count
+
+Weight compatibility: parameter names and shapes are AudioCraft's `LMModel` (emb.{k}, transformer.layers.{i}.
+{self_attn,cross_attention}.in_proj_weight (fused Q|K|V), out_proj, linear1/2, norm1/norm_cross/norm2, out_norm,
+linears.{k}, condition_provider.conditioners.description.output_proj), so a released `state_dict.bin` loads strictly
+and our `best_state` exports without renaming. Shapes: B batch, K codebooks (n_q), T frames, S sequence steps of the
+codebook pattern, L text positions, card codebook size (the special "no code" token is card).
+
+Speed: `layer.compile()` on each of model.transformer.layers compiles in place and keeps the state-dict names;
+`model.decode_step` has static shapes for torch.compile(mode="reduce-overhead") / CUDA graphs; compute_loss does
+no host sync (it checks code values only for CPU tensors).
+"""
+import functools
+import math
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from env import UserError, resolve_path
+
+PATTERNS = ("delay", "parallel", "unroll", "coarse_first", "musiclm")
+FUSES = ("cross", "prepend", "sum")
+
+
+@dataclass
+class LMConfig:
+    dim: int = 1024
+    n_layers: int = 24
+    n_heads: int = 16
+    hidden_scale: int = 4
+    n_q: int = 4
+    card: int = 2048
+    pattern: str = "delay"            # delay | parallel | unroll | coarse_first | musiclm
+    delays: tuple = ()                # empty: range(n_q) for delay, zeros for unroll / coarse_first (n_q - 1 of them)
+    text_dim: int = 768
+    fuse: str = "cross"               # cross | prepend | sum (sum adds the masked mean of the condition)
+    mask_memory: bool = False         # mask padded text positions (released models were trained without)
+    dropout: float = 0.0
+    cfg_dropout: float = 0.3
+    cfg_dropout_per_batch: bool = False   # AudioCraft: one coin for the whole batch
+    max_period: float = 10000.0
+
+
+def check_config(cfg):
+    if cfg.pattern not in PATTERNS:
+        raise UserError(f'pattern="{cfg.pattern}" is not one of {", ".join(PATTERNS)}')
+    if cfg.fuse not in FUSES:
+        raise UserError(f'fuse="{cfg.fuse}" is not one of {", ".join(FUSES)}')
+    if cfg.dim % cfg.n_heads:
+        raise UserError(f"dim={cfg.dim} is not a multiple of n_heads={cfg.n_heads}")
+    if cfg.dim < 4 or cfg.dim % 2:
+        raise UserError(f"dim={cfg.dim} must be even and at least 4 (sinusoidal positions)")
+    pattern_delays(cfg.pattern, cfg.n_q, cfg.delays)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Codebook patterns (AudioCraft's `codebooks_patterns.py` semantics)
+
+def pattern_delays(pattern, n_q, delays=()):
+    """The delays a pattern uses, defaults filled in and checked."""
+    delays = tuple(int(d) for d in delays)
+    need = {"delay": n_q, "unroll": n_q, "coarse_first": n_q - 1}.get(pattern, 0)
+    if pattern == "delay" and not delays:
+        delays = tuple(range(n_q))
+    elif pattern in ("unroll", "coarse_first") and not delays:
+        delays = (0,) * need
+    elif pattern in ("parallel", "musiclm"):
+        if any(delays):
+            raise UserError(f"delays={list(delays)}: the {pattern} pattern takes no delays (leave delays empty)")
+        return ()
+    if len(delays) != need:
+        raise UserError(f"delays={list(delays)} has {len(delays)} entries; the {pattern} pattern with n_q={n_q} "
+                        f"needs {need}")
+    if list(delays) != sorted(delays) or min(delays, default=0) < 0:
+        raise UserError(f"delays={list(delays)} must be non-negative and non-decreasing")
+    if pattern == "musiclm" and n_q % 2:
+        raise UserError(f"the musiclm pattern groups codebooks by 2: n_q={n_q} must be even")
+    return delays
+
+
+def pattern_layout(pattern, n_q, T, delays=()):
+    """AudioCraft's layout: for each sequence step the (t, q) codes it holds; step 0 is empty (all special)."""
+    delays = pattern_delays(pattern, n_q, delays)
+    layout = [[]]
+    if pattern in ("delay", "parallel"):
+        delays = delays or (0,) * n_q
+        for s in range(T + max(delays)):
+            layout.append([(s - d, q) for q, d in enumerate(delays) if s - d >= 0])
+    elif pattern == "unroll":
+        # one inner step per codebook; a delay moves that codebook's steps later, then steps are sorted
+        steps, end = [], T + max(delays)
+        for t in range(end):
+            for q, d in enumerate(delays):
+                if t + d < end:
+                    steps.append((t + d, [(t, q)]))
+        layout += [coords for _, coords in sorted(steps)]
+    elif pattern == "coarse_first":
+        layout += [[(t, 0)] for t in range(T)]
+        for s in range(T + max(delays, default=0)):
+            layout.append([(s - d, q + 1) for q, d in enumerate(delays) if s - d >= 0])
+    elif pattern == "musiclm":
+        for first in range(0, n_q, 2):
+            layout += [[(t, q)] for t in range(T) for q in (first, first + 1)]
+    return layout
+
+
+@dataclass
+class PatternTables:
+    """Index tables that turn build/revert into one gather each. Flat code index q*T+t, K*T = special."""
+    S: int
+    seq_index: torch.Tensor   # [K, S] flat code index at each sequence position
+    seq_mask: torch.Tensor    # [K, S] bool: a real code sits there
+    tgt_index: torch.Tensor   # [K, S] flat index of the code the output at each position predicts
+    code_step: torch.Tensor   # [K, T] sequence step holding code (t, q); S where absent
+    out_index: torch.Tensor   # [K, T] flat index q*S+s of the output predicting code (t, q) (0 where none)
+    out_mask: torch.Tensor    # [K, T] bool: some output predicts code (t, q)
+
+
+@functools.lru_cache(maxsize=64)
+def pattern_tables(pattern, n_q, delays, T, valid_only, device="cpu"):
+    """Cached per length and device. valid_only: AudioCraft's keep_only_valid_steps (training), else the full
+    layout (generation)."""
+    if str(device) != "cpu":
+        cpu = pattern_tables(pattern, n_q, delays, T, valid_only)
+        return PatternTables(cpu.S, *(getattr(cpu, f.name).to(device) for f in fields(cpu)[1:]))
+    layout = pattern_layout(pattern, n_q, T, delays)
+    if valid_only:
+        max_delay = max([t + 1 for coords in layout[1:] for t, _ in coords] + [T]) - T
+        layout = layout[:len(layout) - max_delay]
+    S, K = len(layout), n_q
+    seq_index = np.full((K, S), K * T, dtype=np.int64)
+    code_step = np.full((K, T), S, dtype=np.int64)
+    for s, coords in enumerate(layout):
+        for t, q in coords:
+            if t < T:
+                seq_index[q, s] = q * T + t
+                code_step[q, t] = s
+    # the output at position s predicts the codes of step s + 1 (step 0 is the all-special start)
+    tgt_index = np.concatenate([seq_index[:, 1:], np.full((K, 1), K * T, dtype=np.int64)], axis=1)
+    out_mask = code_step < S
+    out_index = np.where(out_mask, np.arange(K)[:, None] * S + code_step - 1, 0)
+    t = torch.from_numpy
+    return PatternTables(S, t(seq_index), t(seq_index != K * T), t(tgt_index), t(code_step), t(out_index),
+                         t(out_mask))
+
+
+def build_sequence(codes, tables, special):
+    """codes [B, K, T] -> sequence [B, K, S], `special` where the pattern holds no code."""
+    B, K, T = codes.shape
+    flat = torch.cat([codes.reshape(B, K * T), codes.new_full((B, 1), special)], 1)
+    return flat.index_select(1, tables.seq_index.reshape(-1)).view(B, K, tables.S)
+
+
+def revert_sequence(sequence, tables, special):
+    """sequence [B, K, S] -> codes [B, K, T], `special` where the sequence holds no code for (t, q)."""
+    B, K, S = sequence.shape
+    flat = torch.cat([sequence.reshape(B, K * S), sequence.new_full((B, 1), special)], 1)
+    index = tables.code_step + torch.arange(K, device=sequence.device)[:, None] * S
+    index = torch.where(tables.code_step < S, index, K * S)
+    return flat.index_select(1, index.reshape(-1)).view(B, K, -1)
+
+
+def revert_logits(logits, tables):
+    """logits [B, K, S, card] (output s predicts step s+1) -> ([B, K, T, card] aligned with codes, NaN where no
+    output predicts a code, mask [K, T])."""
+    B, K, S, card = logits.shape
+    out = logits.reshape(B, K * S, card).index_select(1, tables.out_index.reshape(-1)).view(B, K, -1, card)
+    return out.masked_fill(~tables.out_mask[None, :, :, None], float("nan")), tables.out_mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The transformer
+
+def sin_embedding(positions, dim, max_period=10000.0):
+    """AudioCraft's create_sin_embedding: cat(cos, sin), frequency exponent i / (half - 1).
+    positions [...] -> [..., dim] float32"""
+    half = dim // 2
+    exponent = torch.arange(half, device=positions.device, dtype=torch.float32) / (half - 1)
+    phase = positions.float()[..., None] / (torch.full([], float(max_period), device=positions.device) ** exponent)
+    return torch.cat([torch.cos(phase), torch.sin(phase)], -1)
+
+
+def _pooled(cond, mask):
+    """AudioCraft's sum fuse adds a condition of matching length; for text we add its masked mean to every step.
+    cond [B, L, dim] (zeros where masked), mask [B, L] -> [B, 1, dim]"""
+    return cond.sum(1, keepdim=True) / mask.sum(-1).clamp(min=1)[:, None, None].to(cond.dtype)
+
+
+def _dropout(x, p):
+    return F.dropout(x, p, True) if p > 0 else x
+
+
+class Attention(nn.Module):
+    """Only the parameters (AudioCraft's names); the attention itself lives in Layer.forward."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))   # rows Q | K | V, heads contiguous
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+        nn.init.kaiming_uniform_(self.in_proj_weight, a=math.sqrt(5))    # nn.Linear's default, as AudioCraft keeps it
+
+
+class Layer(nn.Module):
+    """Pre-norm: x += self_attn(norm1 x); x += cross_attention(norm_cross x, memory); x += ffn(norm2 x)."""
+
+    def __init__(self, cfg: LMConfig, cross: bool):
+        super().__init__()
+        d, hidden = cfg.dim, cfg.hidden_scale * cfg.dim
+        self.n_heads, self.dropout = cfg.n_heads, cfg.dropout
+        # registration order = AudioCraft's state_dict order
+        self.self_attn = Attention(d)
+        self.linear1 = nn.Linear(d, hidden, bias=False)
+        self.linear2 = nn.Linear(hidden, d, bias=False)
+        self.norm1 = nn.LayerNorm(d, eps=1e-5)
+        self.norm2 = nn.LayerNorm(d, eps=1e-5)
+        if cross:
+            self.cross_attention = Attention(d)
+            self.norm_cross = nn.LayerNorm(d, eps=1e-5)
+        else:
+            self.cross_attention = None
+
+    def _split(self, x):  # [B, T, dim] -> [B, H, T, D]
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, -1).transpose(1, 2)
+
+    def _merge(self, x):  # [B, H, T, D] -> [B, T, dim]
+        B, H, T, D = x.shape
+        return x.transpose(1, 2).reshape(B, T, H * D)
+
+    def forward(self, x, memory=None, self_mask=None, cross_mask=None, kv=None, positions=None, cross_kv=None):
+        """x [B, T, dim]. Training: kv None, causal unless self_mask. Cached: kv = (k, v) [B, H, Smax, D] written at
+        `positions` [T] and read whole under self_mask. cross_kv: precomputed cross-attention (k, v) [B, H, L, D]."""
+        p = self.dropout if self.training else 0.0
+        d = x.shape[-1]
+        q, k, v = F.linear(self.norm1(x), self.self_attn.in_proj_weight).chunk(3, -1)
+        q, k, v = self._split(q), self._split(k), self._split(v)
+        if kv is not None:
+            kv[0].index_copy_(2, positions, k.to(kv[0].dtype))
+            kv[1].index_copy_(2, positions, v.to(kv[1].dtype))
+            k, v = kv
+        causal = self_mask is None and kv is None
+        a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=self_mask,
+                                           is_causal=causal, dropout_p=p)
+        x = x + _dropout(self.self_attn.out_proj(self._merge(a)), p)
+        if self.cross_attention is not None:
+            w = self.cross_attention.in_proj_weight
+            q = self._split(F.linear(self.norm_cross(x), w[:d]))
+            if cross_kv is None:
+                k, v = (self._split(t) for t in F.linear(memory, w[d:]).chunk(2, -1))
+            else:
+                k, v = cross_kv
+            a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=cross_mask, dropout_p=p)
+            x = x + _dropout(self.cross_attention.out_proj(self._merge(a)), p)
+        h = _dropout(F.gelu(self.linear1(self.norm2(x))), p)
+        return x + _dropout(self.linear2(h), p)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: LMConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([Layer(cfg, cross=cfg.fuse == "cross") for _ in range(cfg.n_layers)])
+
+
+class ProjectedCondition(nn.Module):
+    """Text-encoder states -> LM width (AudioCraft's output_proj), zeroed where masked. For precomputed states."""
+
+    def __init__(self, text_dim, dim):
+        super().__init__()
+        self.output_proj = nn.Linear(text_dim, dim)
+
+    def forward(self, states, mask):  # states [B, L, text_dim], mask [B, L] -> ([B, L, dim], mask)
+        return self.output_proj(states) * mask[..., None].to(states.dtype), mask
+
+
+@dataclass
+class DecodeCache:
+    """Static per-generation state: every tensor is allocated before the first step."""
+    k: list            # per layer [N, H, Smax, D]
+    v: list
+    cross_kv: list     # per layer (k, v) [N, H, L, D], or None per layer (no cross-attention)
+    cross_mask: object  # [N, 1, 1, L] bool or None
+    key_valid: object   # [N, Smax] bool or None (prepend + mask_memory)
+    fuse_add: object    # [N, 1, dim] or None (sum fuse)
+    pos_table: torch.Tensor  # [Smax, dim] float32
+    heads: torch.Tensor      # [K * card, dim] the output heads' weights, concatenated once
+
+
+class MusicGenLM(nn.Module):
+    def __init__(self, cfg: LMConfig, conditioner: nn.Module | None = None):
+        super().__init__()
+        check_config(cfg)
+        self.cfg = cfg
+        self.delays = pattern_delays(cfg.pattern, cfg.n_q, cfg.delays)
+        # AudioCraft's module path, so the conditioner's parameters carry its state_dict names
+        self.condition_provider = nn.Module()
+        self.condition_provider.conditioners = nn.ModuleDict(
+            {"description": conditioner if conditioner is not None else ProjectedCondition(cfg.text_dim, cfg.dim)})
+        self.emb = nn.ModuleList([nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)])
+        self.transformer = Transformer(cfg)
+        self.out_norm = nn.LayerNorm(cfg.dim, eps=1e-5)
+        self.linears = nn.ModuleList([nn.Linear(cfg.dim, cfg.card, bias=False) for _ in range(cfg.n_q)])
+        self._init_weights()
+
+    @property
+    def conditioner(self):
+        return self.condition_provider.conditioners.description
+
+    def _init_weights(self):
+        """AudioCraft's gaussian init with depthwise 'current' scaling; in_proj_weight and the conditioner keep
+        their default init, LayerNorms (1, 0)."""
+        def trunc(w, std):
+            # normal truncated at 3 std by the inverse CDF, one pass (torch 2.1's trunc_normal_, which AudioCraft
+            # ran; newer torch rejection-samples, several times slower on big tables)
+            lo, hi = (1 + math.erf(-3 / math.sqrt(2))) / 2, (1 + math.erf(3 / math.sqrt(2))) / 2
+            with torch.no_grad():
+                w.uniform_(2 * lo - 1, 2 * hi - 1).erfinv_().mul_(std * math.sqrt(2)).clamp_(-3 * std, 3 * std)
+        for emb in self.emb:
+            trunc(emb.weight, 1 / math.sqrt(self.cfg.dim))
+        for i, layer in enumerate(self.transformer.layers):
+            for m in layer.modules():
+                if isinstance(m, nn.Linear):
+                    trunc(m.weight, 1 / math.sqrt(m.in_features) / math.sqrt(2 * (i + 1)))
+        for linear in self.linears:
+            trunc(linear.weight, 1 / math.sqrt(self.cfg.dim))
+
+    # ---- input checks: clear errors instead of index errors deep inside torch
+
+    def check_codes(self, codes, name="codes", allow_special=True, values=None):
+        cfg = self.cfg
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.dtype.is_floating_point \
+                or codes.dtype == torch.bool:
+            raise UserError(f"{name}: expected an integer tensor [B, K, T], got "
+                            f"{type(codes).__name__} {tuple(getattr(codes, 'shape', ()))}")
+        if codes.shape[1] != cfg.n_q:
+            raise UserError(f"{name}: {codes.shape[1]} codebooks (shape {tuple(codes.shape)}) but the model has "
+                            f"n_q={cfg.n_q}: use a codec with {cfg.n_q} codebooks or set n_q")
+        # the value check needs the values on the host: free on CPU, a sync on an accelerator (asked for by
+        # generate, skipped on the training path)
+        if values is None:
+            values = codes.device.type == "cpu" and not torch.compiler.is_compiling()
+        if values:
+            top = cfg.card if allow_special else cfg.card - 1
+            if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > top):
+                raise UserError(f"{name}: values in [{int(codes.min())}, {int(codes.max())}] outside [0, {top}] "
+                                f"(card={cfg.card}): codes from a codec with a different codebook size?")
+
+    def check_condition(self, condition, mask, batch=None):
+        cfg = self.cfg
+        if not isinstance(condition, torch.Tensor) or condition.dim() != 3:
+            raise UserError(f"condition: expected a tensor [B, L, {cfg.dim}], got "
+                            f"{type(condition).__name__} {tuple(getattr(condition, 'shape', ()))}")
+        if condition.shape[-1] != cfg.dim:
+            hint = " (raw text-encoder states? pass them through model.conditioner first)" \
+                if condition.shape[-1] == cfg.text_dim else ""
+            raise UserError(f"condition: width {condition.shape[-1]} but the model's dim is {cfg.dim}{hint}")
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(condition.shape[:2]):
+            raise UserError(f"condition_mask: shape {tuple(getattr(mask, 'shape', ()))} does not match "
+                            f"condition [B, L] = {tuple(condition.shape[:2])}")
+        if batch is not None and condition.shape[0] != batch:
+            raise UserError(f"condition: batch {condition.shape[0]} but codes have batch {batch}")
+
+    # ---- the network
+
+    def _embed(self, sequence):  # [B, K, S] -> [B, S, dim]
+        return sum(self.emb[k](sequence[:, k]) for k in range(self.cfg.n_q))
+
+    def _heads(self, h, w=None):  # [B, S, dim] -> [B, S, K, card]: one matmul for all codebooks
+        w = torch.cat([linear.weight for linear in self.linears], 0) if w is None else w
+        return F.linear(h, w).unflatten(-1, (self.cfg.n_q, self.cfg.card))
+
+    def _fuse(self, x, condition, mask):
+        """-> (input [B, P+S, dim], memory, self_mask, cross_mask, P): P prepended condition positions."""
+        cfg = self.cfg
+        mask = mask.bool()
+        cond = condition * mask[..., None].to(condition.dtype)
+        if cfg.fuse == "cross":
+            cross_mask = None
+            if cfg.mask_memory:
+                # a row with no text attends to its zero memory, which gives 0 as with no mask
+                cross_mask = (mask | ~mask.any(-1, keepdim=True))[:, None, None, :]
+            return x, cond, None, cross_mask, 0
+        if cfg.fuse == "sum":
+            return x + _pooled(cond, mask).to(x.dtype), None, None, None, 0
+        B, L = mask.shape
+        x = torch.cat([cond.to(x.dtype), x], 1)
+        self_mask = None
+        if cfg.mask_memory:
+            n = x.shape[1]
+            idx = torch.arange(n, device=x.device)
+            key_valid = torch.cat([mask, mask.new_ones(B, n - L)], 1)
+            self_mask = ((idx[None, :] <= idx[:, None]) & (key_valid[:, None, :] | (idx[None, :] == idx[:, None])))
+            self_mask = self_mask[:, None]
+        return x, None, self_mask, None, L
+
+    def _hidden(self, sequence, condition, condition_mask):  # -> [B, S, dim] after out_norm
+        x = self._embed(sequence)
+        x, memory, self_mask, cross_mask, P = self._fuse(x, condition, condition_mask)
+        x = x + sin_embedding(torch.arange(x.shape[1], device=x.device), self.cfg.dim,
+                              self.cfg.max_period).to(x.dtype)
+        for layer in self.transformer.layers:
+            x = layer(x, memory, self_mask, cross_mask)
+        return self.out_norm(x[:, P:])
+
+    def forward(self, sequence, condition, condition_mask):
+        """sequence [B, K, S] pattern steps -> logits [B, K, S, card]; output s predicts step s + 1."""
+        return self._heads(self._hidden(sequence, condition, condition_mask)).permute(0, 2, 1, 3)
+
+    def _tables(self, T, valid_only, device):
+        return pattern_tables(self.cfg.pattern, self.cfg.n_q, self.delays, T, valid_only, str(device))
+
+    def compute_predictions(self, codes, condition, condition_mask):
+        """codes [B, K, T] -> (logits [B, K, T, card] aligned with codes (NaN where the pattern gives no
+        prediction), mask [B, K, T] bool)."""
+        self.check_codes(codes)
+        self.check_condition(condition, condition_mask, codes.shape[0])
+        B, K, T = codes.shape
+        tables = self._tables(T, True, codes.device)
+        logits = self(build_sequence(codes, tables, self.cfg.card), condition, condition_mask)
+        logits, mask = revert_logits(logits, tables)
+        return logits, mask[None].expand(B, -1, -1)
+
+    def compute_loss(self, codes, condition, condition_mask, valid=None):
+        """Masked per-codebook cross-entropy, averaged over codebooks (each over its own targets, AudioCraft's
+        weighting). valid [B, T] bool marks real audio frames: padded frames are neither inputs (special token)
+        nor targets; codes equal to card count as padding too. -> (ce, ce_per_q [K] detached). No host sync."""
+        self.check_codes(codes)
+        self.check_condition(condition, condition_mask, codes.shape[0])
+        B, K, T = codes.shape
+        card = self.cfg.card
+        if valid is not None:
+            if tuple(valid.shape) != (B, T):
+                raise UserError(f"valid: shape {tuple(valid.shape)} but codes are [B, K, T] = {tuple(codes.shape)}")
+            codes = torch.where(valid[:, None, :].bool(), codes, card)
+        tables = self._tables(T, True, codes.device)
+        sequence = build_sequence(codes, tables, card)                                  # [B, K, S]
+        flat = torch.cat([codes.reshape(B, K * T), codes.new_full((B, 1), card)], 1)
+        targets = flat.index_select(1, tables.tgt_index.reshape(-1)).view(B, K, -1)     # [B, K, S]
+        targets = targets.transpose(1, 2)                                                # [B, S, K] like the logits
+        ignore = targets == card
+        logits = self._heads(self._hidden(sequence, condition, condition_mask))          # [B, S, K, card]
+        ce = F.cross_entropy(logits.reshape(-1, card).float(), targets.masked_fill(ignore, -100).reshape(-1),
+                             ignore_index=-100, reduction="none").view(B, -1, K)
+        ce_per_q = ce.sum((0, 1)) / (~ignore).sum((0, 1)).clamp(min=1)
+        return ce_per_q.mean(), ce_per_q.detach()
+
+    # ---- classifier-free-guidance dropout
+
+    def cfg_dropout(self, descriptions):
+        """Training: each description becomes None with probability cfg_dropout (one coin for the whole batch
+        with cfg_dropout_per_batch), drawn from torch's global RNG. Eval: unchanged."""
+        descriptions = list(descriptions)
+        if not self.training or self.cfg.cfg_dropout <= 0:
+            return descriptions
+        n = 1 if self.cfg.cfg_dropout_per_batch else len(descriptions)
+        drop = (torch.rand(n) < self.cfg.cfg_dropout).tolist()
+        if self.cfg.cfg_dropout_per_batch:
+            drop = drop * len(descriptions)
+        return [None if d else text for d, text in zip(drop, descriptions)]
+
+    # ---- generation
+
+    def _compute_dtype(self, device):
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.out_norm.weight.dtype
+
+    def _run_cached(self, x, positions, cache):
+        """x [N, P, dim] at `positions` [P] -> [N, P, dim] after out_norm, reading and writing the cache."""
+        x = x + cache.pos_table.index_select(0, positions)[None].to(x.dtype)
+        keys = torch.arange(cache.pos_table.shape[0], device=x.device)
+        mask = keys[None, :] <= positions[:, None]                                      # [P, Smax]
+        if cache.key_valid is not None:
+            mask = mask[None] & (cache.key_valid[:, None, :] | (keys[None, :] == positions[:, None])[None])
+            mask = mask[:, None]                                                         # [N, 1, P, Smax]
+        else:
+            mask = mask[None, None]
+        for i, layer in enumerate(self.transformer.layers):
+            x = layer(x, None, mask, cache.cross_mask, kv=(cache.k[i], cache.v[i]), positions=positions,
+                      cross_kv=cache.cross_kv[i])
+        return self.out_norm(x)
+
+    def decode_step(self, tokens, pos, cache):
+        """One generation step with static shapes (compile / CUDA-graph friendly): tokens [N, K, 1] at
+        position pos [1] (a tensor) -> logits [N, K, card] float32 for the next step."""
+        x = self._embed(tokens)
+        if cache.fuse_add is not None:
+            x = x + cache.fuse_add.to(x.dtype)
+        return self._heads(self._run_cached(x, pos, cache), cache.heads)[:, -1].float()
+
+    def _start_cache(self, condition, mask, first, n_max):
+        """Allocate the cache, compute cross-attention keys/values once and run the first chunk (prompt, or just
+        the start step) -> (cache, logits [N, K, card] for the next step)."""
+        cfg = self.cfg
+        N, device = condition.shape[0], condition.device
+        dtype = self._compute_dtype(device)
+        x = self._embed(first)                                                           # [N, P0, dim]
+        x, memory, _, cross_mask, P = self._fuse(x, condition, mask)
+        n_max += P
+        H = cfg.n_heads
+        shape = (N, H, n_max, cfg.dim // H)
+        k = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.transformer.layers]
+        v = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.transformer.layers]
+        cross_kv = [None] * cfg.n_layers
+        if memory is not None:
+            for i, layer in enumerate(self.transformer.layers):
+                kv = F.linear(memory, layer.cross_attention.in_proj_weight[cfg.dim:])
+                cross_kv[i] = tuple(layer._split(t) for t in kv.chunk(2, -1))
+        key_valid = None
+        if cfg.fuse == "prepend" and cfg.mask_memory:
+            key_valid = torch.cat([mask.bool(), mask.new_ones(N, n_max - P, dtype=torch.bool)], 1)
+        fuse_add = None
+        if cfg.fuse == "sum":
+            fuse_add = _pooled(condition * mask[..., None].to(condition.dtype), mask.bool())
+        pos_table = sin_embedding(torch.arange(n_max, device=device), cfg.dim, cfg.max_period)
+        heads = torch.cat([linear.weight for linear in self.linears], 0)
+        cache = DecodeCache(k, v, cross_kv, cross_mask, key_valid, fuse_add, pos_table, heads)
+        h = self._run_cached(x, torch.arange(x.shape[1], device=device), cache)
+        return cache, self._heads(h[:, -1:], heads)[:, -1].float()
+
+    @torch.no_grad()
+    def generate(self, condition, condition_mask, n_frames, cfg_coef=3.0, temperature=1.0, top_k=250, top_p=0.0,
+                 prompt=None, generator=None, greedy=False):
+        """condition [B, L, dim] (None: unconditional), prompt [B, K, T0] codes kept as they are -> codes
+        [B, K, n_frames]. With a condition and cfg_coef != 1, conditional and null-condition rows run as one
+        batch: logits = uncond + cfg_coef * (cond - uncond). greedy or temperature 0: argmax; else softmax
+        sampling with top_p (when > 0) or top_k (when > 0)."""
+        cfg = self.cfg
+        device = self.out_norm.weight.device
+        if prompt is not None:
+            self.check_codes(prompt, "prompt", allow_special=False, values=True)
+            prompt = prompt.to(device)
+        B = condition.shape[0] if condition is not None else prompt.shape[0] if prompt is not None else 1
+        if prompt is not None and prompt.shape[0] != B:
+            raise UserError(f"prompt: batch {prompt.shape[0]} but condition has batch {B}")
+        T0 = 0 if prompt is None else prompt.shape[-1]
+        if not 0 <= T0 < n_frames:
+            raise UserError(f"n_frames={n_frames}: must exceed the prompt's {T0} frames")
+        if condition is None:
+            condition = torch.zeros(B, 1, cfg.dim, device=device)
+            condition_mask = torch.zeros(B, 1, dtype=torch.bool, device=device)
+            use_cfg = False
+        else:
+            self.check_condition(condition, condition_mask)
+            condition, condition_mask = condition.to(device), condition_mask.to(device).bool()
+            use_cfg = cfg_coef != 1.0
+        if use_cfg:
+            # the null condition: zeros with an all-False mask (length L so both halves batch together; with
+            # cross-attention and no memory mask any length gives the same result)
+            condition = torch.cat([condition, torch.zeros_like(condition)])
+            condition_mask = torch.cat([condition_mask, torch.zeros_like(condition_mask)])
+
+        tables = self._tables(n_frames, False, device)
+        cpu_tables = self._tables(n_frames, False, "cpu")
+        S = tables.S
+        codes = torch.full((B, cfg.n_q, n_frames), -1, dtype=torch.long, device=device)  # -1: not generated yet
+        if T0:
+            codes[..., :T0] = prompt
+        sequence = build_sequence(codes, tables, cfg.card)                               # [B, K, S]
+        steps = cpu_tables.code_step[:, T0]
+        start = int(steps[steps < S].min())          # the first step holding frame T0 (host-side table)
+        rows = (lambda t: torch.cat([t, t])) if use_cfg else (lambda t: t)
+
+        cache, logits = self._start_cache(condition, condition_mask, rows(sequence[..., :start]), S - 1)
+        P = cache.pos_table.shape[0] - (S - 1)
+        pos = torch.full((1,), P + start - 1, dtype=torch.long, device=device)
+        for s in range(start, S):
+            if s > start:
+                pos += 1
+                logits = self.decode_step(rows(sequence[..., s - 1:s]), pos, cache)
+            if use_cfg:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + cfg_coef * (cond - uncond)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator, greedy)       # [B, K]
+            # only unknown entries take the sample: prompt codes stay, steps without a code keep the special token
+            sequence[..., s] = torch.where(sequence[..., s] == -1, nxt, sequence[..., s])
+        return revert_sequence(sequence, tables, -1)
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=0.0, generator=None, greedy=False):
+    """logits [..., card] -> codes [...]. AudioCraft's rules: top_p wins over top_k; temperature 0 is greedy.
+    Sampling uses exponential races (argmax p / E), which needs no host sync unlike torch.multinomial."""
+    if greedy or temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p > 0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        choice = _race(sorted_probs, generator)
+        return order.gather(-1, choice[..., None])[..., 0]
+    if top_k > 0:
+        kth = probs.topk(min(top_k, probs.shape[-1]), -1).values[..., -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    return _race(probs, generator)
+
+
+def _race(probs, generator):
+    e = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / e).argmax(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Size and speed
+
+def num_params(model):
+    """Parameters in the module tree (a frozen T5 kept out of it, as in AudioCraft, is not counted)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(cfg: LMConfig, seq_len: int, cond_len: int) -> float:
+    """Training FLOPs per sequence step (forward + backward = 3 x forward, 2 FLOPs per multiply-add): 6 x the
+    matmul weights a step uses, attention as in nanoGPT / PaLM (full, not halved for causality), and the
+    once-per-sequence text work (output_proj, cross-attention K/V on cond_len positions) spread over seq_len."""
+    d, L, h = cfg.dim, cfg.n_layers, cfg.hidden_scale * cfg.dim
+    dense = L * (4 * d * d + 2 * h * d)                                 # multiply-adds per step
+    heads = cfg.n_q * cfg.card * d
+    attn = L * 2 * d * seq_len                                          # QK^T and AV
+    text = cfg.text_dim * d * cond_len                                  # per sequence
+    if cfg.fuse == "cross":
+        dense += L * 2 * d * d                                          # cross-attention Q and out
+        text += L * 2 * d * d * cond_len                                # cross-attention K, V
+        attn += L * 2 * d * cond_len
+    elif cfg.fuse == "prepend":
+        n = seq_len + cond_len                                          # the prefix runs through every layer
+        dense *= n / seq_len
+        attn = L * 2 * d * n * n / seq_len
+    return 6.0 * (dense + heads + attn + text / seq_len)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AudioCraft checkpoints: state_dict.bin = {'best_state': flat state dict, 'xp.cfg': YAML text}
+
+T5_DIMS = {"t5-small": 512, "t5-base": 768, "t5-large": 1024, "t5-3b": 1024, "t5-11b": 1024}
+TEXT_DIM_T5 = {512: "t5-small", 768: "t5-base", 1024: "t5-large"}
+
+
+def _clean_state_dict(sd):
+    """Drop wrappers' prefixes (torch.compile's _orig_mod., DDP's module.)."""
+    out = {}
+    for key, value in sd.items():
+        key = key.replace("._orig_mod.", ".")
+        while key.startswith(("_orig_mod.", "module.")):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def xp_config(cfg: LMConfig, extra=None):
+    """The xp.cfg AudioCraft's builders read (get_lm_model, get_conditioner_provider, MusicGen.get_pretrained).
+    Keys we add that AudioCraft does not know live under `nanomusicgen` (its builders ignore them)."""
+    delays = list(pattern_delays(cfg.pattern, cfg.n_q, cfg.delays))
+    n_q = cfg.n_q
+    xp = {
+        "device": "cpu",
+        "dtype": "float32",
+        "autocast": False,
+        "sample_rate": 32000,
+        "channels": 1,
+        "compression_model_checkpoint": "//pretrained/facebook/encodec_32khz",
+        "efficient_attention_backend": "torch",
+        "lm_model": "transformer_lm",
+        "dataset": {"segment_duration": 30.0},
+        "codebooks_pattern": {
+            "modeling": cfg.pattern,
+            "delay": {"delays": delays if cfg.pattern == "delay" else list(range(n_q)),
+                      "flatten_first": 0, "empty_initial": 0},
+            "unroll": {"flattening": list(range(n_q)), "delays": delays if cfg.pattern == "unroll" else [0] * n_q},
+            "musiclm": {"group_by": 2},
+            "coarse_first": {"delays": delays if cfg.pattern == "coarse_first" else [0] * (n_q - 1)},
+        },
+        "transformer_lm": {
+            "dim": cfg.dim, "num_heads": cfg.n_heads, "num_layers": cfg.n_layers, "hidden_scale": cfg.hidden_scale,
+            "n_q": n_q, "card": cfg.card, "dropout": float(cfg.dropout), "emb_lr": None, "activation": "gelu",
+            "norm_first": True, "bias_ff": False, "bias_attn": False, "bias_proj": False, "past_context": None,
+            "causal": True, "custom": False, "memory_efficient": True, "attention_as_float32": False,
+            "layer_scale": None, "positional_embedding": "sin", "max_period": float(cfg.max_period), "xpos": False,
+            "checkpointing": "none", "weight_init": "gaussian", "depthwise_init": "current", "zero_bias_init": True,
+            "norm": "layer_norm", "cross_attention": cfg.fuse == "cross", "qk_layer_norm": False,
+            "qk_layer_norm_cross": False, "attention_dropout": None, "kv_repeat": 1, "two_step_cfg": False,
+        },
+        "classifier_free_guidance": {"training_dropout": float(cfg.cfg_dropout), "inference_coef": 3.0},
+        "attribute_dropout": {},
+        "fuser": {"cross_attention_pos_emb": False, "cross_attention_pos_emb_scale": 1,
+                  "sum": [], "prepend": [], "cross": [], "input_interpolate": []},
+        "conditioners": {"description": {"model": "t5", "t5": {
+            "name": TEXT_DIM_T5.get(cfg.text_dim, "t5-base"), "finetune": False, "word_dropout": 0.3,
+            "normalize_text": False}}},
+        "nanomusicgen": {"text_dim": cfg.text_dim, "mask_memory": cfg.mask_memory,
+                         "cfg_dropout_per_batch": cfg.cfg_dropout_per_batch},
+    }
+    xp["fuser"][cfg.fuse] = ["description"]
+    for key, value in (extra or {}).items():
+        _merge(xp, key, value)
+    return xp
+
+
+def _merge(tree, key, value):
+    """Set dotted `key` in nested dict `tree`, merging dicts."""
+    *parents, last = key.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    if isinstance(value, dict) and isinstance(tree.get(last), dict):
+        for k, v in value.items():
+            _merge(tree[last], k, v)
+    else:
+        tree[last] = list(value) if isinstance(value, tuple) else value
+
+
+def export_audiocraft_lm(model, cfg: LMConfig, path, extra=None):
+    """Write <path>/state_dict.bin (or `path` itself when it names a .bin file) that AudioCraft's
+    MusicGen.get_pretrained / load_lm_model read. extra: keys to add or override in xp.cfg, dotted or nested
+    (e.g. {'conditioners.description.t5.name': 't5-large', 'dataset.segment_duration': 10}). Returns the file."""
+    path = Path(os.path.expanduser(str(path)))
+    if path.suffix != ".bin":
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / "state_dict.bin"
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    state = {k: v.detach().cpu().contiguous() for k, v in _clean_state_dict(model.state_dict()).items()}
+    pkg = {"best_state": state, "xp.cfg": yaml.safe_dump(xp_config(cfg, extra), sort_keys=False),
+           "version": "nanomusicgen", "exported": True}
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(pkg, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _lookup(xp, key, default=None):
+    """Dotted lookup in the parsed xp.cfg, following OmegaConf's ${a.b} interpolations."""
+    node = xp
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    if isinstance(node, str) and node.startswith("${") and node.endswith("}") and ":" not in node:
+        return _lookup(xp, node[2:-1], default)
+    return node
+
+
+def config_from_xp(xp, state=None, source="xp.cfg"):
+    """LMConfig from AudioCraft's xp.cfg; features our model does not implement are a UserError."""
+    if _lookup(xp, "lm_model", "transformer_lm") != "transformer_lm":
+        raise UserError(f"{source}: lm_model={_lookup(xp, 'lm_model')} is not supported (only transformer_lm)")
+    tl = _lookup(xp, "transformer_lm")
+    if not isinstance(tl, dict):
+        raise UserError(f"{source}: no transformer_lm section: not an AudioCraft LM checkpoint")
+    required = ("dim", "num_heads", "num_layers", "n_q", "card")
+    missing = [k for k in required if _lookup(xp, f"transformer_lm.{k}") is None]
+    if missing:
+        raise UserError(f"{source}: xp.cfg lacks transformer_lm.{', transformer_lm.'.join(missing)}")
+    expected = {"norm_first": True, "bias_ff": False, "bias_attn": False, "bias_proj": False, "causal": True,
+                "activation": "gelu", "norm": "layer_norm", "positional_embedding": "sin", "layer_scale": None,
+                "qk_layer_norm": False, "qk_layer_norm_cross": False, "kv_repeat": 1, "past_context": None}
+    for key, want in expected.items():
+        got = _lookup(xp, f"transformer_lm.{key}", want)
+        if got != want:
+            raise UserError(f"{source}: transformer_lm.{key}={got} is not supported (MusicGen's LM has {want})")
+    if _lookup(xp, "transformer_lm.positional_scale", 1.0) != 1.0:
+        raise UserError(f"{source}: transformer_lm.positional_scale is not supported")
+    conds = _lookup(xp, "conditioners") or {}
+    extra_conds = sorted(set(conds) - {"description", "args"})
+    if extra_conds or "description" not in conds:
+        raise UserError(f"{source}: conditioners {sorted(conds)} not supported: nanomusicgen conditions on a "
+                        f"text 'description' only (no melody/chroma, style or CLAP conditioners)")
+    fuse = [m for m in FUSES if "description" in (_lookup(xp, f"fuser.{m}") or [])]
+    if len(fuse) != 1:
+        raise UserError(f"{source}: fuser must put 'description' in exactly one of {', '.join(FUSES)}")
+    if _lookup(xp, "fuser.cross_attention_pos_emb", False):
+        raise UserError(f"{source}: fuser.cross_attention_pos_emb=true is not supported")
+    pattern = _lookup(xp, "codebooks_pattern.modeling", "parallel")
+    n_q = int(_lookup(xp, "transformer_lm.n_q"))
+    delays = ()
+    if pattern in ("delay", "unroll", "coarse_first"):
+        delays = tuple(_lookup(xp, f"codebooks_pattern.{pattern}.delays") or ())
+        if delays == pattern_delays(pattern, n_q, ()):
+            delays = ()        # the default, spelled as LMConfig's default
+    if pattern == "delay" and (_lookup(xp, "codebooks_pattern.delay.flatten_first", 0)
+                               or _lookup(xp, "codebooks_pattern.delay.empty_initial", 0)):
+        raise UserError(f"{source}: codebooks_pattern.delay flatten_first / empty_initial are not supported")
+    flattening = _lookup(xp, "codebooks_pattern.unroll.flattening")
+    if pattern == "unroll" and flattening is not None and list(flattening) != list(range(n_q)):
+        raise UserError(f"{source}: codebooks_pattern.unroll.flattening={flattening} not supported (only range(n_q))")
+    if pattern == "musiclm" and _lookup(xp, "codebooks_pattern.musiclm.group_by", 2) != 2:
+        raise UserError(f"{source}: codebooks_pattern.musiclm.group_by must be 2")
+    text_dim = _lookup(xp, "nanomusicgen.text_dim")
+    proj = (state or {}).get("condition_provider.conditioners.description.output_proj.weight")
+    if text_dim is None and proj is not None:
+        text_dim = proj.shape[1]
+    if text_dim is None:
+        model_type = _lookup(xp, "conditioners.description.model")
+        if model_type == "t5":
+            text_dim = T5_DIMS.get(str(_lookup(xp, "conditioners.description.t5.name")).split("/")[-1], 768)
+        else:
+            text_dim = _lookup(xp, f"conditioners.description.{model_type}.dim", 768)
+    cfg = LMConfig(
+        dim=int(_lookup(xp, "transformer_lm.dim")), n_layers=int(_lookup(xp, "transformer_lm.num_layers")),
+        n_heads=int(_lookup(xp, "transformer_lm.num_heads")),
+        hidden_scale=int(_lookup(xp, "transformer_lm.hidden_scale", 4)), n_q=n_q,
+        card=int(_lookup(xp, "transformer_lm.card")),
+        pattern=pattern, delays=delays, text_dim=int(text_dim), fuse=fuse[0],
+        mask_memory=bool(_lookup(xp, "nanomusicgen.mask_memory", False)),
+        dropout=float(_lookup(xp, "transformer_lm.dropout", 0.0) or 0.0),
+        cfg_dropout=float(_lookup(xp, "classifier_free_guidance.training_dropout", 0.3)),
+        cfg_dropout_per_batch=bool(_lookup(xp, "nanomusicgen.cfg_dropout_per_batch", False)),
+        max_period=float(_lookup(xp, "transformer_lm.max_period", 10000.0)))
+    if cfg.pattern not in PATTERNS:
+        raise UserError(f"{source}: codebooks_pattern.modeling={cfg.pattern} is not one of {', '.join(PATTERNS)}")
+    return cfg
+
+
+def check_state_dict(model, state, source):
+    """Strict-load check with a readable error: counts and first names of missing and unexpected keys, shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def first(names, sep=", "):
+            return sep.join(names[:3]) + (sep + "..." if len(names) > 3 else "")
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({first(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({first(unexpected)})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches ({first(shapes, '; ')})")
+        raise UserError(f"{source}: checkpoint does not fit the model built from its config: " + "; ".join(parts))
+
+
+def read_audiocraft_lm(path, map_location="cpu"):
+    """-> (package dict, file path). Accepts a directory holding state_dict.bin, a file, or //reference/..."""
+    path = resolve_path(path)
+    if path.is_dir():
+        path = path / "state_dict.bin"
+    if not path.is_file():
+        raise UserError(f"{path}: no such file (expected an AudioCraft LM state_dict.bin or a directory holding one)")
+    try:
+        pkg = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch's errors for pickles and corrupt files are many lines; keep the first
+        raise UserError(f"{path}: cannot read as a torch checkpoint ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(pkg, dict) or "best_state" not in pkg or "xp.cfg" not in pkg:
+        keys = sorted(pkg)[:6] if isinstance(pkg, dict) else type(pkg).__name__
+        raise UserError(f"{path}: not an AudioCraft LM state_dict.bin (needs 'best_state' and 'xp.cfg', has {keys})")
+    return pkg, path
+
+
+def load_audiocraft_lm(path, conditioner=None, map_location="cpu"):
+    """AudioCraft `state_dict.bin` (released MusicGen or our export) -> (model in eval mode, LMConfig).
+    conditioner: a text.py conditioner whose parameters (output_proj, ...) the checkpoint carries; None:
+    ProjectedCondition(text_dim, dim)."""
+    pkg, path = read_audiocraft_lm(path, map_location)
+    xp = pkg["xp.cfg"]
+    if isinstance(xp, str):
+        xp = yaml.safe_load(xp)
+    if not isinstance(xp, dict):
+        raise UserError(f"{path}: xp.cfg is not a YAML mapping")
+    state = _clean_state_dict(pkg["best_state"])
+    cfg = config_from_xp(xp, state, str(path))
+    # build without initialising (the weights come from the file), then take the loaded tensors as parameters
+    with torch.device("meta"):
+        model = MusicGenLM(cfg, conditioner)
+    check_state_dict(model, state, str(path))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval(), cfg
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    try:
+        if args[:1] == ["config"] or not args:
+            cfg = LMConfig()
+            with torch.device("meta"):
+                model = MusicGenLM(cfg)
+        else:
+            model, cfg = load_audiocraft_lm(args[0])
+        print(cfg)
+        print(f"parameters: {num_params(model):,}; training FLOPs per step at 1500 steps, 64 text tokens: "
+              f"{flops_per_token(cfg, 1500, 64):.3e}")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

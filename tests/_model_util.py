@@ -1,0 +1,92 @@
+"""Helpers for tests/test_model.py: the transformers reference and a generation loop without cache or batching."""
+import torch
+
+import model as lm
+
+
+def tiny_config(**overrides):
+    base = dict(dim=64, n_layers=2, n_heads=4, card=48, text_dim=16, cfg_dropout=0.3)
+    base.update(overrides)
+    return lm.LMConfig(**base)
+
+
+def random_condition(B=2, L=5, dim=64, seed=0):
+    """condition [B, L, dim] zeroed where masked (as conditioners return it), mask [B, L] with padding in row 1."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1:, L // 2 + 1:] = False
+    return torch.randn(B, L, dim, generator=g) * mask[..., None], mask
+
+
+# AudioCraft -> transformers names (transformers' convert_musicgen_transformers.py), applied to key segments
+HF_NAMES = {"cross_attention": "encoder_attn", "linear1": "fc1", "linear2": "fc2", "norm1": "self_attn_layer_norm",
+            "norm_cross": "encoder_attn_layer_norm", "norm2": "final_layer_norm"}
+
+
+def to_transformers_state_dict(state):
+    """Our (AudioCraft) LM state dict -> MusicgenForCausalLM's; the text projection is not part of it."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("condition_provider."):
+            continue
+        parts = key.split(".")
+        if parts[0] == "emb":
+            parts[0] = "model.decoder.embed_tokens"
+        elif parts[0] == "transformer":
+            parts[0] = "model.decoder"
+        elif parts[0] == "out_norm":
+            parts[0] = "model.decoder.layer_norm"
+        elif parts[0] == "linears":
+            parts[0] = "lm_heads"
+        parts = [HF_NAMES.get(p, p) for p in parts]
+        if parts[-1] == "in_proj_weight":   # fused rows Q | K | V
+            for name, w in zip(("q", "k", "v"), value.chunk(3)):
+                out[".".join(parts[:-1] + [f"{name}_proj", "weight"])] = w
+        else:
+            out[".".join(parts)] = value
+    return out
+
+
+def transformers_reference(model):
+    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
+    c = model.cfg
+    hf_cfg = MusicgenDecoderConfig(
+        vocab_size=c.card, num_codebooks=c.n_q, hidden_size=c.dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, ffn_dim=c.hidden_scale * c.dim, activation_function="gelu",
+        pad_token_id=c.card, bos_token_id=c.card, dropout=0.0, attn_implementation="eager")
+    hf = MusicgenForCausalLM(hf_cfg).eval()
+    hf.load_state_dict(to_transformers_state_dict(model.state_dict()), strict=True)
+    gc = hf.generation_config
+    gc.decoder_start_token_id = gc.pad_token_id = c.card
+    gc.num_return_sequences = 1
+    return hf
+
+
+@torch.no_grad()
+def generate_by_recompute(model, condition, mask, n_frames, cfg_coef, prompt=None):
+    """Greedy generation the slow way: the layout walked in Python, the whole sequence recomputed at each step,
+    conditional and null-condition logits from separate calls."""
+    c = model.cfg
+    layout = lm.pattern_layout(c.pattern, c.n_q, n_frames, c.delays)
+    B = condition.shape[0]
+    codes = torch.full((B, c.n_q, n_frames), -1, dtype=torch.long)
+    T0 = 0 if prompt is None else prompt.shape[-1]
+    if T0:
+        codes[..., :T0] = prompt
+    sequence = torch.full((B, c.n_q, len(layout)), c.card, dtype=torch.long)
+    start = min(s for s, coords in enumerate(layout) if any(t == T0 for t, _ in coords))
+    for s in range(start):
+        for t, q in layout[s]:
+            sequence[:, q, s] = codes[:, q, t]
+    null, null_mask = torch.zeros_like(condition), torch.zeros_like(mask)
+    for s in range(start, len(layout)):
+        logits = model(sequence[..., :s], condition, mask)[:, :, -1]
+        if cfg_coef != 1.0:
+            uncond = model(sequence[..., :s], null, null_mask)[:, :, -1]
+            logits = uncond + cfg_coef * (logits - uncond)
+        best = logits.argmax(-1)
+        for t, q in layout[s]:
+            if t < n_frames:
+                codes[:, q, t] = torch.where(codes[:, q, t] == -1, best[:, q], codes[:, q, t])
+                sequence[:, q, s] = codes[:, q, t]
+    return codes
