@@ -534,7 +534,8 @@ def tokenize(manifest, out, codec, *, batch_size=16, num_workers=0, chunk_second
     chunk = max(1, round(chunk_seconds * codec.frame_rate)) * hop
     reader = torch.utils.data.DataLoader(_WholeFiles(metas, todo, codec.sample_rate, codec.channels),
                                          batch_size=1, collate_fn=_first, num_workers=num_workers,
-                                         prefetch_factor=4 if num_workers else None)
+                                         prefetch_factor=4 if num_workers else None,
+                                         generator=torch.Generator().manual_seed(0))  # leave the global RNG alone
     # chunks waiting for a batch; codes, chunk counts and sidecars of files not yet written, in file order
     pending, parts, expected, infos, order = [], {}, {}, {}, []
     t0, shown, read_s = time.time(), 0.0, 0.0
