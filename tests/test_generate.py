@@ -1,0 +1,261 @@
+"""generate.py: sampling from a run and from an AudioCraft export, continuation, sliding windows, normalisation,
+export, and the errors a user sees."""
+import io
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import soundfile as sf
+import torch
+import yaml
+
+import codec as codec_lib
+import env
+import generate
+import model as lm_lib
+import text
+import train
+from env import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(2)
+
+# config/debug.py shrunk: a 0.5 s context (25 frames) so that a 0.8 s piece needs a second window
+TINY = ["config/debug.py", "--dim=32", "--n_layers=2", "--n_heads=2", "--lut_dim=32", "--segment_duration=0.5"]
+
+
+def make_run(runs, args=TINY, seed=0):
+    """A run directory as train.py leaves it (config.json, checkpoint.pt with model, ema and best_state), with
+    random weights; best_state differs from the live weights so that using the wrong one shows."""
+    cfg = train.parse_args(list(args))
+    sig = train.config_signature(cfg)
+    d = runs / "xps" / sig
+    d.mkdir(parents=True)
+    config = {**train.config_dict(cfg), "signature": sig}
+    (d / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(seed)
+    lm_cfg = lm_lib.LMConfig(**{f.name: getattr(cfg, f.name) for f in fields(lm_lib.LMConfig) if hasattr(cfg, f.name)})
+    cond = None  # T5's trained part is its projection: model.ProjectedCondition has the same state
+    if cfg.conditioner == "lut":
+        cond = text.build_conditioner("lut", cfg.dim, lut_tokenizer=cfg.lut_tokenizer, lut_dim=cfg.lut_dim,
+                                      lut_layers=cfg.lut_layers)
+    live = lm_lib.MusicGenLM(lm_cfg, cond).state_dict()
+    best = {k: v + 0.05 * torch.randn_like(v) for k, v in live.items() if v.is_floating_point()}
+    torch.save({"model": live, "best_state": best, "ema": {"state": live, "count": 1.0}, "config": config},
+               d / "checkpoint.pt")
+    return d
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def mg(run_dir):
+    return generate.load(run_dir)
+
+
+def codes_for(mg, prompts, seconds, seed=0, **kw):
+    n = int(round(seconds * mg.codec.frame_rate))
+    return generate.sample_codes(mg, prompts, n, generator=torch.Generator().manual_seed(seed),
+                                 **{**mg.defaults, **kw})
+
+
+def sine(path, seconds, rate, freq=440.0):
+    t = np.arange(int(seconds * rate)) / rate
+    sf.write(path, 0.5 * np.sin(2 * np.pi * freq * t), rate)
+
+
+def test_run_loads_its_best_ema_state(run_dir, mg):
+    best = torch.load(run_dir / "checkpoint.pt", weights_only=True)["best_state"]
+    state = mg.lm.state_dict()
+    assert mg.weights == "best_state" and all(torch.equal(state[k], v) for k, v in best.items())
+    assert mg.max_duration == 0.5 and mg.window == 25 and mg.defaults["top_k"] == 50
+
+
+def test_fixed_seed_gives_identical_audio_twice(run_dir, tmp_path, capsys):
+    for name in ("a", "b"):
+        generate.main([f"--run={run_dir}", "--prompt=slow calm strings", "--duration=0.3", "--seed=7",
+                       f"--out={tmp_path / name}.wav"])
+    a, rate = sf.read(tmp_path / "a.wav")
+    b, _ = sf.read(tmp_path / "b.wav")
+    assert rate == 32000 and len(a) == int(0.3 * 32000) and np.abs(a).max() > 0
+    assert np.array_equal(a, b)
+    meta = json.loads((tmp_path / "a.json").read_text())
+    assert meta["prompt"] == "slow calm strings" and meta["seed"] == 7 and meta["weights"] == "best_state"
+    assert meta["top_k"] == 50 and meta["cfg_coef"] == 3.0 and "--seed=7" in meta["command"]
+    out = capsys.readouterr().out
+    assert "steps/s" in out and "x real time" in out
+
+
+def test_different_prompts_give_different_codes(mg):
+    a = codes_for(mg, ["slow calm strings"], 0.3)
+    b = codes_for(mg, ["fast loud drums"], 0.3)
+    assert a.shape == (1, 4, 15) and not torch.equal(a, b)
+    assert torch.equal(a, codes_for(mg, ["slow calm strings"], 0.3))
+
+
+def test_cfg_coef_zero_equals_the_unconditional_model(mg):
+    n = 15
+    uncond = mg.lm.generate(None, None, n, cfg_coef=3.0, top_k=50, generator=torch.Generator().manual_seed(3))
+    guided0 = codes_for(mg, ["fast loud drums"], 0.3, seed=3, cfg_coef=0.0)
+    guided3 = codes_for(mg, ["fast loud drums"], 0.3, seed=3, cfg_coef=3.0)
+    assert torch.equal(guided0, uncond) and not torch.equal(guided3, uncond)
+
+
+@pytest.mark.parametrize("rate", [32000, 16000])
+def test_continuation_keeps_the_prompt_codes(mg, tmp_path, rate):
+    sine(tmp_path / "intro.wav", 0.5, rate)
+    wav = generate.read_prompt_audio(tmp_path / "intro.wav", 0.2, mg.codec)   # resampled to the codec's rate
+    assert wav.shape == (1, 6400)
+    prompt = mg.codec.encode(wav[None])
+    assert prompt.shape == (1, 4, 10)
+    codes = codes_for(mg, ["slow calm strings"], 0.4, prompt=prompt)
+    assert codes.shape == (1, 4, 20) and torch.equal(codes[..., :10], prompt)
+
+
+def test_long_pieces_slide_a_window_with_extend_stride(mg, monkeypatch):
+    calls, generate_window = [], mg.lm.generate
+
+    def spy(condition, mask, n_frames, prompt=None, **kw):
+        out = generate_window(condition, mask, n_frames, prompt=prompt, **kw)
+        calls.append((n_frames, prompt, out))
+        return out
+    monkeypatch.setattr(mg.lm, "generate", spy)
+    codes = codes_for(mg, ["fast loud drums"], 0.8, stride=15)                   # 40 frames, 25 per window
+    assert codes.shape == (1, 4, 40)
+    assert [(n, 0 if p is None else p.shape[-1]) for n, p, _ in calls] == [(25, 0), (25, 10)]
+    # the second window starts from the first one's last 10 frames, kept as they were
+    assert torch.equal(calls[1][1], codes[..., 15:25]) and torch.equal(codes[..., 15:], calls[1][2])
+
+
+def test_export_loads_back_with_identical_logits(run_dir, mg, tmp_path):
+    out = tmp_path / "export"
+    generate.main(["export", str(run_dir), str(out)])
+    pkg = torch.load(out / "state_dict.bin", weights_only=True)
+    assert isinstance(torch.load(out / "compression_state_dict.bin", weights_only=True)["best_state"], dict)
+    xp = yaml.safe_load(pkg["xp.cfg"])
+    # AudioCraft's MusicGen needs a context over its default extend_stride of 18 s; ours stays 0.5 s
+    assert xp["dataset"]["segment_duration"] == 30.0 and xp["conditioners"]["description"]["model"] == "lut"
+    cond = text.build_conditioner("lut", 32, lut_dim=32, lut_layers=1).eval()
+    lm, cfg = lm_lib.load_audiocraft_lm(out, cond)
+    assert cfg == mg.lm_cfg
+    sequence = torch.randint(0, 257, (2, 4, 12), generator=torch.Generator().manual_seed(0))
+    texts = ["slow calm strings", None]
+    with torch.no_grad():
+        assert torch.equal(lm(sequence, *lm.conditioner(texts)), mg.lm(sequence, *mg.lm.conditioner(texts)))
+    # and generate.py samples the export as it samples the run
+    exported = generate.load(out)
+    assert exported.max_duration == 0.5 and exported.defaults == mg.defaults
+    assert torch.equal(codes_for(exported, ["fast loud drums"], 0.3), codes_for(mg, ["fast loud drums"], 0.3))
+    with pytest.raises(UserError, match="already holds an export"):
+        generate.main(["export", str(run_dir), str(out)])
+
+
+def t5_export(root):
+    """An AudioCraft-style export of a T5-conditioned model (no T5 weights needed to write it)."""
+    cfg = lm_lib.LMConfig(dim=32, n_layers=1, n_heads=2, n_q=4, card=256, text_dim=16)
+    lm_lib.export_audiocraft_lm(lm_lib.MusicGenLM(cfg), cfg, root)
+    codec_lib.export_audiocraft_codec(codec_lib.load_codec("debug"), root / "compression_state_dict.bin")
+    return root
+
+
+def write_t5(directory):
+    """A Hugging Face-style T5 directory (config.json, pytorch_model.bin, spiece.model) with random weights."""
+    buf = io.BytesIO()
+    words = "slow fast calm loud piano drums strings rain lofi synth bass guitar".split()
+    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(i % 5 + 1)) for i in range(200)]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=40, pad_id=0,
+                                   eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2)
+    directory.mkdir(parents=True)
+    (directory / "spiece.model").write_bytes(buf.getvalue())
+    config = {"vocab_size": 200, "d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2}
+    (directory / "config.json").write_text(json.dumps(config))
+    encoder = text.T5Encoder(text.T5Config(**config))
+    torch.save({text.hf_key(k): v for k, v in encoder.state_dict().items()}, directory / "pytorch_model.bin")
+    return directory
+
+
+def test_export_directory_takes_t5_from_reference_or_t5_option(tmp_path, monkeypatch):
+    t5_export(tmp_path / "reference" / "musicgen-tiny")
+    write_t5(tmp_path / "reference" / "t5-base")   # the name its xp.cfg gives
+    monkeypatch.setenv("AUDIOCRAFT_REFERENCE_DIR", str(tmp_path / "reference"))
+    env.reset()
+    mg = generate.load("//reference/musicgen-tiny")
+    assert mg.weights == "export" and mg.max_duration == 30.0 and mg.conditioner["t5_path"] == "//reference/t5-base"
+    a = codes_for(mg, ["slow piano, rain"], 0.2)
+    shutil.move(tmp_path / "reference" / "t5-base", tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="t5-base: resolved to .* which does not exist .*--t5=PATH"):
+        generate.load("//reference/musicgen-tiny")
+    b = codes_for(generate.load("//reference/musicgen-tiny", t5=str(tmp_path / "elsewhere")), ["slow piano, rain"], 0.2)
+    assert a.shape == (1, 4, 10) and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--run=deadbeef"], "no run deadbeef in"),
+    (["--duration=0"], r"--duration=0.0: must be positive"),
+    (["--duration=-2"], r"--duration=-2.0: must be positive"),
+    (["--extend_stride=0.6", "--duration=2"], r"extend_stride=0.6 s: .* shorter than the model's context \(0.5 s\)"),
+    (["--audio_prompt=garbage.wav"], r"--audio_prompt=garbage.wav: unreadable"),
+    (["--audio_prompt=nothere.wav"], r"--audio_prompt=nothere.wav: no such file"),
+    (["--audio_prompt=intro.wav", "--prompt_duration=0.5"], r"audio prompt \(0.5 s\) must be shorter"),
+    (["--top_p=2"], r"--top_p=2.0: must be between 0 and 1"),
+    (["--prompts=missing.txt"], r"--prompts=.*missing.txt: cannot read"),
+    (["--temprature=1"], r'unknown option --temprature \(did you mean "--temperature"\?\)'),
+    (["--out=x.mp3"], r"--out=.*x.mp3: write a .wav or .flac file"),
+    (["--codec=/nonexistent/codec"], r"codec /nonexistent/codec: .* does not exist \(pass --codec=PATH"),
+    (["T5", "--t5=/nonexistent/t5"], r"T5 path /nonexistent/t5 is not a directory .*--t5=PATH"),
+])
+def test_bad_input_is_one_clear_error_and_writes_nothing(run_dir, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "garbage.wav").write_text("not audio")
+    sine(tmp_path / "intro.wav", 1.0, 32000)
+    run = str(t5_export(tmp_path / "t5run")) if args[0] == "T5" else str(run_dir)
+    args = [a for a in args if a != "T5"]
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=message) as e:
+        generate.main([f"--run={run}", "--duration=0.4", f"--out={out}/", "--seed=0", *args])
+    assert "\n" not in str(e.value) and not out.exists()
+
+
+def test_a_run_whose_codec_is_missing_names_it(run_dir, tmp_path):
+    moved = tmp_path / "xps" / run_dir.name
+    moved.mkdir(parents=True)
+    (moved / "checkpoint.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes())
+    config = json.loads((run_dir / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "codec": str(tmp_path / "gone" / "encodec")}))
+    with pytest.raises(UserError, match=r"codec .*gone/encodec: .* does not exist \(pass --codec=PATH"):
+        generate.main([f"--run={run_dir.name}", f"--runs_dir={tmp_path}", f"--out={tmp_path / 'o.wav'}"])
+    assert not (tmp_path / "o.wav").exists()
+
+
+def test_command_line_error_exits_2_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--run=cafef00d", f"--runs_dir={tmp_path}",
+                        "--prompt=x"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: --run=cafef00d: no run cafef00d in")
+    assert len(r.stderr.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+
+
+def test_loudness_matches_bs1770_and_normalising_never_clips():
+    rate = 32000
+    t = np.arange(2 * rate) / rate
+    tone = torch.tensor(np.sin(2 * np.pi * 997 * t), dtype=torch.float32)[None]
+    # BS.1770: a full-scale 997 Hz sine in one channel reads -3.01 LUFS
+    assert generate.loudness(tone.numpy(), rate) == pytest.approx(-3.01, abs=0.05)
+    quiet, gain = generate.normalize(0.01 * tone, rate, "loudness", 14.0)
+    assert generate.loudness(quiet.numpy(), rate) == pytest.approx(-14.0, abs=0.05) and gain > 0
+    clicks = torch.zeros(1, 2 * rate)
+    clicks[0, ::8000] = 0.5                      # quiet on average, loud peaks: the ceiling wins over loudness
+    limited, _ = generate.normalize(clicks, rate, "loudness", 14.0)
+    assert float(limited.abs().max()) == pytest.approx(10 ** (-1 / 20), rel=1e-5)
+    peaked, _ = generate.normalize(0.3 * tone, rate, "peak", 3.0)
+    assert float(peaked.abs().max()) == pytest.approx(10 ** (-3 / 20), rel=1e-5)
+    silent, gain = generate.normalize(torch.zeros(1, rate), rate)
+    assert gain == 0.0 and not silent.any()
