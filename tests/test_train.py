@@ -153,7 +153,7 @@ def test_continue_from_an_exported_audiocraft_file(tmp_path, dataset):
     import model as lm_lib
     import text
     cfg = train.parse_args(TINY)
-    lm_cfg = lm_lib.LMConfig(**{f: getattr(cfg, f) for f in lm_lib.LMConfig.__dataclass_fields__})
+    lm_cfg = lm_lib.LMConfig(**{f: getattr(cfg, f) for f in lm_lib.LMConfig.__dataclass_fields__ if hasattr(cfg, f)})
     torch.manual_seed(7)
     cond = text.build_conditioner("lut", cfg.dim, lut_tokenizer="bytes", lut_dim=cfg.lut_dim, lut_layers=cfg.lut_layers)
     source = lm_lib.MusicGenLM(lm_cfg, cond)
