@@ -19,6 +19,7 @@ import os
 import random
 import re
 import sys
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from env import UserError, resolve_path
+from env import UserError, load_error, resolve_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # float16 overflows in T5's feed-forward
 
@@ -47,7 +48,8 @@ R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 class Tokenizer:
     """Text -> ids ending with EOS, so an empty text is one token (as T5Tokenizer does).
 
-    spec: a sentencepiece `.model` file, `bytes` (UTF-8 bytes, nothing to load) or `tiktoken:<local BPE file>`.
+    spec: a sentencepiece `.model` file, `bytes` (UTF-8 bytes, nothing to load), `words[:N]` (each word hashed
+    into N bins, default 4096, nothing to load) or `tiktoken:<local BPE file>`.
     t5=True also maps T5's special strings (`</s>`, `<extra_id_0>`, ...) inside the text, as T5Tokenizer does.
     max_length > 0 truncates longer texts to that many ids (EOS kept last) and counts them in `truncated`."""
 
@@ -56,6 +58,13 @@ class Tokenizer:
         if self.spec == "bytes":
             self.pad_id, self.eos_id, self.vocab_size = 0, 1, 258
             self._encode = lambda text: [b + 2 for b in text.encode("utf-8")]
+        elif self.spec == "words" or self.spec.startswith("words:"):
+            # AudioCraft's whitespace tokenizer idea: each lower-cased word hashed into one of N bins. A word is
+            # one token, which a small model learns far faster than spelling it out in bytes.
+            bins = int(self.spec.partition(":")[2] or 4096)
+            self.pad_id, self.eos_id, self.vocab_size = 0, 1, bins + 2
+            self._encode = lambda text: [2 + zlib.crc32(w.encode("utf-8")) % bins
+                                         for w in re.findall(r"\w+", text.lower())]
         elif self.spec.startswith("tiktoken:"):
             enc = load_tiktoken(self.spec[len("tiktoken:"):])
             self.pad_id, self.eos_id, self.vocab_size = enc.n_vocab, enc.n_vocab + 1, enc.n_vocab + 2
@@ -281,13 +290,19 @@ def read_weights(directory, names):
     for path, wanted in files.items():
         if path.suffix == ".safetensors":
             from safetensors import safe_open
-            with safe_open(str(path), framework="pt") as f:
-                out.update({n: f.get_tensor(n) for n in wanted if n in f.keys()})
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    out.update({n: f.get_tensor(n) for n in wanted if n in f.keys()})
+            except Exception as e:  # safetensors has its own error types
+                raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
         else:
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # files from before torch's zip format cannot be memory-mapped
-                state = torch.load(path, map_location="cpu", weights_only=True)
+                try:
+                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # files from before torch's zip format cannot be memory-mapped
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise UserError(load_error(path, e)) from None
             out.update({n: state[n] for n in wanted if n in state})
     return out
 
@@ -309,7 +324,11 @@ def load_t5(path, dtype="float32", max_length=0):
     if dtype not in DTYPES:
         raise UserError(f"t5_dtype={dtype!r}: expected one of {list(DTYPES)} (T5 overflows in float16)")
     directory = t5_directory(path)
-    raw = json.loads((directory / "config.json").read_text())
+    try:
+        raw = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"T5 directory {directory}: config.json is not readable JSON ({e}): copy it from the "
+                        f"Hugging Face model") from None
     config = T5Config(**{f.name: raw[f.name] for f in fields(T5Config) if f.name in raw})
     with torch.device("meta"):  # no random init: every tensor comes from the file
         model = T5Encoder(config)

@@ -377,3 +377,14 @@ def test_tokenizer_cli_fails_clearly_on_a_manifest_without_text(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
     with pytest.raises(UserError, match="--vocab_size='x'"):
         text.main(["tokenizer", str(manifest), str(out), "--vocab_size=x"])
+
+
+def test_words_tokenizer_hashes_each_word_to_one_stable_token():
+    from text import Tokenizer
+    tok = Tokenizer("words:64")
+    a, b = tok.encode("Bright SQUARE lead, fast."), tok.encode("bright square lead fast")
+    assert a == b and len(a) == 5 and a[-1] == tok.eos_id  # case and punctuation do not matter; EOS last
+    assert all(2 <= i < 66 for i in a[:-1]) and tok.vocab_size == 66
+    assert tok.encode("") == [tok.eos_id]
+    assert Tokenizer("words").vocab_size == 4098
+    assert tok.encode("square") != tok.encode("sine")
