@@ -30,6 +30,20 @@ class UserError(Exception):
     """Bad input from the user: entry points print it as one line and exit with status 2."""
 
 
+def load_error(path, e, hint=""):
+    """One line for a failed torch.load(path, weights_only=True). A refused pickle names the object it refused (and
+    gets `hint`, e.g. how to trust the file): torch's own message runs over many lines with terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"{path}: refused: it pickles Python objects ({refused.group(1)}), which could run code when loaded; "
+                f"only tensors and plain containers are read (nothing was run){hint}")
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # garbage trips the restricted unpickler too
+    first = (detail.group(1) if detail else (text.strip().splitlines() or [""])[0]).split(". ")[0][:200]
+    return (f"{path}: not a readable checkpoint ({type(e).__name__}{': ' + first if first else ''}): truncated, "
+            f"corrupt or another format")
+
+
 @dataclass
 class Environment:
     team: str
@@ -165,8 +179,16 @@ def run_dir(sig, runs_dir=None):
 
 
 def git_commit():
-    """(commit, dirty) of the code being run, or (None, None) outside a git checkout."""
+    """(commit, dirty) of the code being run, or (None, None) outside a git checkout. A code snapshot made by
+    grids at submission has no .git: it carries a GIT_COMMIT file ({"git_commit", "git_dirty"}) instead."""
     import subprocess
+    stamp = ROOT / "GIT_COMMIT"
+    if stamp.is_file():
+        try:
+            info = json.loads(stamp.read_text())
+            return info.get("git_commit"), info.get("git_dirty")
+        except (json.JSONDecodeError, AttributeError):
+            pass  # not ours: ask git
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 timeout=10).stdout.strip()

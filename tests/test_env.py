@@ -151,3 +151,9 @@ def test_env_command_prints_environment_and_run_info(tmp_path):
     assert out.returncode == 0 and '"lr": 0.001' in out.stdout and '"status": "not started"' in out.stdout
     out = subprocess.run([sys.executable, "env.py", "info", "nope"], cwd=ROOT, env=e, capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.startswith("error: no run 'nope'")
+
+
+def test_git_commit_of_a_code_snapshot_comes_from_its_stamp(tmp_path, monkeypatch):
+    (tmp_path / "GIT_COMMIT").write_text('{"git_commit": "abc123", "git_dirty": true}\n')
+    monkeypatch.setattr(env, "ROOT", tmp_path)
+    assert env.git_commit() == ("abc123", True)
