@@ -44,6 +44,7 @@ class Config:
     from_sig: str = ""                # start from that run's config.json
     print_config: bool = False        # print config, signature and run directory, then exit
     continue_from: str = ""           # weights only: AudioCraft state_dict.bin, a checkpoint, //reference/..., or a SIG
+    trust_checkpoint: bool = False    # continue_from may unpickle (AudioCraft's checkpoint.th); pickles can run code
     label: str = ""                   # free text that is part of the signature (AudioCraft's `label`)
     # data
     dataset: str = "demo"             # <dir>/{train,valid,evaluate,generate}/data.jsonl, or "demo" (built-in synthetic set)
@@ -128,7 +129,7 @@ class Config:
 # on another machine, with other workers or compiled, lands in the same run directory.
 INFRA_KEYS = {"runs_dir", "clear", "from_sig", "print_config", "num_workers", "device", "compile", "parallel",
               "grad_accum", "log_every", "dist_timeout", "cache_dir", "generate_every", "evaluate_every",
-              "save_every"}
+              "save_every", "trust_checkpoint"}
 
 FIELDS = {f.name: f for f in fields(Config)}
 
@@ -453,17 +454,29 @@ def save_atomic(obj, path):
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {path}: {e.strerror or e}; the previous checkpoint is intact") from None
-
-
-def load_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first})") from None
+        try:
+            tmp.unlink(missing_ok=True)  # never leave half a checkpoint behind
+        except OSError:
+            pass
+        # torch.save reports a failed write (disk full, EIO, EFBIG) as a RuntimeError whose context is the OSError
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise UserError(f"could not write {path}: {cause.strerror or cause}; the previous checkpoint is intact "
+                        f"(make room or fix the directory, then run the same command again to resume)") from None
+
+
+def load_checkpoint(path, trust=False, hint=""):
+    """Tensors and plain containers only: a pickled object is refused, never run. trust=True unpickles anything
+    (AudioCraft's training checkpoint.th pickles its config), for files from a trusted source."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust)
+    except ModuleNotFoundError as e:  # only when trusted: the pickle names a class from a package not installed
+        raise UserError(f"{path}: unpickling it needs the module {e.name!r}: pip install "
+                        f"{str(e.name).split('.')[0]}") from None
+    except Exception as e:
+        raise UserError(env.load_error(path, e, hint)) from None
 
 
 def full_state(state):
@@ -679,10 +692,14 @@ class Run:
         tmp = self.dir / ".history.jsonl.tmp"  # rewritten whole, so a crash between the two files duplicates nothing
         tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history))
         os.replace(tmp, self.dir / "history.jsonl")
-        if keep:
+        if keep:  # a real copy, not a link: damage to checkpoint.pt must leave the kept one readable
             kept = self.dir / f"checkpoint_{self.epoch - 1}.pt"
-            kept.unlink(missing_ok=True)
-            os.link(path, kept)  # the next atomic replace of checkpoint.pt leaves this inode alone
+            tmp = kept.with_name(f".{kept.name}.tmp")
+            import shutil
+            shutil.copyfile(path, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, kept)
 
     def resume(self):
         """Load checkpoint.pt, falling back to the newest kept checkpoint when it is unreadable."""
@@ -692,7 +709,7 @@ class Run:
             try:
                 self.load_state_dict(load_checkpoint(path))
             except (UserError, KeyError, RuntimeError, ValueError, TypeError) as e:
-                reason = (str(e).splitlines() or [type(e).__name__])[0][:300]
+                reason = (str(e).splitlines() or [type(e).__name__])[0][:300].removeprefix(f"{path}: ")
                 if i + 1 == len(candidates):
                     raise UserError(f"{path}: cannot resume from it ({reason}); move it away or run with "
                                     f"--clear=True to start afresh") from None
@@ -715,8 +732,11 @@ class Run:
             path = next((path / n for n in ("checkpoint.pt", "state_dict.bin") if (path / n).is_file()), path / "state_dict.bin")
         if not path.is_file():
             raise UserError(f"continue_from={source}: {path} not found")
-        pkg = load_checkpoint(path)
-        state = pkg.get("best_state") or pkg.get("model")
+        pkg = load_checkpoint(path, trust=self.cfg.trust_checkpoint,
+                              hint="; AudioCraft's training checkpoint.th pickles its config: if you trust this file, "
+                                   "add --trust_checkpoint=True (or use its exported state_dict.bin)")
+        pkg = pkg if isinstance(pkg, dict) else {}
+        state = pkg.get("fsdp_best_state") or pkg.get("best_state") or pkg.get("model")
         if isinstance(state, dict) and isinstance(state.get("model"), dict):
             state = state["model"]  # AudioCraft training checkpoints nest the LM as best_state.model
         if not isinstance(state, dict):
@@ -1020,6 +1040,11 @@ def _train(cfg, d):
     validate(cfg, d.world_size)
     path = run_dir(cfg)
     run = Run(cfg, d)  # loads the codec and text model first: bad paths fail before anything is written
+    for signum in (signal.SIGTERM, signal.SIGUSR1):  # before the data: a first tokenization can take long
+        signal.signal(signum, lambda s, _: setattr(run, "stop_signal", signal.Signals(s).name))
+    state = rng_state()
+    run.splits = open_splits(cfg, run.codec, d)  # likewise a bad dataset or manifest
+    set_rng_state(state)  # building a cache may draw random numbers; a run must not depend on whether it did
     if d.main:
         if cfg.clear and path.exists():
             import shutil
@@ -1031,8 +1056,6 @@ def _train(cfg, d):
                                    "git_dirty": dirty}, indent=1))
         os.replace(tmp, path / "config.json")
     barrier(d)
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, lambda s, _: setattr(run, "stop_signal", signal.Signals(s).name))
     run.header()
     if not run.resume() and cfg.continue_from:
         run.continue_from()
@@ -1040,9 +1063,6 @@ def _train(cfg, d):
         run.log(f"run {run.sig} already finished {cfg.epochs} epochs")
         run.set_status("done")
         return 0
-    state = rng_state()
-    run.splits = open_splits(cfg, run.codec, d)
-    set_rng_state(state)  # building a cache may draw random numbers; a run must not depend on whether it did
     run.set_status("running")
     try:
         code = run.fit()

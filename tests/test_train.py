@@ -155,7 +155,8 @@ def test_continue_from_an_exported_audiocraft_file(tmp_path, dataset):
     cfg = train.parse_args(TINY)
     lm_cfg = lm_lib.LMConfig(**{f: getattr(cfg, f) for f in lm_lib.LMConfig.__dataclass_fields__ if hasattr(cfg, f)})
     torch.manual_seed(7)
-    cond = text.build_conditioner("lut", cfg.dim, lut_tokenizer="bytes", lut_dim=cfg.lut_dim, lut_layers=cfg.lut_layers)
+    cond = text.build_conditioner("lut", cfg.dim, lut_tokenizer=cfg.lut_tokenizer, lut_dim=cfg.lut_dim,
+                                  lut_layers=cfg.lut_layers)
     source = lm_lib.MusicGenLM(lm_cfg, cond)
     lm_lib.export_audiocraft_lm(source, lm_cfg, tmp_path / "state_dict.bin")
     r = run(TINY + ["--epochs=1", "--lr=0", f"--continue_from={tmp_path / 'state_dict.bin'}"], tmp_path / "runs", dataset)

@@ -1,0 +1,588 @@
+"""Bad input at every entry point: each row of tests/BAD_INPUTS.md is a test here.
+
+Every case runs the real command line (train.py, data.py, generate.py, python -m grids, env.py, model.py, text.py)
+in a process forked from a warm zygote (tests/_faults_util.py) and checks: the exit status; that the message names
+the thing that is wrong and says what to do (one line); that nothing was written where nothing should be; and that
+the message is the one the table shows. After changing a message on purpose, rewrite the table:
+
+    python tests/test_bad_inputs.py --write
+
+The security tests at the end: pickled code in a checkpoint is refused, never run; AudioCraft's checkpoint.th is
+read only with --trust_checkpoint=True; paths in a manifest are only ever read.
+"""
+import argparse
+import builtins
+import json
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+import _faults_util as fu  # noqa: E402
+import data  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE = Path(__file__).with_name("BAD_INPUTS.md")
+TRAIN = [str(ROOT / "config/debug.py"), "--dim=32", "--n_layers=1", "--n_heads=2", "--lut_dim=32", "--segment_duration=1.0",
+         "--batch_size=4", "--epochs=1", "--updates_per_epoch=1", "--generate_every=0", "--evaluate_every=0",
+         "--num_workers=0"]
+
+
+class Evil:
+    """Unpickling this calls open(marker, "w"): a stand-in for any code a pickle can run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.open, (self.marker, "w")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Files the cases are made of
+
+def wav(path, seconds=0.5, sample_rate=32000, nan=False):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = torch.sin(torch.arange(int(seconds * sample_rate)) * 0.05) * 0.5
+    if nan:
+        import soundfile as sf
+        x[10] = float("nan")
+        sf.write(path, x.numpy(), sample_rate, subtype="FLOAT")
+    else:
+        data.save_audio(path, x, sample_rate)
+    return path
+
+
+def write(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    return path
+
+
+def truncated_checkpoint(path):
+    torch.save({"model": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:1500])
+    return path
+
+
+def manifest_lines(*rows):
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+
+
+def dataset(ctx, train_manifest, name="ds"):
+    """<tmp>/ds with four splits; the train split's manifest is the bad one (the others are fine)."""
+    root = ctx.tmp / name
+    good = wav(root / "ok.wav")
+    for split in data.SPLITS:
+        body = train_manifest if split == "train" else manifest_lines(
+            {"path": str(good), "duration": 0.5, "sample_rate": 32000})
+        (root / split).mkdir(parents=True, exist_ok=True)
+        if body is not None:
+            write(root / split / "data.jsonl", body)
+    return root
+
+
+def small_t5_dir(ctx, weights=None, config='{"d_model": 8, "num_layers": 1, "num_heads": 2, "d_kv": 4, "d_ff": 8}'):
+    d = ctx.tmp / "t5"
+    write(d / "config.json", config)
+    write(d / "spiece.model", b"not used before the weights")
+    if weights:
+        name, content = weights
+        write(d / name, content)
+    return d
+
+
+@dataclass
+class Ctx:
+    tmp: Path                   # the case's own directory: nothing may appear in it unless the case writes
+    data: Path                  # a small demo set and its token cache, shared by the cases
+
+    def train(self, *extra, dataset=None):
+        return "train.py", TRAIN + list(extra) + [f"--runs_dir={self.tmp / 'runs'}",
+                                                  f"--dataset={dataset or self.data / 'demo'}",
+                                                  f"--cache_dir={self.tmp / 'cache' if dataset else self.data / 'cache'}"]
+
+
+@dataclass
+class Case:
+    id: str
+    entry: str                  # the command, as the table shows it
+    bad: str                    # the bad input, in words
+    make: callable              # Ctx -> (target, argv) or (target, argv, env): see _faults_util._child
+    must: tuple = ()            # in the message: the thing's name and what to do (<tmp>, <data>: the directories)
+    code: int = 2
+    line: str = "error: "       # the message is the last output line starting so
+    writes: bool = False        # the command may write files (else: nothing appears or changes under <tmp>)
+    never: tuple = ()           # files (under <tmp>) that must not exist afterwards: a pickle's payload
+    varies: tuple = ()          # (regex, placeholder): parts of the message that change from machine to machine
+
+    def __str__(self):
+        return self.id
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The cases: one per row of BAD_INPUTS.md
+
+def _file_config(ctx, text):
+    return ctx.train(str(write(ctx.tmp / "my_config.py", text)))
+
+
+def _hf_codec(ctx, config=None, weights=None):
+    d = ctx.tmp / "hf_codec"
+    d.mkdir()
+    if config is not None:
+        write(d / "config.json", config)
+    if weights:
+        write(d / weights, b"\0" * 64)
+    return ctx.train(f"--codec={d}")
+
+
+def _evil(ctx, name="evil.bin"):
+    torch.save({"best_state": Evil(ctx.tmp / "PWNED")}, ctx.tmp / name)
+    return ctx.tmp / name
+
+
+def _audiocraft_th(ctx):
+    torch.save({"best_state": {"model": {"emb.0.weight": torch.zeros(2, 2)}}, "xp.cfg": argparse.Namespace(lr=1e-4),
+                "history": []}, ctx.tmp / "checkpoint.th")
+    return ctx.tmp / "checkpoint.th"
+
+
+def _resume_corrupt(ctx):
+    import train
+    target, argv = ctx.train()
+    write(train.run_dir(train.parse_args(argv)) / "checkpoint.pt", b"PK\x03\x04 cut short")
+    return target, argv
+
+
+def _t5_pickle(ctx):
+    d = small_t5_dir(ctx)
+    _evil(ctx, "t5/pytorch_model.bin")
+    return ctx.train("--conditioner=t5", f"--t5_path={d}")
+
+
+def _other_model_checkpoint(ctx):
+    torch.save({"model": {"emb.0.weight": torch.zeros(3, 3)}}, ctx.tmp / "other.pt")
+    return ctx.train(f"--continue_from={ctx.tmp / 'other.pt'}")
+
+
+def _grid(ctx, body):
+    return "-m grids", [str(write(ctx.tmp / "mygrid.py", body))]
+
+
+def _tokenize(ctx, rows, make_files=lambda ctx: None):
+    make_files(ctx)
+    m = write(ctx.tmp / "split" / "data.jsonl", manifest_lines(*rows))
+    return "data.py", ["tokenize", str(m), str(ctx.tmp / "cache"), "--codec=debug", "--num_workers=0"]
+
+
+def _row(ctx, name, **kw):
+    return {"path": str(ctx.tmp / "audio" / name), "duration": 0.5, "sample_rate": 32000, **kw}
+
+
+MISSING_REF = lambda ctx: {"AUDIOCRAFT_REFERENCE_DIR": str(ctx.tmp / "ref")}  # noqa: E731
+EMPTY_REF = lambda ctx: {"AUDIOCRAFT_REFERENCE_DIR": str((ctx.tmp / "ref").mkdir() or ctx.tmp / "ref")}  # noqa: E731
+
+CASES = [
+    # -- train.py: keys and values
+    Case("config-unknown-key", "train.py", "a misspelt key on the command line",
+         lambda c: c.train("--batchsize=32"), ('unknown key "batchsize"', 'did you mean "batch_size"')),
+    Case("config-bad-value", "train.py", "a value of the wrong type", lambda c: c.train("--lr=fast"),
+         ("lr='fast'", "is not a float")),
+    Case("config-no-value", "train.py", "--key without =value", lambda c: c.train("--lr"),
+         ('"--lr"', "must be --key=value")),
+    Case("config-file-missing", "train.py", "a config file that does not exist",
+         lambda c: c.train(str(c.tmp / "nope.py")), ("<tmp>/nope.py", "not found")),
+    Case("config-file-raises", "train.py", "a config file whose code raises",
+         lambda c: _file_config(c, "lr = 1 / 0\n"), ("<tmp>/my_config.py", "ZeroDivisionError")),
+    Case("config-file-unknown-name", "train.py", "a config file assigning an unknown name",
+         lambda c: _file_config(c, "batchsize = 32\n"), ("<tmp>/my_config.py", 'unknown key "batchsize"',
+                                                          'did you mean "batch_size"', "must start with _")),
+    Case("config-choice", "train.py", "a value outside the choices", lambda c: c.train("--pattern=diagonal"),
+         ('pattern="diagonal"', "is not one of delay, parallel")),
+    Case("config-range", "train.py", "a fraction above 1", lambda c: c.train("--max_skip_fraction=1.5"),
+         ("max_skip_fraction=1.5", "between 0 and 1")),
+    Case("config-batch-world", "train.py (WORLD_SIZE=3)", "a batch that does not split across the processes",
+         lambda c: (*c.train(), {"WORLD_SIZE": "3"}), ("batch_size=4", "3 processes", "use a multiple of 3")),
+    Case("config-delays", "train.py", "delays that do not match n_q", lambda c: c.train("--delays=[0,1]"),
+         ("delays=[0, 1]", "n_q=4")),
+    Case("config-from-sig", "train.py", "--from_sig of a run that does not exist",
+         lambda c: c.train("--from_sig=deadbeef"), ("--from_sig=deadbeef", "<tmp>/runs/xps/deadbeef/config.json")),
+    Case("config-codec-shape", "train.py", "n_q that the codec does not have", lambda c: c.train("--n_q=8"),
+         ("codec debug has n_q=4", "n_q=8", "set them to match")),
+    # -- codec paths and directories
+    Case("codec-missing", "train.py --codec", "a codec file that does not exist",
+         lambda c: c.train(f"--codec={c.tmp / 'nope.bin'}"), ("<tmp>/nope.bin", "does not exist")),
+    Case("codec-not-torch", "train.py --codec", "a codec file that is not a torch file",
+         lambda c: c.train(f"--codec={write(c.tmp / 'codec.bin', 'hello')}"),
+         ("<tmp>/codec.bin", "compression_state_dict.bin")),
+    Case("codec-pickle", "train.py --codec", "a codec file with pickled code",
+         lambda c: c.train(f"--codec={_evil(c)}"), ("<tmp>/evil.bin",), never=("PWNED",)),
+    Case("codec-wrong-keys", "train.py --codec", "a torch file without best_state and xp.cfg",
+         lambda c: (torch.save({"state": {}}, c.tmp / "codec.bin"), c.train(f"--codec={c.tmp / 'codec.bin'}"))[1],
+         ("<tmp>/codec.bin", "needs keys best_state and xp.cfg")),
+    Case("codec-hf-bad-json", "train.py --codec", "a Hugging Face directory whose config.json is not JSON",
+         lambda c: _hf_codec(c, "{oops"), ("<tmp>/hf_codec/config.json", "not valid JSON")),
+    Case("codec-hf-no-weights", "train.py --codec", "a Hugging Face directory without weights",
+         lambda c: _hf_codec(c, '{"model_type": "encodec"}'), ("<tmp>/hf_codec", "no model.safetensors")),
+    Case("codec-hf-other-model", "train.py --codec", "a Hugging Face directory of another model",
+         lambda c: _hf_codec(c, '{"model_type": "t5"}', "model.safetensors"), ("<tmp>/hf_codec", "is not EnCodec")),
+    Case("codec-empty-dir", "train.py --codec", "a directory holding no codec",
+         lambda c: _hf_codec(c), ("<tmp>/hf_codec", "holds neither compression_state_dict.bin")),
+    # -- T5 directories and tokenizers
+    Case("t5-not-dir", "train.py --t5_path", "a T5 path that is a file",
+         lambda c: c.train("--conditioner=t5", f"--t5_path={write(c.tmp / 't5.txt', 'x')}"),
+         ("<tmp>/t5.txt", "not a directory", "spiece.model")),
+    Case("t5-no-spiece", "train.py --t5_path", "a T5 directory without spiece.model",
+         lambda c: c.train("--conditioner=t5", f"--t5_path={write(c.tmp / 't5' / 'config.json', '{}').parent}"),
+         ("<tmp>/t5", "missing spiece.model")),
+    Case("t5-no-weights", "train.py --t5_path", "a T5 directory without weights",
+         lambda c: c.train("--conditioner=t5", f"--t5_path={small_t5_dir(c)}"), ("<tmp>/t5", "no weights")),
+    Case("t5-bad-config", "train.py --t5_path", "a T5 directory whose config.json is not JSON",
+         lambda c: c.train("--conditioner=t5", f"--t5_path={small_t5_dir(c, config='{oops')}"),
+         ("<tmp>/t5", "config.json is not readable JSON")),
+    Case("t5-corrupt-bin", "train.py --t5_path", "a T5 pytorch_model.bin cut short",
+         lambda c: c.train("--conditioner=t5", f"--t5_path={small_t5_dir(c, ('pytorch_model.bin', b'PK cut'))}"),
+         ("<tmp>/t5/pytorch_model.bin", "truncated, corrupt")),
+    Case("t5-corrupt-safetensors", "train.py --t5_path", "a T5 model.safetensors that is not one",
+         lambda c: c.train("--conditioner=t5", f"--t5_path={small_t5_dir(c, ('model.safetensors', b'garbage'))}"),
+         ("<tmp>/t5/model.safetensors", "not a readable safetensors file")),
+    Case("t5-pickle", "train.py --t5_path", "a T5 pytorch_model.bin with pickled code",
+         _t5_pickle, ("<tmp>/t5/pytorch_model.bin", "refused", "nothing was run"), never=("PWNED",)),
+    Case("lut-tokenizer-missing", "train.py --lut_tokenizer", "a sentencepiece model that does not exist",
+         lambda c: c.train(f"--lut_tokenizer={c.tmp / 'nope.model'}"),
+         ("<tmp>/nope.model", "not found", "python text.py tokenizer")),
+    Case("lut-tiktoken-bad", "train.py --lut_tokenizer", "a tiktoken file with a bad line",
+         lambda c: c.train("--lut_tokenizer=tiktoken:" + str(write(c.tmp / "bpe.tiktoken", "QQ== 0\nnot base64\n"))),
+         ("<tmp>/bpe.tiktoken:2", "expected '<base64 token> <rank>'")),
+    # -- //reference paths
+    Case("reference-dir-missing", "train.py --codec=//reference/...", "a reference directory that does not exist",
+         lambda c: (*c.train("--codec=//reference/encodec_32khz"), MISSING_REF(c)),
+         ("//reference/encodec_32khz", "<tmp>/ref does not exist", "AUDIOCRAFT_REFERENCE_DIR")),
+    Case("reference-file-missing", "train.py --t5_path=//reference/...", "a reference path that does not exist",
+         lambda c: (*c.train("--conditioner=t5", "--t5_path=//reference/t5-base"), EMPTY_REF(c)),
+         ("//reference/t5-base", "<tmp>/ref/t5-base, which does not exist")),
+    # -- datasets and manifests
+    Case("dataset-missing", "train.py --dataset", "a dataset directory that does not exist",
+         lambda c: c.train(dataset=c.tmp / "nope"), ("<tmp>/nope", "is not a directory", "<split>/data.jsonl")),
+    Case("dataset-no-split", "train.py --dataset", "a dataset without a train split",
+         lambda c: c.train(dataset=(c.tmp / "ds").mkdir() or c.tmp / "ds"), ("<tmp>/ds", "no split 'train'")),
+    Case("manifest-missing", "train.py --dataset", "a split directory without data.jsonl",
+         lambda c: c.train(dataset=dataset(c, None)), ("<tmp>/ds/train", "no data.jsonl",
+                                                       "python data.py manifest")),
+    Case("manifest-not-json", "train.py --dataset", "a manifest line that is not JSON",
+         lambda c: c.train(dataset=dataset(c, manifest_lines(_row(c, "a.wav"), "{oops"))),
+         ("<tmp>/ds/train/data.jsonl line 2", "not JSON")),
+    Case("manifest-missing-field", "train.py --dataset", "a manifest line without duration",
+         lambda c: c.train(dataset=dataset(c, manifest_lines({"path": "a.wav", "sample_rate": 32000}))),
+         ("<tmp>/ds/train/data.jsonl line 1", 'missing field "duration"')),
+    Case("manifest-negative", "train.py --dataset", "a negative duration",
+         lambda c: c.train(dataset=dataset(c, manifest_lines(_row(c, "a.wav", duration=-1)))),
+         ("<tmp>/ds/train/data.jsonl line 1", "must be positive", "rebuild")),
+    Case("manifest-not-object", "train.py --dataset", "a manifest line that is a list",
+         lambda c: c.train(dataset=dataset(c, manifest_lines("[1, 2]"))),
+         ("<tmp>/ds/train/data.jsonl line 1", "expected a JSON object")),
+    Case("manifest-empty", "train.py --dataset", "an empty manifest",
+         lambda c: c.train(dataset=dataset(c, "")), ("<tmp>/ds/train/data.jsonl", "lists no files")),
+    Case("manifest-bad-gzip", "train.py --dataset", "data.jsonl.gz that is not gzip",
+         lambda c: c.train(dataset=(write(dataset(c, None) / "train" / "data.jsonl.gz", b"plain"), c.tmp / "ds")[1]),
+         ("<tmp>/ds/train/data.jsonl.gz", "cannot be read")),
+    Case("manifest-reference", "train.py --dataset", "a manifest path under a missing //reference directory",
+         lambda c: (*c.train(dataset=dataset(c, manifest_lines(
+             {"path": "//reference/music/a.wav", "duration": 1, "sample_rate": 32000}))), MISSING_REF(c)),
+         ("<tmp>/ds/train/data.jsonl line 1", "//reference/music/a.wav", "<tmp>/ref does not exist")),
+    Case("manifest-all-unreadable", "train.py --dataset", "every file of a split missing",
+         lambda c: c.train(dataset=dataset(c, manifest_lines(_row(c, "a.wav"), _row(c, "b.wav")))),
+         ("2 of 2 files are unreadable", "max_skip_fraction", "fix them or rebuild the manifest"), writes=True,
+         varies=((r"cache/[^ ]*/index", "cache/<codec>/train-<digest>/index"),)),
+    # -- checkpoints: resume and continue_from
+    Case("resume-corrupt", "train.py (rerun)", "a corrupt checkpoint.pt and no kept checkpoint",
+         _resume_corrupt, ("<tmp>/runs/xps/<sig>/checkpoint.pt", "cannot resume from it", "--clear=True"),
+         writes=True, varies=((r"xps/[0-9a-f]{8}/", "xps/<sig>/"),)),
+    Case("continue-missing-sig", "train.py --continue_from", "a run signature that does not exist",
+         lambda c: c.train("--continue_from=deadbeef"), ("continue_from=deadbeef", "checkpoint.pt not found"),
+         writes=True),
+    Case("continue-truncated", "train.py --continue_from", "a checkpoint cut short",
+         lambda c: c.train(f"--continue_from={truncated_checkpoint(c.tmp / 'cut.pt')}"),
+         ("<tmp>/cut.pt", "truncated, corrupt or another format"), writes=True),
+    Case("continue-pickle", "train.py --continue_from", "a checkpoint with pickled code",
+         lambda c: c.train(f"--continue_from={_evil(c)}"), ("<tmp>/evil.bin", "refused", "nothing was run"),
+         writes=True, never=("PWNED",)),
+    Case("continue-audiocraft-th", "train.py --continue_from", "AudioCraft's training checkpoint.th (pickled config)",
+         lambda c: c.train(f"--continue_from={_audiocraft_th(c)}"),
+         ("<tmp>/checkpoint.th", "argparse.Namespace", "--trust_checkpoint=True"), writes=True),
+    Case("continue-other-model", "train.py --continue_from", "a checkpoint of another model",
+         _other_model_checkpoint, ("<tmp>/other.pt", "does not fit the model", "emb.0.weight (3, 3) vs model"),
+         writes=True, varies=((r"\d+ missing \([^)]*\)", "<n> missing (<the model's keys>)"),)),
+    # -- audio files and sidecars: skipped with a warning (the data policy), not an error
+    Case("audio-corrupt", "data.py manifest", "an audio file that is not audio",
+         lambda c: ("data.py", ["manifest", str((write(c.tmp / "audio" / "bad.wav", b"RIFF garbage" * 10),
+                                                 wav(c.tmp / "audio" / "ok.wav"))[1].parent), str(c.tmp / "m.jsonl")]),
+         ("<tmp>/audio/bad.wav", "unreadable"), code=0, line="  skipped", writes=True),
+    Case("audio-empty", "data.py manifest", "an empty audio file",
+         lambda c: ("data.py", ["manifest", str(write(c.tmp / "audio" / "empty.flac", b"").parent),
+                                str(c.tmp / "m.jsonl")]), ("<tmp>/audio/empty.flac", "empty file"),
+         code=0, line="  skipped", writes=True),
+    Case("audio-root-missing", "data.py manifest", "a folder that does not exist",
+         lambda c: ("data.py", ["manifest", str(c.tmp / "nope"), str(c.tmp / "m.jsonl")]),
+         ("<tmp>/nope", "is not a directory")),
+    Case("audio-out-name", "data.py manifest", "an output name without .jsonl",
+         lambda c: ("data.py", ["manifest", str((c.tmp / "a").mkdir() or c.tmp / "a"), str(c.tmp / "m.txt")]),
+         ("<tmp>/m.txt", "must end with .jsonl")),
+    Case("audio-missing", "data.py tokenize", "a manifest entry whose file is gone",
+         lambda c: _tokenize(c, [_row(c, "gone.wav")]), ("<tmp>/audio/gone.wav", "missing"),
+         code=0, line="  skipped", writes=True),
+    Case("sidecar-not-json", "data.py tokenize", "a sidecar .json that is not JSON",
+         lambda c: _tokenize(c, [_row(c, "a.wav")], lambda c: (wav(c.tmp / "audio" / "a.wav"),
+                                                              write(c.tmp / "audio" / "a.json", "{oops"))),
+         ("<tmp>/audio/a.wav", "sidecar <tmp>/audio/a.json is not JSON"), code=0, line="  skipped", writes=True),
+    Case("audio-rate-changed", "data.py tokenize", "a file whose sample rate differs from the manifest",
+         lambda c: _tokenize(c, [_row(c, "a.wav")], lambda c: wav(c.tmp / "audio" / "a.wav", sample_rate=16000)),
+         ("<tmp>/audio/a.wav", "16000 Hz but the manifest says 32000 Hz", "rebuild the manifest"),
+         code=0, line="  skipped", writes=True),
+    Case("audio-nan", "data.py tokenize", "a float file with NaN samples",
+         lambda c: _tokenize(c, [_row(c, "a.wav")], lambda c: wav(c.tmp / "audio" / "a.wav", nan=True)),
+         ("<tmp>/audio/a.wav", "NaN or infinite samples"), code=0, line="  skipped", writes=True),
+    Case("tokenize-codec-missing", "data.py tokenize", "a codec path that does not exist",
+         lambda c: ("data.py", ["tokenize", str(dataset(c, manifest_lines(_row(c, "a.wav"))) / "train"),
+                                str(c.tmp / "cache"), f"--codec={c.tmp / 'nope'}"]), ("<tmp>/nope", "does not exist")),
+    # -- generate.py
+    Case("generate-no-run", "generate.py", "no --run", lambda c: ("generate.py", ["--prompt=piano"]),
+         ("--run is required",)),
+    Case("generate-unknown-option", "generate.py", "a misspelt option",
+         lambda c: ("generate.py", ["--run=x", "--temprature=1"]), ("--temprature", 'did you mean "--temperature"')),
+    Case("generate-bad-number", "generate.py", "a duration that is not a number",
+         lambda c: ("generate.py", ["--run=x", "--duration=ten"]), ("--duration=ten", "not a number")),
+    Case("generate-zero-duration", "generate.py", "a zero duration",
+         lambda c: ("generate.py", ["--run=x", "--duration=0"]), ("--duration=0.0", "must be positive")),
+    Case("generate-prompt-twice", "generate.py", "--prompt and --prompts together",
+         lambda c: ("generate.py", ["--run=x", "--prompt=a", "--prompts=p.txt"]), ("--prompt or --prompts",)),
+    Case("generate-out-format", "generate.py", "an output format it cannot write",
+         lambda c: ("generate.py", ["--run=x", f"--out={c.tmp / 'x.mp3'}"]), ("<tmp>/x.mp3", ".wav or .flac")),
+    Case("generate-top-p", "generate.py", "top_p above 1", lambda c: ("generate.py", ["--run=x", "--top_p=2"]),
+         ("--top_p=2.0", "between 0 and 1")),
+    Case("generate-positional", "generate.py", "an argument that is not --key=value",
+         lambda c: ("generate.py", ["--run=x", "hello"]), ("'hello'", "--key=value")),
+    Case("generate-prompts-missing", "generate.py", "a prompts file that does not exist",
+         lambda c: ("generate.py", ["--run=x", f"--prompts={c.tmp / 'p.txt'}"]),
+         ("--prompts=<tmp>/p.txt", "cannot read")),
+    Case("generate-no-run-dir", "generate.py", "a run signature that does not exist",
+         lambda c: ("generate.py", ["--run=deadbeef", f"--runs_dir={c.tmp / 'runs'}", f"--out={c.tmp / 'o.wav'}"]),
+         ("--run=deadbeef", "<tmp>/runs/xps", "--runs_dir")),
+    Case("generate-truncated", "generate.py", "a checkpoint cut short",
+         lambda c: ("generate.py", [f"--run={truncated_checkpoint(c.tmp / 'cut.pt')}", f"--out={c.tmp / 'o.wav'}"]),
+         ("<tmp>/cut.pt", "not a readable checkpoint")),
+    Case("generate-pickle", "generate.py", "a checkpoint with pickled code",
+         lambda c: ("generate.py", [f"--run={_evil(c, 'evil.pt')}", f"--out={c.tmp / 'o.wav'}"]),
+         ("<tmp>/evil.pt",), never=("PWNED",)),
+    Case("generate-reference", "generate.py", "//reference/... under a missing reference directory",
+         lambda c: ("generate.py", ["--run=//reference/musicgen-small", f"--out={c.tmp / 'o.wav'}"], MISSING_REF(c)),
+         ("//reference/musicgen-small", "<tmp>/ref does not exist")),
+    # -- grid files
+    Case("grid-unknown", "python -m grids", "a grid that does not exist", lambda c: ("-m grids", ["nope"]),
+         ("no grid 'nope'", "grids: debug")),
+    Case("grid-syntax", "python -m grids", "a grid file with a syntax error",
+         lambda c: _grid(c, "def explore(launcher)\n    pass\n"), ("<tmp>/mygrid.py:1", "SyntaxError")),
+    Case("grid-no-explore", "python -m grids", "a grid file without explore()",
+         lambda c: _grid(c, "x = 1\n"), ("<tmp>/mygrid.py", "no explore(launcher) function")),
+    Case("grid-no-runs", "python -m grids", "explore() that adds no runs",
+         lambda c: _grid(c, "def explore(launcher):\n    pass\n"), ("<tmp>/mygrid.py", "added no runs")),
+    Case("grid-unknown-key", "python -m grids", "a run with a misspelt key",
+         lambda c: _grid(c, "def explore(launcher):\n    launcher(batchsize=32)\n"),
+         ("<tmp>/mygrid.py:2", 'unknown key "batchsize"', 'did you mean "batch_size"')),
+    Case("grid-bad-value", "python -m grids", "a run with a value of the wrong type",
+         lambda c: _grid(c, "def explore(launcher):\n    launcher(lr='fast')\n"),
+         ("<tmp>/mygrid.py:2", "lr='fast' is not a float")),
+    Case("grid-unknown-slurm", "python -m grids", "a misspelt SLURM setting",
+         lambda c: _grid(c, "def explore(launcher):\n    launcher.slurm_(gpu=1)\n    launcher()\n"),
+         ("<tmp>/mygrid.py:2", 'unknown SLURM setting "gpu"', 'did you mean "gpus"')),
+    Case("grid-raises", "python -m grids", "a grid whose code raises",
+         lambda c: _grid(c, "def explore(launcher):\n    launcher(lr=1 / 0)\n"),
+         ("<tmp>/mygrid.py:2", "ZeroDivisionError")),
+    # -- team files (env.py)
+    Case("team-missing", "env.py", "a team without a team file",
+         lambda c: ("env.py", [], {"AUDIOCRAFT_TEAM": "nope"}), ("config/teams/nope.yaml not found", "create it")),
+    Case("team-bad-yaml", "env.py", "a team file that is not YAML",
+         lambda c: ("env.py", [], {"AUDIOCRAFT_CONFIG": str(write(c.tmp / "team.yaml", "a: [b"))}),
+         ("<tmp>/team.yaml", "not valid YAML")),
+    Case("team-bad-mapper", "env.py", "a dataset mapper that is not a regex",
+         lambda c: ("env.py", [], {"AUDIOCRAFT_CONFIG": str(write(
+             c.tmp / "team.yaml", "default:\n  dataset_mappers:\n    '[a': b\n"))}),
+         ("<tmp>/team.yaml", "'[a' is not a valid regex")),
+    Case("run-info-missing", "env.py info", "a run signature that does not exist",
+         lambda c: ("env.py", ["info", "deadbeef"], {"AUDIOCRAFT_DORA_DIR": str(c.tmp / "runs")}),
+         ("deadbeef", "<tmp>/runs/xps/deadbeef/config.json not found")),
+    # -- model.py and text.py
+    Case("lm-missing", "model.py", "an LM file that does not exist",
+         lambda c: ("model.py", [str(c.tmp / "state_dict.bin")]), ("<tmp>/state_dict.bin", "no such file")),
+    Case("lm-wrong-keys", "model.py", "a torch file that is not an AudioCraft LM",
+         lambda c: (torch.save({"foo": 1}, c.tmp / "x.bin"), ("model.py", [str(c.tmp / "x.bin")]))[1],
+         ("<tmp>/x.bin", "needs 'best_state' and 'xp.cfg'")),
+    Case("lm-pickle", "model.py", "an LM file with pickled code", lambda c: ("model.py", [str(_evil(c))]),
+         ("<tmp>/evil.bin", "refused", "nothing was run"), never=("PWNED",)),
+    Case("tokenizer-vocab", "text.py tokenizer", "a vocabulary size that is not a number",
+         lambda c: ("text.py", ["tokenizer", "m.jsonl", "out.model", "--vocab_size=many"]),
+         ("--vocab_size='many'", "expected an integer")),
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running a case and the table
+
+def make_data(root):
+    data.make_demo_set(root / "demo", seed=0, sizes={"train": 4, "valid": 2, "evaluate": 2, "generate": 2})
+    return root
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def provoke(case, tmp, data_dir):
+    """Run the case's command -> (exit status, the message as the table shows it, whole output, files changed)."""
+    ctx = Ctx(tmp, data_dir)
+    tmp.mkdir(parents=True, exist_ok=True)
+    made = case.make(ctx)
+    target, argv, env = made if len(made) == 3 else (*made, {})
+    before = _snapshot(tmp)
+    proc = fu.Training(argv, tmp.parent / f"{tmp.name}.out", extra_env=env, target=target)
+    code = proc.wait(120)
+    out = proc.output()
+    after = _snapshot(tmp)
+    changed = sorted(k for k in after.keys() | before.keys() if after.get(k) != before.get(k))
+    lines = [line for line in out.splitlines() if line.startswith(case.line)]
+    message = show(lines[-1], ctx) if lines else None
+    for pattern, placeholder in case.varies:
+        message = message and re.sub(pattern, placeholder, message)
+    return code, message, out, changed
+
+
+def show(text, ctx):
+    """Machine-specific directories as placeholders."""
+    for path, name in ((ctx.tmp, "<tmp>"), (ctx.data, "<data>"), (ROOT, "<repo>")):
+        text = text.replace(str(path), name)
+    return text
+
+
+def read_table():
+    """{id: (entry, bad input, exit status, message)} from BAD_INPUTS.md."""
+    rows = {}
+    for line in TABLE.read_text().splitlines():
+        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) == 5 and cells[0].startswith("`"):
+            message = cells[4][3:-3] if cells[4].startswith("`` ") and cells[4].endswith(" ``") else cells[4]
+            rows[cells[0].strip("`")] = (cells[1], cells[2], cells[3], message)
+    return rows
+
+
+def write_table(results):
+    head = TABLE.read_text().split("\n| id |")[0] if TABLE.exists() else "# Bad input\n"
+    lines = [head.rstrip() + "\n", "| id | entry point | bad input | exit | what the user sees |",
+             "| --- | --- | --- | --- | --- |"]
+    for case in CASES:
+        code, message = results[case.id]
+        cell = (message or "(no message)").replace("|", "\\|")
+        lines.append(f"| `{case.id}` | {case.entry} | {case.bad} | {code} | `` {cell} `` |")
+    TABLE.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def shared_data(tmp_path_factory):
+    fu.context()
+    yield make_data(tmp_path_factory.mktemp("bad_inputs_data"))
+    fu.kill_leftovers()
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_bad_input(case, tmp_path, shared_data):
+    code, message, out, changed = provoke(case, tmp_path / "case", shared_data)
+    assert code == case.code, out
+    assert "Traceback" not in out, out
+    assert message is not None, f"no line starting {case.line!r}:\n{out}"
+    for part in case.must:
+        assert part in message, f"{part!r} not in {message!r}"
+    assert case.writes or not changed, f"wrote {changed}"
+    for name in case.never:
+        assert not (tmp_path / "case" / name).exists(), f"{name} exists: the pickle's code ran"
+    row = read_table().get(case.id)
+    assert row is not None, f"{case.id} is not in {TABLE.name}: python tests/test_bad_inputs.py --write"
+    assert (row[2], row[3]) == (str(code), message), (f"{TABLE.name} is out of date for {case.id}: python "
+                                                      f"tests/test_bad_inputs.py --write")
+
+
+def test_every_row_of_the_table_is_a_case():
+    assert list(read_table()) == [c.id for c in CASES]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Security
+
+
+def test_trusted_audiocraft_checkpoint_th_continues_from_its_weights(tmp_path, shared_data):
+    import model as lm_lib
+    import text
+    import train
+    ctx = Ctx(tmp_path, shared_data)
+    target, argv = ctx.train("--lr=0", "--trust_checkpoint=True")
+    cfg = train.parse_args(argv)
+    lm_cfg = lm_lib.LMConfig(**{f: getattr(cfg, f) for f in lm_lib.LMConfig.__dataclass_fields__ if f in train.FIELDS})
+    torch.manual_seed(3)
+    cond = text.build_conditioner("lut", cfg.dim, lut_tokenizer=cfg.lut_tokenizer, lut_dim=cfg.lut_dim,
+                                  lut_layers=cfg.lut_layers)
+    source = {k: v.half() for k, v in lm_lib.MusicGenLM(lm_cfg, cond).state_dict().items()}  # AudioCraft keeps fp16
+    # AudioCraft's solver checkpoint: its config pickled as an object (a DictConfig there; any class will do)
+    torch.save({"best_state": {"model": source}, "xp.cfg": argparse.Namespace(lr=1e-4), "model": {}, "history": []},
+               tmp_path / "checkpoint.th")
+    proc = fu.Training(argv + [f"--continue_from={tmp_path / 'checkpoint.th'}"], tmp_path / "out.txt", target=target)
+    assert proc.wait() == 0, proc.output()
+    assert f"continuing from the weights in {tmp_path / 'checkpoint.th'}" in proc.output()
+    (run,) = (tmp_path / "runs" / "xps").iterdir()
+    final = train.load_checkpoint(run / "checkpoint.pt")["model"]
+    for k, v in source.items():
+        assert torch.equal(final[k], v.float()), k
+
+
+def test_manifest_paths_are_only_read_never_run_or_written(tmp_path, shared_data):
+    root = tmp_path / "ds"
+    markers = [tmp_path / f"ran{i}" for i in range(4)]
+    outside = wav(tmp_path / "elsewhere" / "far.wav", seconds=1.2)
+    odd = [f"$(touch {markers[0]}).wav", f"`touch {markers[1]}`.wav", f"x; touch {markers[2]}.wav",
+           f"| touch {markers[3]} #.wav", "../" * 8 + str(outside)[1:],  # climbs out of the dataset: read, fine
+           "~/no-such-nanomusicgen-file.wav"]
+    good = [wav(root / "train" / f"{i}.wav", seconds=1.2) for i in range(2)]
+    rows = [{"path": p, "duration": 1.2, "sample_rate": 32000} for p in odd + [str(g) for g in good]]
+    dataset(Ctx(tmp_path, shared_data), manifest_lines(*rows))
+    watched = {k: v for k, v in _snapshot(tmp_path).items()}
+    proc = fu.Training(TRAIN + [f"--runs_dir={tmp_path / 'runs'}", f"--dataset={root}", f"--cache_dir={tmp_path / 'cache'}",
+                                "--max_skip_fraction=0.9", "--updates_per_epoch=2"],
+                       tmp_path / "out.txt", target="train.py")
+    assert proc.wait() == 0, proc.output()
+    assert not [m for m in markers if m.exists()]
+    after = _snapshot(tmp_path)
+    assert {k: after.get(k) for k in watched} == watched  # nothing outside the run and cache directories changed
+    new = {k.split("/")[0] for k in after.keys() - watched.keys()}
+    assert new <= {"runs", "cache", "out.txt"}, new
+    # the file outside the dataset was read (its codes are cached); the odd names were looked for and skipped
+    (index,) = (tmp_path / "cache").rglob("train-*/index.0.jsonl")
+    read = {Path(r["path"]).name: "error" not in r for r in map(json.loads, index.read_text().splitlines())}
+    assert read["far.wav"] and read["0.wav"] and read["1.wav"] and sum(read.values()) == 3
+    assert "skipped 5" in proc.output()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python tests/test_bad_inputs.py --write   (runs every case, rewrites BAD_INPUTS.md)")
+    with tempfile.TemporaryDirectory() as d:
+        shared = make_data(Path(d) / "data")
+        results = {}
+        for case in CASES:
+            code, message, _, _ = provoke(case, Path(d) / case.id / "case", shared)
+            results[case.id] = (code, message)
+            print(f"{case.id}: {code} {message}")
+    write_table(results)
+    print(f"wrote {TABLE}")
