@@ -204,7 +204,7 @@ def load_export(path, t5=None, codec=None):
         settings.update({k: ours[k] for k in ("t5_dtype", "text_max_length", "lut_tokenizer", "lut_dim", "lut_layers")
                          if k in ours})
         tok = settings["lut_tokenizer"]
-        if tok != "bytes":  # the export carries its tokenizer file beside state_dict.bin
+        if text.tokenizer_file(tok) is not None:  # the export carries its tokenizer file beside state_dict.bin
             prefix = "tiktoken:" if tok.startswith("tiktoken:") else ""
             settings["lut_tokenizer"] = prefix + str(path.parent / tok[len(prefix):])
     else:
@@ -417,9 +417,9 @@ def export(run, out_dir, runs_dir=None, codec=None):
             "n_bins": lut.tokenizer.vocab_size, "dim": cond["lut_dim"], "tokenizer": "noop",
             "pad_idx": lut.tokenizer.pad_id}}
         spec = str(cond["lut_tokenizer"])
-        if spec != "bytes":
+        if text.tokenizer_file(spec) is not None:
             prefix = "tiktoken:" if spec.startswith("tiktoken:") else ""
-            tokenizer_file = resolve_path(spec[len(prefix):])
+            tokenizer_file = resolve_path(text.tokenizer_file(spec))
             cond["lut_tokenizer"] = prefix + "lut_tokenizer" + tokenizer_file.suffix
     extra["nanomusicgen"]["conditioner"] = cond
     out.mkdir(parents=True, exist_ok=True)

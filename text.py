@@ -111,6 +111,14 @@ class Tokenizer:
         return ids, valid
 
 
+def tokenizer_file(spec):
+    """The file a tokenizer spec reads (a sentencepiece model or a tiktoken BPE file), or None (bytes, words)."""
+    spec = str(spec)
+    if spec in ("bytes", "words") or spec.startswith("words:"):
+        return None
+    return spec[len("tiktoken:"):] if spec.startswith("tiktoken:") else spec
+
+
 def load_sentencepiece(path):
     import sentencepiece as spm
     file = resolve_path(path)

@@ -144,7 +144,9 @@ def test_export_loads_back_with_identical_logits(run_dir, mg, tmp_path):
     xp = yaml.safe_load(pkg["xp.cfg"])
     # AudioCraft's MusicGen needs a context over its default extend_stride of 18 s; ours stays 0.5 s
     assert xp["dataset"]["segment_duration"] == 30.0 and xp["conditioners"]["description"]["model"] == "lut"
-    cond = text.build_conditioner("lut", 32, lut_dim=32, lut_layers=1).eval()
+    run_cfg = train.parse_args(TINY)  # the conditioner the run was trained with
+    cond = text.build_conditioner("lut", 32, lut_tokenizer=run_cfg.lut_tokenizer, lut_dim=32,
+                                  lut_layers=run_cfg.lut_layers).eval()
     lm, cfg = lm_lib.load_audiocraft_lm(out, cond)
     assert cfg == mg.lm_cfg
     sequence = torch.randint(0, 257, (2, 4, 12), generator=torch.Generator().manual_seed(0))
