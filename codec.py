@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from env import UserError, resolve_path
+from env import UserError, cli, resolve_path
 
 AUDIOCRAFT_FILE = "compression_state_dict.bin"
 
@@ -794,8 +794,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

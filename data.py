@@ -44,7 +44,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from env import UserError, map_dataset_path, resolve_path
+from env import UserError, cli, map_dataset_path, resolve_path
 
 SPLITS = ("train", "valid", "evaluate", "generate")
 # What soundfile (libsndfile 1.2) decodes; .m4a/.aac are not among them.
@@ -1127,8 +1127,4 @@ def _tokenize_cli(args):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

@@ -238,6 +238,15 @@ def describe():
     return "\n".join(lines)
 
 
+def cli(main):
+    """Run an entry point's main(argv): bad input (UserError) is one line on stderr and exit status 2."""
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv):
     if not argv:
         print(describe())
@@ -254,8 +263,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from env import UserError, load_error, resolve_path
+from env import UserError, cli, load_error, resolve_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # float16 overflows in T5's feed-forward
 
@@ -568,8 +568,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)
