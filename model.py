@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from env import UserError, resolve_path
+from env import UserError, load_error, resolve_path
 
 PATTERNS = ("delay", "parallel", "unroll", "coarse_first", "musiclm")
 FUSES = ("cross", "prepend", "sum")
@@ -254,10 +254,11 @@ class Layer(nn.Module):
                                            is_causal=causal, dropout_p=p)
         x = x + _dropout(self.self_attn.out_proj(self._merge(a)), p)
         if self.cross_attention is not None:
-            w = self.cross_attention.in_proj_weight
-            q = self._split(F.linear(self.norm_cross(x), w[:d]))
+            # one split, not two slices: the backward then writes one [3 dim, dim] gradient, not two zero-filled ones
+            w_q, w_kv = self.cross_attention.in_proj_weight.split([d, 2 * d])
+            q = self._split(F.linear(self.norm_cross(x), w_q))
             if cross_kv is None:
-                k, v = (self._split(t) for t in F.linear(memory, w[d:]).chunk(2, -1))
+                k, v = (self._split(t) for t in F.linear(memory, w_kv).chunk(2, -1))
             else:
                 k, v = cross_kv
             a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=cross_mask, dropout_p=p)
@@ -475,28 +476,34 @@ class MusicGenLM(nn.Module):
             return torch.get_autocast_dtype(device.type)
         return self.out_norm.weight.dtype
 
-    def _run_cached(self, x, positions, cache):
-        """x [N, P, dim] at `positions` [P] -> [N, P, dim] after out_norm, reading and writing the cache."""
+    def _run_cached(self, x, positions, cache, n_keys=None):
+        """x [N, P, dim] at `positions` [P] -> [N, P, dim] after out_norm, reading and writing the cache.
+        n_keys None: attend over the whole static cache under a mask (static shapes). n_keys (a host int, the
+        last position + 1): over the cache's first n_keys entries only, and with no mask for a single step."""
         x = x + cache.pos_table.index_select(0, positions)[None].to(x.dtype)
-        keys = torch.arange(cache.pos_table.shape[0], device=x.device)
-        mask = keys[None, :] <= positions[:, None]                                      # [P, Smax]
-        if cache.key_valid is not None:
-            mask = mask[None] & (cache.key_valid[:, None, :] | (keys[None, :] == positions[:, None])[None])
-            mask = mask[:, None]                                                         # [N, 1, P, Smax]
-        else:
-            mask = mask[None, None]
+        n = cache.pos_table.shape[0] if n_keys is None else n_keys
+        mask = None
+        if n_keys is None or x.shape[1] > 1 or cache.key_valid is not None:
+            keys = torch.arange(n, device=x.device)
+            mask = keys[None, :] <= positions[:, None]                                  # [P, n]
+            if cache.key_valid is not None:
+                mask = mask[None] & (cache.key_valid[:, None, :n] | (keys[None, :] == positions[:, None])[None])
+                mask = mask[:, None]                                                     # [N, 1, P, n]
+            else:
+                mask = mask[None, None]
         for i, layer in enumerate(self.transformer.layers):
-            x = layer(x, None, mask, cache.cross_mask, kv=(cache.k[i], cache.v[i]), positions=positions,
-                      cross_kv=cache.cross_kv[i])
+            kv = (cache.k[i], cache.v[i]) if n_keys is None else (cache.k[i][:, :, :n], cache.v[i][:, :, :n])
+            x = layer(x, None, mask, cache.cross_mask, kv=kv, positions=positions, cross_kv=cache.cross_kv[i])
         return self.out_norm(x)
 
-    def decode_step(self, tokens, pos, cache):
-        """One generation step with static shapes (compile / CUDA-graph friendly): tokens [N, K, 1] at
-        position pos [1] (a tensor) -> logits [N, K, card] float32 for the next step."""
+    def decode_step(self, tokens, pos, cache, n_keys=None):
+        """One generation step: tokens [N, K, 1] at position pos [1] (a tensor) -> logits [N, K, card] float32 for
+        the next step. With n_keys None every shape is static (torch.compile(mode="reduce-overhead") replays it
+        as a CUDA graph); eager generation passes n_keys = pos + 1 (a host int) to read only the written cache."""
         x = self._embed(tokens)
         if cache.fuse_add is not None:
             x = x + cache.fuse_add.to(x.dtype)
-        return self._heads(self._run_cached(x, pos, cache), cache.heads)[:, -1].float()
+        return self._heads(self._run_cached(x, pos, cache, n_keys), cache.heads)[:, -1].float()
 
     def _start_cache(self, condition, mask, first, n_max):
         """Allocate the cache, compute cross-attention keys/values once and run the first chunk (prompt, or just
@@ -525,7 +532,12 @@ class MusicGenLM(nn.Module):
         pos_table = sin_embedding(torch.arange(n_max, device=device), cfg.dim, cfg.max_period)
         heads = torch.cat([linear.weight for linear in self.linears], 0)
         cache = DecodeCache(k, v, cross_kv, cross_mask, key_valid, fuse_add, pos_table, heads)
-        h = self._run_cached(x, torch.arange(x.shape[1], device=device), cache)
+        if device.type == "cuda":
+            # a CUDA graph of decode_step must neither copy these in at every replay nor skip the graph because
+            # it writes into them: their addresses are fixed for this generation (a new one re-records the graph)
+            for t in (*k, *v, *(t for kv in cross_kv if kv is not None for t in kv), pos_table, heads):
+                torch._dynamo.mark_static_address(t)
+        h = self._run_cached(x, torch.arange(x.shape[1], device=device), cache, x.shape[1])
         return cache, self._heads(h[:, -1:], heads)[:, -1].float()
 
     @torch.no_grad()
@@ -560,31 +572,36 @@ class MusicGenLM(nn.Module):
             condition = torch.cat([condition, torch.zeros_like(condition)])
             condition_mask = torch.cat([condition_mask, torch.zeros_like(condition_mask)])
 
-        tables = self._tables(n_frames, False, device)
+        tables = self._tables(n_frames, False, device)   # cached tables are made outside inference mode
         cpu_tables = self._tables(n_frames, False, "cpu")
         S = tables.S
-        codes = torch.full((B, cfg.n_q, n_frames), -1, dtype=torch.long, device=device)  # -1: not generated yet
-        if T0:
-            codes[..., :T0] = prompt
-        sequence = build_sequence(codes, tables, cfg.card)                               # [B, K, S]
         steps = cpu_tables.code_step[:, T0]
         start = int(steps[steps < S].min())          # the first step holding frame T0 (host-side table)
         rows = (lambda t: torch.cat([t, t])) if use_cfg else (lambda t: t)
-
-        cache, logits = self._start_cache(condition, condition_mask, rows(sequence[..., :start]), S - 1)
-        P = cache.pos_table.shape[0] - (S - 1)
-        pos = torch.full((1,), P + start - 1, dtype=torch.long, device=device)
-        for s in range(start, S):
-            if s > start:
-                pos += 1
-                logits = self.decode_step(rows(sequence[..., s - 1:s]), pos, cache)
-            if use_cfg:
-                cond, uncond = logits.chunk(2)
-                logits = uncond + cfg_coef * (cond - uncond)
-            nxt = sample_next(logits, temperature, top_k, top_p, generator, greedy)       # [B, K]
-            # only unknown entries take the sample: prompt codes stay, steps without a code keep the special token
-            sequence[..., s] = torch.where(sequence[..., s] == -1, nxt, sequence[..., s])
-        return revert_sequence(sequence, tables, -1)
+        # a decode_step replaced by a compiled one (model.decode_step = torch.compile(...)) gets static shapes
+        static = "decode_step" in self.__dict__
+        with torch.inference_mode():   # less work per op than no_grad alone; the codes are cloned out of it
+            codes = torch.full((B, cfg.n_q, n_frames), -1, dtype=torch.long, device=device)  # -1: not generated
+            if T0:
+                codes[..., :T0] = prompt
+            sequence = build_sequence(codes, tables, cfg.card)                           # [B, K, S]
+            cache, logits = self._start_cache(condition, condition_mask, rows(sequence[..., :start]), S - 1)
+            P = cache.pos_table.shape[0] - (S - 1)
+            pos = torch.full((1,), P + start - 1, dtype=torch.long, device=device)
+            for s in range(start, S):
+                if s > start:
+                    pos += 1
+                    if static:
+                        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are no longer read
+                    logits = self.decode_step(rows(sequence[..., s - 1:s]), pos, cache, None if static else P + s)
+                if use_cfg:
+                    cond, uncond = logits.chunk(2)
+                    logits = uncond + cfg_coef * (cond - uncond)
+                nxt = sample_next(logits, temperature, top_k, top_p, generator, greedy)   # [B, K]
+                # only unknown entries take the sample: prompt codes stay, steps without a code keep the special
+                sequence[..., s] = torch.where(sequence[..., s] == -1, nxt, sequence[..., s])
+            codes = revert_sequence(sequence, tables, -1)
+        return codes.clone()
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=0.0, generator=None, greedy=False):
@@ -850,8 +867,8 @@ def read_audiocraft_lm(path, map_location="cpu"):
         raise UserError(f"{path}: no such file (expected an AudioCraft LM state_dict.bin or a directory holding one)")
     try:
         pkg = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch's errors for pickles and corrupt files are many lines; keep the first
-        raise UserError(f"{path}: cannot read as a torch checkpoint ({str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # torch's errors for pickles and corrupt files are many lines
+        raise UserError(load_error(path, e)) from None
     if not isinstance(pkg, dict) or "best_state" not in pkg or "xp.cfg" not in pkg:
         keys = sorted(pkg)[:6] if isinstance(pkg, dict) else type(pkg).__name__
         raise UserError(f"{path}: not an AudioCraft LM state_dict.bin (needs 'best_state' and 'xp.cfg', has {keys})")
