@@ -12,9 +12,9 @@ each pair), and data loading against what the train step consumes. Every figure 
 Options (--key=value, or --flag alone for true): size debug|small|medium|large, device, dtype float32|bfloat16|
 float16, compile, batch_size, seconds (of a segment, of generated or of coded audio), text_len, repeats, warmup
 (calls of each before timing), threads (CPU), clock wall|cpu (cpu: the process's CPU time, for a shared machine
-with --threads=1), keep_freed (Linux CPU: glibc keeps freed memory instead of returning it to the kernel, which
-otherwise page-faults it back every step, for both implementations alike), reference (false: ours only), profile (print the top ops of one call of each), codec, dataset,
-cache_dir, num_workers (data).
+with --threads=1), keep_freed (Linux CPU, default true: glibc keeps freed memory instead of handing it back to the
+kernel and faulting it in again at the next step), reference (false: ours only), profile (print the top ops of
+one call of each), codec, dataset, cache_dir, num_workers (data).
 
 Method: warm-up calls first (compilation, allocator, caches), then rounds of one call of each implementation in
 turn, the order alternating between rounds, so a change in machine load hits both. Times are medians with their
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import model as lm
-from env import UserError
+from env import UserError, cli
 
 SIZES = {  # the LM sizes of config/debug.py, base.py (small), medium.py and large.py
     "debug": dict(dim=128, n_layers=4, n_heads=4, card=256, text_dim=128),
@@ -43,8 +43,8 @@ SIZES = {  # the LM sizes of config/debug.py, base.py (small), medium.py and lar
 }
 MODES = ("train", "generate", "codec", "data")
 OPTIONS = dict(size="debug", device="", dtype="", compile=False, batch_size=0, seconds=0.0, text_len=32, repeats=0,
-               warmup=1, threads=0, clock="wall", keep_freed=True, reference=True, profile=False, codec="debug", dataset="demo",
-               cache_dir="", num_workers=2)
+               warmup=1, threads=0, clock="wall", keep_freed=True, reference=True, profile=False, codec="debug",
+               dataset="demo", cache_dir="", num_workers=2)
 # (batch, seconds) when not given. A GPU gets the issue's shapes; a CPU reduced ones, so that a run takes minutes.
 GPU_SHAPES = {"train": (8, 30.0), "generate": (1, 30.0), "codec": (32, 30.0), "data": (16, 30.0)}
 CPU_SHAPES = {"train": (1, 1.0), "generate": (1, 1.0), "codec": (1, 10.0), "data": (16, 4.0),
@@ -514,7 +514,7 @@ def transformers_encodec(device, wav):
     return hf.to(device)
 
 
-def test_signal(B, seconds, sr=32000):
+def chord_signal(B, seconds, sr=32000):
     """[B, 1, S]: chords with harmonics under noise, a different root per item."""
     g = torch.Generator().manual_seed(2)
     t = torch.arange(int(seconds * sr)) / sr
@@ -529,16 +529,16 @@ def test_signal(B, seconds, sr=32000):
 def bench_codec(a):
     from codec import load_codec
     device, B, seconds = a["device"], a["batch_size"], a["seconds"]
-    wav = test_signal(B, seconds)
+    wav = chord_signal(B, seconds)
     hf = transformers_encodec("cpu", wav)
     with tempfile.TemporaryDirectory() as tmp:   # our loader reads the reference's own files: identical weights
         hf.save_pretrained(tmp)
         ours = load_codec(tmp).to(device)
     hf = hf.to(device)
     wav = wav.to(device)
-    if a["compile"]:
-        ours.encoder.compile()
-        ours.decoder.compile()
+    if a["compile"]:   # layer by layer: the codec runs slices of its Sequentials, which a compiled parent would miss
+        for layer in (*ours.encoder, *ours.decoder):
+            layer.compile()
     out = {}
     with torch.no_grad():
         codes = ours.encode(wav)                                                              # [B, K, T]
@@ -570,7 +570,7 @@ def bench_codec(a):
         agree = f"; codes equal to transformers': {100 * same:.2f}%, decoded audio max relative difference {err:.1e}"
     notes = [f"codec: encodec_32khz shape (64 filters, ratios 8 5 4 4, 2-layer LSTM, 4 x 2048 codebooks), random "
              f"weights, identical in both{agree}", f"{shape_note(a, 'codec')}; float32"
-             f"{', encoder and decoder compiled' if a['compile'] else ''}",
+             f"{', our encoder and decoder compiled layer by layer' if a['compile'] else ''}",
              "real time = audio seconds processed per second (batch x seconds / time)"] + common_notes(a, load_start)
     print_table("bench codec: encodec_32khz", notes, ["call", f"{a['clock']} s", "real time"], rows)
     if a["profile"]:
@@ -615,8 +615,8 @@ def bench_data(a):
              f"workers; codec {a['codec']}",
              f"headroom: token cache {speeds[True] / need:.1f}x, raw audio loader {speeds[False] / need:.1f}x, raw "
              f"audio with encoding {speeds['end to end'] / need:.1f}x the train step's need (below 1x the step waits)",
-             "loader rates: one pass of the batches after 2 warm-up batches (first batch s = their mean)"] \
-        + common_notes(a, load_start)[:1]
+             "loader rates: one pass of the batches after 2 warm-up batches (first batch s = their mean); all rates "
+             "by the wall clock (loader workers are other processes)"] + common_notes(a, load_start)[:1]
     print_table("bench data", notes, ["source", "segments/s", "first batch s"], rows)
 
 
@@ -634,17 +634,13 @@ def keep_freed_memory():
 
 
 def main(argv):
-    try:
-        mode, a = parse(argv)
-        if a["device"].type == "cpu":
-            torch.set_num_threads(a["threads"] or os.cpu_count())
-            a["keep_freed"] = a["keep_freed"] and keep_freed_memory()
-        {"train": bench_train, "generate": bench_generate, "codec": bench_codec, "data": bench_data}[mode](a)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    mode, a = parse(argv)
+    if a["device"].type == "cpu":
+        torch.set_num_threads(a["threads"] or os.cpu_count())
+        a["keep_freed"] = a["keep_freed"] and keep_freed_memory()
+    {"train": bench_train, "generate": bench_generate, "codec": bench_codec, "data": bench_data}[mode](a)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    cli(main)

@@ -1,9 +1,13 @@
 """bench.py: each mode runs on tiny shapes in seconds and prints its table, ours beside the reference. A smoke test of
 the benchmark's plumbing (same weights, same work, parsed rows), not a timing."""
+import sys
+
+import pytest
 import torch
 
 import bench
 import data
+import env
 import model as lm
 
 torch.set_num_threads(1)
@@ -11,10 +15,8 @@ TINY = ["--size=debug", "--repeats=1", "--threads=1"]   # one thread: no barrier
 
 
 def run(capsys, *argv):
-    code = bench.main(list(argv))
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return out
+    assert bench.main(list(argv)) == 0
+    return capsys.readouterr().out
 
 
 def table(out):
@@ -83,14 +85,17 @@ def test_data_table_sets_loaders_against_the_train_step(capsys, tmp_path):
     assert abs(float(headroom.split()[3].rstrip("x,")) / (cached / need) - 1) < 0.05   # printed rates: 3 digits
 
 
-def test_bad_options_are_one_line_errors(capsys):
+def test_bad_options_are_one_line_errors(capsys, monkeypatch):
     for argv, message in [(["train", "--sise=small"], "did you mean --size?"),
                           (["train", "--size=huge"], "--size=huge: one of debug"),
                           (["train", "--batch_size=two"], "--batch_size=two: expected an integer"),
+                          (["train", "--device=gpu"], "--device=gpu: not a torch device"),
                           (["fly"], "usage: python bench.py train|generate|codec|data")]:
-        assert bench.main(argv) == 2
+        monkeypatch.setattr(sys, "argv", ["bench.py", *argv])
+        with pytest.raises(SystemExit) as exit_:
+            env.cli(bench.main)
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+        assert exit_.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
 def test_static_decode_path_computes_what_the_eager_path_does():
