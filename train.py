@@ -9,6 +9,7 @@
 The run directory is <runs_dir>/xps/<signature>/: running the same config again resumes it.
 """
 import ast
+import contextlib
 import dataclasses
 import datetime
 import difflib
@@ -16,9 +17,11 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import signal
-import time
 import sys
+import time
 import types
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -332,10 +335,8 @@ class Dist:
 
 def first_slurm_host(nodelist):
     """'gpu[012-015,020],cpu1' -> 'gpu012': enough of SLURM's host-list syntax to find the head node."""
-    head = nodelist.split("[")[0] if "[" in nodelist.split(",")[0] else nodelist.split(",")[0]
-    if "[" in nodelist.split(",")[0]:
-        head += nodelist.split("[")[1].split(",")[0].split("-")[0].rstrip("]")
-    return head
+    prefix, first = re.match(r"([^,\[]*)(?:\[([^,\]-]*))?", nodelist).groups()
+    return prefix + (first or "")
 
 
 def setup_distributed(cfg):
@@ -696,7 +697,6 @@ class Run:
         if keep:  # a real copy, not a link: damage to checkpoint.pt must leave the kept one readable
             kept = self.dir / f"checkpoint_{self.epoch - 1}.pt"
             tmp = kept.with_name(f".{kept.name}.tmp")
-            import shutil
             shutil.copyfile(path, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -749,24 +749,19 @@ class Run:
         self.log(f"continuing from the weights in {path} (fresh optimizer and schedule)")
 
     # -- swapping weights for evaluation
-    @torch.no_grad()
+    @contextlib.contextmanager
     def swapped(self, state):
-        """Context: the model holds `state` (EMA or best) inside, its own weights again after."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def ctx():
-            if state is None:
-                yield
-                return
-            live = self.model.state_dict()
-            backup = {k: live[k].detach().clone() for k in state}
-            copy_into({k: live[k] for k in state}, state)
-            try:
-                yield
-            finally:
-                copy_into({k: live[k] for k in state}, backup)
-        return ctx()
+        """The model holds `state` (EMA or best weights) inside the block, its own weights again after."""
+        if state is None:
+            yield
+            return
+        live = self.model.state_dict()
+        backup = {k: live[k].detach().clone() for k in state}
+        copy_into({k: live[k] for k in state}, state)
+        try:
+            yield
+        finally:
+            copy_into({k: live[k] for k in state}, backup)
 
     def eval_state(self):
         """Weights for generate/evaluate: the best state when there is one, else the EMA, else the live ones."""
@@ -810,7 +805,7 @@ class Run:
                 self.data_position += 1
                 t_data += time.time() - t0
                 last = micro == cfg.grad_accum - 1
-                sync = self.train_step.no_sync() if (d.world_size > 1 and not self.fsdp and not last) else _nullcontext()
+                sync = self.train_step.no_sync() if (d.world_size > 1 and not self.fsdp and not last) else contextlib.nullcontext()
                 with sync:
                     ce, ce_q, n = self.loss(batch, train=True)
                     loss = ce / cfg.grad_accum
@@ -1004,9 +999,6 @@ def _si(x):
     return f"{x / 1e6:.1f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
 
 
-def _nullcontext():
-    import contextlib
-    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1048,7 +1040,6 @@ def _train(cfg, d):
     set_rng_state(state)  # building a cache may draw random numbers; a run must not depend on whether it did
     if d.main:
         if cfg.clear and path.exists():
-            import shutil
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         commit, dirty = env.git_commit()
