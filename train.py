@@ -440,13 +440,14 @@ def peak_flops(device):
 # Checkpoints: tensors are saved full (unsharded) and on the CPU, so a checkpoint written by FSDP on 8 GPUs
 # resumes on one CPU and exports to AudioCraft without conversion.
 
-def save_atomic(obj, path):
-    """Temporary file, fsync, rename, fsync the directory: a crash leaves the old file or the new one."""
+def write_atomic(path, write):
+    """write(f) into a temporary file, fsync, rename, fsync the directory: a crash leaves the old file or the new
+    one, and a failed write removes its temporary file and raises a one-line UserError."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -457,7 +458,7 @@ def save_atomic(obj, path):
             os.close(fd)
     except Exception as e:
         try:
-            tmp.unlink(missing_ok=True)  # never leave half a checkpoint behind
+            tmp.unlink(missing_ok=True)  # never leave half a file behind
         except OSError:
             pass
         # torch.save reports a failed write (disk full, EIO, EFBIG) as a RuntimeError whose context is the OSError
@@ -466,6 +467,16 @@ def save_atomic(obj, path):
             raise
         raise UserError(f"could not write {path}: {cause.strerror or cause}; the previous checkpoint is intact "
                         f"(make room or fix the directory, then run the same command again to resume)") from None
+
+
+def save_atomic(obj, path):
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def remove_stale_temporaries(directory):
+    """A run killed mid-write leaves its temporary file (.NAME.tmp) behind; the next start removes it."""
+    for tmp in Path(directory).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, trust=False, hint=""):
@@ -691,16 +702,11 @@ class Run:
             return
         path = self.dir / "checkpoint.pt"
         save_atomic(state, path)
-        tmp = self.dir / ".history.jsonl.tmp"  # rewritten whole, so a crash between the two files duplicates nothing
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history))
-        os.replace(tmp, self.dir / "history.jsonl")
+        history = "".join(json.dumps(row) + "\n" for row in self.history).encode()
+        write_atomic(self.dir / "history.jsonl", lambda f: f.write(history))  # rewritten whole: no duplicate rows
         if keep:  # a real copy, not a link: damage to checkpoint.pt must leave the kept one readable
-            kept = self.dir / f"checkpoint_{self.epoch - 1}.pt"
-            tmp = kept.with_name(f".{kept.name}.tmp")
-            shutil.copyfile(path, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, kept)
+            with open(path, "rb") as src:
+                write_atomic(self.dir / f"checkpoint_{self.epoch - 1}.pt", lambda f: shutil.copyfileobj(src, f))
 
     def resume(self):
         """Load checkpoint.pt, falling back to the newest kept checkpoint when it is unreadable."""
@@ -1043,10 +1049,10 @@ def _train(cfg, d):
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         commit, dirty = env.git_commit()
-        tmp = path / ".config.json.tmp"
-        tmp.write_text(json.dumps({**config_dict(cfg), "signature": run.sig, "git_commit": commit,
-                                   "git_dirty": dirty}, indent=1))
-        os.replace(tmp, path / "config.json")
+        remove_stale_temporaries(path)
+        text = json.dumps({**config_dict(cfg), "signature": run.sig, "git_commit": commit, "git_dirty": dirty},
+                          indent=1)
+        write_atomic(path / "config.json", lambda f: f.write(text.encode()))
     barrier(d)
     run.header()
     if not run.resume() and cfg.continue_from:

@@ -13,6 +13,7 @@ import torch
 
 import data
 import train
+from env import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,9 +97,12 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, dataset):
     assert (d / "status").read_text().strip() == "preempted"
     stopped = torch.load(d / "checkpoint.pt", weights_only=True)
     assert 2 <= stopped["step"] < 8
+    for name in (".checkpoint.pt.tmp", ".history.jsonl.tmp"):  # what a SIGKILL mid-write leaves behind
+        (d / name).write_bytes(b"half")
     resumed = run(TINY, tmp_path / "b", dataset)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from checkpoint.pt" in resumed.stdout
+    assert not list(d.glob("*.tmp")), "a resumed run removes the temporary files of the killed one"
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     for part in ("model", "best_state"):
         for k in a[part]:
@@ -203,6 +207,18 @@ def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_shift():
     x = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
     assert abs(train.frechet_distance(x, x)) < 1e-6
     assert abs(train.frechet_distance(x, x + 2.0) - 16.0) < 1e-3
+
+
+def test_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "history.jsonl"
+    train.write_atomic(path, lambda f: f.write(b"old\n"))
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError(27, "File too large")
+    with pytest.raises(UserError, match=f"could not write {path}: File too large"):
+        train.write_atomic(path, fail)
+    assert path.read_bytes() == b"old\n" and [p.name for p in tmp_path.iterdir()] == ["history.jsonl"]
 
 
 def test_first_slurm_host():
