@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from env import UserError, cli, resolve_path
+from env import UserError, cli, load_error, resolve_path
 
 AUDIOCRAFT_FILE = "compression_state_dict.bin"
 
@@ -513,8 +513,10 @@ def _torch_load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: cannot be read as a torch file ({type(e).__name__}): neither an AudioCraft "
-                        f"{AUDIOCRAFT_FILE} nor a Hugging Face EnCodec directory")
+        message = load_error(path, e)
+        if "refused" not in message:
+            message += f"; expected an AudioCraft {AUDIOCRAFT_FILE} or a Hugging Face EnCodec directory"
+        raise UserError(message) from None
 
 
 def _read_audiocraft(path):

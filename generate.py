@@ -109,8 +109,8 @@ def find_run(run, runs_dir=None):
 def _torch_load(path, **kw):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, **kw)
-    except Exception as e:  # torch's messages run over many lines; the first says what is wrong
-        raise UserError(f"{path}: not a readable checkpoint ({(str(e).splitlines() or [''])[0][:200]})") from None
+    except Exception as e:
+        raise UserError(env.load_error(path, e)) from None
 
 
 def _build_conditioner(settings, dim, with_t5=True):
