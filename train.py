@@ -491,6 +491,15 @@ def load_checkpoint(path, trust=False, hint=""):
         raise UserError(env.load_error(path, e, hint)) from None
 
 
+def finished_epochs(path):
+    """Epochs a checkpoint has completed, read without loading its tensors; 0 when it is absent or unreadable
+    (resume then reports or works around the damage)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"] - 1
+    except Exception:
+        return 0
+
+
 def full_state(state):
     """Detached CPU copies; DTensor shards gathered (collective: every rank calls it)."""
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone() for k, v in state.items()}
@@ -625,9 +634,10 @@ class Run:
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
     # -- logging and the run directory
-    def log(self, msg):
+    def log(self, msg, echo=True):
         if self.d.main:
-            print(msg, flush=True)
+            if echo:
+                print(msg, flush=True)
             with open(self.dir / "log.txt", "a") as f:
                 f.write(msg + "\n")
 
@@ -1041,6 +1051,10 @@ def _train(cfg, d):
     run = Run(cfg, d)  # loads the codec and text model first: bad paths fail before anything is written
     for signum in (signal.SIGTERM, signal.SIGUSR1):  # before the data: a first tokenization can take long
         signal.signal(signum, lambda s, _: setattr(run, "stop_signal", signal.Signals(s).name))
+    if not cfg.clear and finished_epochs(path / "checkpoint.pt") >= cfg.epochs:  # before the data: nothing to do
+        run.log(f"run {run.sig} already finished {cfg.epochs} epochs")
+        run.set_status("done")
+        return 0
     state = rng_state()
     run.splits = open_splits(cfg, run.codec, d)  # likewise a bad dataset or manifest
     set_rng_state(state)  # building a cache may draw random numbers; a run must not depend on whether it did
@@ -1068,7 +1082,11 @@ def _train(cfg, d):
         run.log(f"error: {e}")
         run.set_status("failed")
         return 1
-    except BaseException:
+    except BaseException as e:  # the terminal gets the error from train(); log.txt must tell the same story
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            with contextlib.suppress(OSError):  # a full disk must not hide the error itself
+                run.log(f"error: {e}" if isinstance(e, UserError) else f"error: {type(e).__name__}: {e} (traceback on "
+                        f"stderr)", echo=False)
         run.set_status("failed")
         raise
     run.set_status("done" if code == 0 else "preempted")

@@ -166,6 +166,7 @@ def test_failing_write_keeps_the_previous_checkpoint_and_stops_cleanly(tmp_path,
     assert (f"error: could not write {path}: File too large; the previous checkpoint is intact (make room or fix "
             f"the directory, then run the same command again to resume)") in proc.output()
     assert "Traceback" not in proc.output()
+    assert f"error: could not write {path}: File too large" in (path.parent / "log.txt").read_text()
     assert hashlib.sha1(path.read_bytes()).hexdigest() == before
     train.load_checkpoint(path)
     assert not [p.name for p in run_dir(runs).iterdir() if "tmp" in p.name]  # no half-written file left behind

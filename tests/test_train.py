@@ -32,9 +32,9 @@ def dataset(tmp_path_factory):
     return root
 
 
-def run(args, runs, dataset, extra_env=None, wait=True, **kw):
+def run(args, runs, dataset, extra_env=None, wait=True, cache=None, **kw):
     cmd = [sys.executable, str(ROOT / "train.py"), *args, f"--runs_dir={runs}",
-           f"--dataset={dataset / 'demo'}", f"--cache_dir={dataset / 'cache'}"]
+           f"--dataset={dataset / 'demo'}", f"--cache_dir={cache or dataset / 'cache'}"]
     e = dict(os.environ, OMP_NUM_THREADS="1", **(extra_env or {}))
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
@@ -80,9 +80,11 @@ def test_tiny_run_goes_through_every_stage(tmp_path, dataset):
     assert config["signature"] == d.name and "git_commit" in config
     log = (d / "log.txt").read_text()
     assert "epoch 2 step 4/4 | ce" in log and "evaluate | ce" in log and "| fd " in log
-    # Running the same config again finds the finished run instead of training again.
-    again = run(TINY + ["--generate_every=2", "--evaluate_every=2"], tmp_path, dataset)
-    assert again.returncode == 0 and "already finished 2 epochs" in again.stdout
+    # Running the same config again finds the finished run instead of training again, before it reads any data:
+    # with a new cache directory (not part of the signature) nothing gets tokenized.
+    again = run(TINY + ["--generate_every=2", "--evaluate_every=2"], tmp_path, dataset, cache=tmp_path / "cache2")
+    assert again.returncode == 0 and "already finished 2 epochs" in again.stdout, again.stdout + again.stderr
+    assert not (tmp_path / "cache2").exists()
 
 
 def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, dataset):
