@@ -194,10 +194,9 @@ def copy_bandwidth(device, clock="wall"):
 
 
 def peak_flops_for(device, dtype, clock="wall"):
-    """(FLOP/s, label): the datasheet peak of a known GPU (train.py's table), else a measured matmul peak."""
+    """(FLOP/s, label): the datasheet peak of a known GPU (model.py's table), else a measured matmul peak."""
     if device.type == "cuda":
-        from train import peak_flops   # the team's per-device table
-        peak = peak_flops(device)
+        peak = lm.peak_flops(device)
         if peak:
             return peak, f"{_si(peak)}FLOP/s datasheet bf16 peak"
     peak = matmul_peak(device, dtype, clock)

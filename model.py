@@ -655,6 +655,18 @@ def flops_per_token(cfg: LMConfig, seq_len: int, cond_len: int) -> float:
     return 6.0 * (dense + heads + attn + text / seq_len)
 
 
+# Peak dense bf16 FLOP/s per device (torchtitan's table), for MFU; an unlisted device has none.
+PEAK_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
+              "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12, "B200": 2.25e15, "MI300X": 1300e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # AudioCraft checkpoints: state_dict.bin = {'best_state': flat state dict, 'xp.cfg': YAML text}
 

@@ -415,25 +415,15 @@ class TrainStep(torch.nn.Module):
     def __init__(self, lm):
         super().__init__()
         self.lm = lm
+        self.cond_len = 0
 
     def forward(self, codes, descriptions, valid, train=True):
         lm = self.lm
         if train:
             descriptions = lm.cfg_dropout(descriptions)
         condition, mask = lm.condition_provider.conditioners.description(descriptions)
+        self.cond_len = mask.shape[-1]  # text positions in the last batch, for the MFU estimate
         return lm.compute_loss(codes, condition, mask, valid)
-
-
-# Peak dense bf16 FLOP/s per device (torchtitan's table), for MFU; an unlisted device shows none.
-PEAK_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
-              "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12, "B200": 2.25e15, "MI300X": 1300e12}
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -808,8 +798,7 @@ class Run:
         sums = torch.zeros(2 + cfg.n_q, device=d.device)  # ce, grad norm, ce per codebook, summed over updates
         counted, skipped, t_data, t_start = 0, 0, 0.0, time.time()
         t_log, frames_log = time.time(), 0.0
-        flops = lm_lib.flops_per_token(self.lm_cfg, self.frames + 1, 16) if hasattr(lm_lib, "flops_per_token") else None
-        peak = peak_flops(d.device)
+        peak = lm_lib.peak_flops(d.device)
         while self.step_in_epoch < cfg.updates_per_epoch:
             lr = lr_at(cfg, self.step, self.total_updates)
             for group in self.optimizer.param_groups:
@@ -858,7 +847,8 @@ class Run:
             if self.step_in_epoch % cfg.log_every == 0 or self.step_in_epoch == cfg.updates_per_epoch:
                 dt = time.time() - t_log
                 fps = frames_log / dt
-                mfu = f" | mfu {100 * flops * fps / (peak * d.world_size):.1f}%" if flops and peak else ""
+                flops = lm_lib.flops_per_token(self.lm_cfg, self.frames + 1, self.step_fn.cond_len) if peak else 0
+                mfu = f" | mfu {100 * flops * fps / (peak * d.world_size):.1f}%" if peak else ""
                 mem = f" | mem {torch.cuda.max_memory_allocated(d.device) / 2**30:.1f}G" if d.device.type == "cuda" else ""
                 ce_now = ce_sum / d.world_size
                 self.log(f"epoch {self.epoch} step {self.step_in_epoch}/{cfg.updates_per_epoch} | ce {ce_now:.3f} | "
