@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+import env
 import model as lm
 from env import UserError, cli
 
@@ -619,24 +620,11 @@ def bench_data(a):
     print_table("bench data", notes, ["source", "segments/s", "first batch s"], rows)
 
 
-def keep_freed_memory():
-    """glibc returns large freed blocks to the kernel, and the next step faults them back in page by page (0.4-0.6 s
-    of a 3 s small-model step on the CPU, landing on whichever implementation allocates next): serve blocks up to
-    32 MB (glibc's limit) from the heap and keep up to 2 GB of free heap. -> whether it took effect."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
-
-
 def main(argv):
     mode, a = parse(argv)
     if a["device"].type == "cpu":
         torch.set_num_threads(a["threads"] or os.cpu_count())
-        a["keep_freed"] = a["keep_freed"] and keep_freed_memory()
+        a["keep_freed"] = a["keep_freed"] and env.keep_freed_memory()
     {"train": bench_train, "generate": bench_generate, "codec": bench_codec, "data": bench_data}[mode](a)
     return 0
 

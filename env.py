@@ -238,6 +238,19 @@ def describe():
     return "\n".join(lines)
 
 
+def keep_freed_memory():
+    """For CPU training and generation on Linux. glibc returns large freed blocks to the kernel, and the next step
+    faults them back in page by page (0.4-0.6 s of a 3 s small-model update; 7% of a debug-model one): serve blocks
+    up to 32 MB (glibc's limit) from the heap and keep up to 2 GB of free heap. -> whether it took effect."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
+
+
 def cli(main):
     """Run an entry point's main(argv): bad input (UserError) is one line on stderr and exit status 2."""
     try:

@@ -525,6 +525,8 @@ def generate_main(o):
     descriptions = read_prompts(o)
     device = torch.device(o["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = o["dtype"] or ("bfloat16" if device.type == "cuda" else "float32")
+    if device.type == "cpu":
+        env.keep_freed_memory()
     seed = o["seed"] if o["seed"] is not None else random.SystemRandom().randrange(2 ** 31)
     t_load = time.time()
     mg = load(o["run"], o["runs_dir"], o["t5"], o["codec"], device)

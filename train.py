@@ -360,6 +360,8 @@ def setup_distributed(cfg):
         device = torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif device.type == "cpu":
+        env.keep_freed_memory()  # glibc would hand freed activations back and fault them in again every update
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout))
@@ -776,14 +778,18 @@ class Run:
         return self.ema.state if self.ema else None
 
     # -- stages
-    def loss(self, batch, train):
-        """(ce, ce_per_q, real frames) of one batch; raw audio is encoded here by the frozen codec."""
-        device = self.d.device
+    @torch.no_grad()
+    def codes(self, batch):
+        """[B, K, T] codes of a batch: from the token cache, or raw audio encoded here by the frozen codec (float32,
+        outside autocast, as AudioCraft encodes)."""
         if "codes" in batch:
-            codes = batch["codes"].to(device, non_blocking=True)
-        else:
-            with torch.no_grad():  # float32, outside autocast, as AudioCraft encodes
-                codes = self.codec.encode(batch["wav"].to(device, non_blocking=True))
+            return batch["codes"].to(self.d.device, non_blocking=True)
+        return self.codec.encode(batch["wav"].to(self.d.device, non_blocking=True))
+
+    def loss(self, batch, train):
+        """(ce, ce_per_q, real frames) of one batch."""
+        device = self.d.device
+        codes = self.codes(batch)
         valid = batch["valid"].to(device, non_blocking=True)
         if self.cfg.train_on_padding:
             valid = torch.ones_like(valid)
@@ -948,19 +954,13 @@ class Run:
                 split = self.splits["evaluate"]
                 n = min(len(split), max(cfg.generate_count, 8))
                 items = [split[i] for i in range(n)]
-                reference = [self._item_codes(it) for it in items]
+                reference = [self.codes({k: it[k][None] for k in ("codes", "wav") if k in it})[0] for it in items]
                 frames = min(c.shape[-1] for c in reference)
                 reference = torch.stack([c[..., :frames] for c in reference]).to(self.d.device)
                 generated = self.sample([it["description"] for it in items], frames, seed=cfg.seed)
                 row["fd"] = frechet_distance(self._embed(generated), self._embed(reference))
         self.history.append(row)
         self.log(format_row(row))
-
-    def _item_codes(self, item):
-        if "codes" in item:
-            return item["codes"]
-        with torch.no_grad():
-            return self.codec.encode(item["wav"][None].to(self.d.device))[0]
 
     @torch.no_grad()
     def _embed(self, codes):

@@ -87,6 +87,16 @@ def test_tiny_run_goes_through_every_stage(tmp_path, dataset):
     assert not (tmp_path / "cache2").exists()
 
 
+def test_raw_audio_run_encodes_for_training_and_the_evaluate_stage(tmp_path, dataset):
+    """--token_cache=False: the frozen codec encodes every batch, and the evaluate stage's reference clips too."""
+    r = run(TINY + ["--token_cache=False", "--epochs=1", "--updates_per_epoch=2", "--evaluate_every=1"], tmp_path,
+            dataset, cache=tmp_path / "no_cache")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [json.loads(line) for line in (only_run_dir(tmp_path) / "history.jsonl").read_text().splitlines()]
+    assert [row["stage"] for row in rows] == ["train", "valid", "evaluate"] and rows[-1]["fd"] > 0
+    assert not (tmp_path / "no_cache").exists()
+
+
 def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, dataset):
     straight = run(TINY, tmp_path / "a", dataset)
     assert straight.returncode == 0, straight.stdout + straight.stderr
