@@ -540,6 +540,7 @@ def set_rng_state(state):
 
 def format_row(row):
     keys = [k for k in ("ce", "ppl", "ce_uncond", "grad", "fd", "skipped") if row.get(k) is not None]
+    keys += ["bad_reads"] if row.get("bad_reads") else []  # audio reads that failed, shown when there were some
     return f"epoch {row['epoch']:>3} {row['stage']:<8} | " + " | ".join(f"{k} {row[k]:.4g}" for k in keys)
 
 
@@ -803,6 +804,7 @@ class Run:
         self.model.train()
         sums = torch.zeros(2 + cfg.n_q, device=d.device)  # ce, grad norm, ce per codebook, summed over updates
         counted, skipped, t_data, t_start = 0, 0, 0.0, time.time()
+        bad_reads = self.splits["train"].stats()["skipped"]  # this process and its loader workers, cumulative
         t_log, frames_log = time.time(), 0.0
         peak = lm_lib.peak_flops(d.device)
         while self.step_in_epoch < cfg.updates_per_epoch:
@@ -863,10 +865,11 @@ class Run:
                 t_log, frames_log = time.time(), 0.0
             if stop:
                 return False
-        totals = all_sum(d, (sums / max(counted, 1)).tolist())
+        bad_reads = self.splits["train"].stats()["skipped"] - bad_reads
+        *totals, bad_reads = all_sum(d, (sums / max(counted, 1)).tolist() + [bad_reads])
         ce = totals[0] / d.world_size
         row = {"epoch": self.epoch, "stage": "train", "ce": ce, "ppl": math.exp(min(ce, 50)), "grad": totals[1] / d.world_size,
-               "skipped": skipped, **{f"ce_q{k + 1}": v / d.world_size for k, v in enumerate(totals[2:])}}
+               "skipped": skipped, "bad_reads": int(bad_reads), **{f"ce_q{k + 1}": v / d.world_size for k, v in enumerate(totals[2:])}}
         self.history.append(row)
         self.log(format_row(row))
         return True

@@ -270,6 +270,8 @@ def test_files_that_go_bad_mid_training_are_skipped_then_past_the_limit_abort(tm
     assert f"warning: data: skipping {train_dir / 'clip_0001.wav'}: unreadable (" in out
     assert f"warning: data: skipping {train_dir / 'clip_0002.wav'}: sidecar {train_dir / 'clip_0002.json'} is not JSON" in out
     assert status(runs) == "done" and train.load_checkpoint(run_dir(runs) / "checkpoint.pt")["step"] == 12
+    rows = [json.loads(line) for line in (run_dir(runs) / "history.jsonl").read_text().splitlines()]
+    assert sum(row.get("bad_reads", 0) for row in rows if row["stage"] == "train") >= 3  # each bad file, once at least
     # Most files gone: past max_skip_fraction (default 0.05) the run stops with a summary, not a traceback.
     for i in range(3, 9):
         (train_dir / f"clip_{i:04d}.wav").unlink()
