@@ -223,10 +223,25 @@ def run_status(path):
             info["best_ce"] = ce if info["best_ce"] is None else min(info["best_ce"], ce)
     marker = path / "status"
     if marker.is_file():
-        info["status"] = marker.read_text().strip() or "running"
+        word, *owner = marker.read_text().split() or ["running"]
+        info["status"] = "killed" if word == "running" and not _owner_alive(owner) else word
     elif history or (path / "checkpoint.pt").exists():
         info["status"] = "running"
     return info
+
+
+def _owner_alive(owner):
+    """False only when the status file names a process on this host that no longer exists (killed -9, out of
+    memory, power loss: nothing got to write the final status); True when it cannot tell."""
+    if len(owner) != 2 or not owner[0].isdigit() or owner[1] != socket.gethostname():
+        return True
+    try:
+        os.kill(int(owner[0]), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # another user's process: alive
+    return True
 
 
 def describe():

@@ -20,6 +20,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
 import types
@@ -635,8 +636,11 @@ class Run:
                 f.write(msg + "\n")
 
     def set_status(self, word):
+        """The status file: running (with this process and host, so that env.run_status can tell a killed run),
+        done, failed or preempted."""
         if self.d.main:
-            (self.dir / "status").write_text(word + "\n")
+            owner = f"{os.getpid()} {socket.gethostname()}\n" if word == "running" else ""
+            (self.dir / "status").write_text(f"{word}\n{owner}")
 
     def header(self):
         commit, dirty = env.git_commit()

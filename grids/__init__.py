@@ -315,7 +315,7 @@ def status(runs):
             info["status"] = "queued"
         elif state in RUNNING:
             info["status"] = "running"
-        elif job and slurm_available() and info["status"] in ("running", "not started"):
+        elif job and slurm_available() and info["status"] in ("running", "killed", "not started"):
             # the job ended (or SLURM forgot it) without the training saying how: killed, out of memory,
             # bad input, node failure
             info["status"] = "preempted" if state == "PREEMPTED" else "failed"

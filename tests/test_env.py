@@ -1,5 +1,6 @@
 """Environment resolution under faked variables: clusters, team files, overrides, //reference and mappers."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,19 @@ def test_run_status_reads_history(tmp_path):
     assert (s["status"], s["epoch"], s["train_ce"], s["valid_ce"], s["best_ce"]) == ("running", 2, 4.5, 4.2, 4.0)
     (d / "status").write_text("done\n")
     assert env.run_status(d)["status"] == "done"
+
+
+def test_run_status_tells_a_killed_run_from_a_running_one(tmp_path):
+    """train.py writes `running PID HOST`; a process gone from this host means nobody wrote the final status."""
+    import socket
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / "status").write_text(f"running\n{gone.pid} {socket.gethostname()}\n")
+    assert env.run_status(tmp_path)["status"] == "killed"
+    (tmp_path / "status").write_text(f"running\n{os.getpid()} {socket.gethostname()}\n")
+    assert env.run_status(tmp_path)["status"] == "running"
+    (tmp_path / "status").write_text(f"running\n{gone.pid} another-host\n")  # cannot tell from here
+    assert env.run_status(tmp_path)["status"] == "running"
 
 
 def test_env_command_prints_environment_and_run_info(tmp_path):

@@ -20,6 +20,7 @@ import torch
 
 import _faults_util as fu
 import data
+import env
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ def run_log(runs):
 
 
 def status(runs):
-    return (run_dir(runs) / "status").read_text().strip()
+    return env.run_status(run_dir(runs))["status"]
 
 
 def assert_same_training(a, b):
@@ -158,6 +159,7 @@ def test_failing_write_keeps_the_previous_checkpoint_and_stops_cleanly(tmp_path,
     fu.wait_until(lambda: next(runs.glob("xps/*/checkpoint.pt"), None) is not None, proc, what="a checkpoint")
     proc.signal(signal.SIGKILL)
     proc.wait()
+    assert status(runs) == "killed"  # the status file still says running, but its process is gone
     path = run_dir(runs) / "checkpoint.pt"
     before = hashlib.sha1(path.read_bytes()).hexdigest()
     # The resumed run's first save fails: no file may grow past 64 kB (log lines still fit, a checkpoint does not).
