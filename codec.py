@@ -237,7 +237,7 @@ class Codec(nn.Module):
         self._dec_split = lstm_at[0] + 1 if lstm_at else 0
         self._enc_margin = chunk_margin(self.encoder[:self._enc_split], up=False)
         self._dec_margin = chunk_margin(self.decoder[self._dec_split:], up=True)
-        self.max_frames = None  # frames (summed over the batch) per forward pass; None: by device
+        self.max_frames = None  # frames (summed over the batch) per convolution pass; None: by device
         self._identity = None
 
     # -- chunking --------------------------------------------------------------------------------------
@@ -256,43 +256,43 @@ class Codec(nn.Module):
         return h
 
     def _encode_native(self, wav):
+        """The convolutions run in groups of items and time chunks (bounded memory); the LSTM and what follows
+        run once over the whole batch at frame rate, where batching halves the LSTM's cost per item."""
         B, _, S = wav.shape
         T = -(-S // self.hop)
         group, chunk = self._plan(B, T)
         front, back = self.encoder[:self._enc_split], self.encoder[self._enc_split:]
-        m, out = self._enc_margin, []
+        m, h = self._enc_margin, None   # h: [B, D, T] pre-LSTM features
         for b in range(0, B, group):
             x = wav[b:b + group]
-            h = None
             for t0 in range(0, T, chunk):
                 t1 = min(T, t0 + chunk)
                 a, z = max(0, t0 - m), min(T, t1 + m)
                 y = front(x[..., a * self.hop:min(S, z * self.hop)])  # [g, D, z - a]
                 if h is None:
-                    h = y.new_empty(y.shape[0], y.shape[1], T)   # h: [g, D, T] pre-LSTM features
-                h[..., t0:t1] = y[..., t0 - a:t1 - a]
-            for layer in back:   # whole sequences at frame rate
-                h = self._lstm(layer, h, chunk) if isinstance(layer, LSTM) else layer(h)
-            out.append(self._quantize(h, chunk))
-        return torch.cat(out)
+                    h = y.new_empty(B, y.shape[1], T)
+                h[b:b + group, :, t0:t1] = y[..., t0 - a:t1 - a]
+        for layer in back:   # whole sequences at frame rate
+            h = self._lstm(layer, h, chunk) if isinstance(layer, LSTM) else layer(h)
+        return self._quantize(h, chunk)
 
     def _decode_native(self, codes):
+        """Dequantizing and the LSTM run once over the whole batch; the upsampling convolutions in groups of items
+        and time chunks."""
         B, _, T = codes.shape
         group, chunk = self._plan(B, T)
         head, tail = self.decoder[:self._dec_split], self.decoder[self._dec_split:]
-        m, out = self._dec_margin, []
+        m, h = self._dec_margin, self._dequantize(codes)          # [B, dim, T]
+        for layer in head:
+            h = self._lstm(layer, h, chunk) if isinstance(layer, LSTM) else layer(h)
+        wav = h.new_empty(B, self.cfg.channels, T * self.hop)
         for b in range(0, B, group):
-            h = self._dequantize(codes[b:b + group])          # [g, dim, T]
-            for layer in head:
-                h = self._lstm(layer, h, chunk) if isinstance(layer, LSTM) else layer(h)
-            wav = h.new_empty(h.shape[0], self.cfg.channels, T * self.hop)
             for t0 in range(0, T, chunk):
                 t1 = min(T, t0 + chunk)
                 a, z = max(0, t0 - m), min(T, t1 + m)
-                y = tail(h[..., a:z])                          # [g, C, (z - a) * hop]
-                wav[..., t0 * self.hop:t1 * self.hop] = y[..., (t0 - a) * self.hop:(t1 - a) * self.hop]
-            out.append(wav)
-        return torch.cat(out)
+                y = tail(h[b:b + group, :, a:z])                   # [g, C, (z - a) * hop]
+                wav[b:b + group, :, t0 * self.hop:t1 * self.hop] = y[..., (t0 - a) * self.hop:(t1 - a) * self.hop]
+        return wav
 
     # -- residual vector quantizer ---------------------------------------------------------------------
     def _quantize(self, z, chunk):
