@@ -13,7 +13,10 @@ compression_state_dict.bin, e.g. the released musicgen-small) whose T5 comes fro
 model's context (the segment duration it was trained on, 30 s for the released models), generation slides a
 window: each new window starts from the last (context - extend_stride) seconds of the previous one, as
 AudioCraft's extend_stride does. Every file gets a .json beside it with the prompt, every setting and the
-command that regenerates it (the same audio on the same device and torch version).
+command that regenerates it (the same audio on the same device and torch version). The prompt at index i draws
+its randomness from seed + i alone (its `row_seed`), so `--prompt=THAT --seed=ROW_SEED` regenerates one file of
+a batch by itself, at any --batch_size: the same codes (decoding a different batch may round the audio
+differently, by a 16-bit step).
 
 Options (--key=value): --duration (s, 10) --out (a .wav/.flac file, or a directory) --cfg_coef --top_k --top_p
 --temperature (default: the run's settings) --seed (default: random, printed and saved) --batch_size (8)
@@ -271,9 +274,10 @@ def _steps(lm, n_frames, prompt_frames):
 
 @torch.no_grad()
 def sample_codes(mg, descriptions, n_frames, prompt=None, cfg_coef=3.0, top_k=250, top_p=0.0, temperature=1.0,
-                 generator=None, stride=None, progress=None):
+                 generator=None, stride=None, progress=None, seeds=None):
     """descriptions (None or "": unconditional) -> codes [B, K, n_frames], starting with the prompt's codes
-    [B, K, T0] unchanged. Past one window (mg.window frames) a window slides by `stride` frames and starts from the
+    [B, K, T0] unchanged. seeds (one int per description) key each row's randomness (model.keyed_noise), else
+    generator draws for the whole batch. Past one window (mg.window frames) a window slides by `stride` frames and starts from the
     previous window's last (window - stride) frames (AudioCraft's extend_stride). progress: a label to print
     steps/s under, or None."""
     lm, window = mg.lm, mg.window
@@ -294,6 +298,8 @@ def sample_codes(mg, descriptions, n_frames, prompt=None, cfg_coef=3.0, top_k=25
             break
         offset, t0 = offset + stride, length - stride
     descriptions = [d or None for d in descriptions]
+    if seeds is not None:
+        seeds = torch.as_tensor(seeds, dtype=torch.int64)
     condition, mask = lm.conditioner(descriptions)
     meter = Progress(progress or "", sum(_steps(lm, n, p) for n, p in plan), len(descriptions) * (n_frames - T0)
                      / rate, enabled=progress is not None)
@@ -302,8 +308,10 @@ def sample_codes(mg, descriptions, n_frames, prompt=None, cfg_coef=3.0, top_k=25
         pieces = []
         for i, (length, t0) in enumerate(plan):
             meter.label = f"{progress} | window {i + 1}/{len(plan)}" if len(plan) > 1 else progress
+            keys = None if seeds is None else lm_lib.mix_seeds(seeds, i) if i else seeds
             codes = lm.generate(condition, mask, length, cfg_coef=cfg_coef, temperature=temperature, top_k=top_k,
-                                top_p=top_p, prompt=prompt if t0 else None, generator=generator)  # [B, K, length]
+                                top_p=top_p, prompt=prompt if t0 else None, generator=generator,
+                                seeds=keys)                                              # [B, K, length]
             pieces.append(codes[..., t0:] if pieces else codes)
             prompt = codes[..., stride:]
     finally:
@@ -546,7 +554,6 @@ def generate_main(o):
 
     resolved = {**o, **settings, "seed": seed, "device": str(device), "dtype": dtype, "extend_stride": stride_s}
     command = shlex.join(["python", "generate.py"] + [f"--{k}={v}" for k, v in resolved.items() if v is not None])
-    generator = torch.Generator(device).manual_seed(seed)
     B = o["batch_size"]
     batches = [range(i, min(i + B, len(descriptions))) for i in range(0, len(descriptions), B)]
     for b, items in enumerate(batches):
@@ -554,7 +561,7 @@ def generate_main(o):
         batch = [descriptions[i] for i in items]
         with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "float32"):
             codes = sample_codes(mg, batch, n_frames, None if prompt is None else prompt.expand(len(batch), -1, -1),
-                                 generator=generator, stride=int(round(stride_s * rate)),
+                                 seeds=[seed + i for i in items], stride=int(round(stride_s * rate)),
                                  progress=f"batch {b + 1}/{len(batches)}",
                                  **settings)                                             # [b, K, n_frames]
         wav = mg.codec.decode(codes).float().cpu()                                      # [b, C, n_frames * hop]
@@ -563,7 +570,8 @@ def generate_main(o):
             audio, gain_db = normalize(wav[j], mg.codec.sample_rate, o["normalize"], o["headroom_db"])
             paths[i].parent.mkdir(parents=True, exist_ok=True)
             data.save_audio(paths[i], audio, mg.codec.sample_rate)
-            meta = {**resolved, "prompt": descriptions[i], "index": i, "batch": b, "file": paths[i].name,
+            meta = {**resolved, "prompt": descriptions[i], "index": i, "row_seed": seed + i, "batch": b,
+                    "file": paths[i].name,
                     "source": str(mg.source), "weights": mg.weights, "signature": mg.signature,
                     "codec_source": mg.codec_source, "text_conditioner": mg.conditioner["conditioner"],
                     "max_duration": mg.max_duration, "frames": n_frames, "sample_rate": mg.codec.sample_rate,

@@ -542,11 +542,12 @@ class MusicGenLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, condition, condition_mask, n_frames, cfg_coef=3.0, temperature=1.0, top_k=250, top_p=0.0,
-                 prompt=None, generator=None, greedy=False):
+                 prompt=None, generator=None, greedy=False, seeds=None):
         """condition [B, L, dim] (None: unconditional), prompt [B, K, T0] codes kept as they are -> codes
         [B, K, n_frames]. With a condition and cfg_coef != 1, conditional and null-condition rows run as one
         batch: logits = uncond + cfg_coef * (cond - uncond). greedy or temperature 0: argmax; else softmax
-        sampling with top_p (when > 0) or top_k (when > 0)."""
+        sampling with top_p (when > 0) or top_k (when > 0), drawing from generator, or with seeds (int64 [B]) from
+        keyed_noise, so that each row's music depends on its own seed only, not on its batch."""
         cfg = self.cfg
         device = self.out_norm.weight.device
         if prompt is not None:
@@ -555,6 +556,10 @@ class MusicGenLM(nn.Module):
         B = condition.shape[0] if condition is not None else prompt.shape[0] if prompt is not None else 1
         if prompt is not None and prompt.shape[0] != B:
             raise UserError(f"prompt: batch {prompt.shape[0]} but condition has batch {B}")
+        if seeds is not None:
+            seeds = torch.as_tensor(seeds, dtype=torch.int64).to(device)
+            if seeds.shape != (B,):
+                raise UserError(f"seeds: {tuple(seeds.shape)} for a batch of {B}: one seed per row")
         T0 = 0 if prompt is None else prompt.shape[-1]
         if not 0 <= T0 < n_frames:
             raise UserError(f"n_frames={n_frames}: must exceed the prompt's {T0} frames")
@@ -597,34 +602,58 @@ class MusicGenLM(nn.Module):
                 if use_cfg:
                     cond, uncond = logits.chunk(2)
                     logits = uncond + cfg_coef * (cond - uncond)
-                nxt = sample_next(logits, temperature, top_k, top_p, generator, greedy)   # [B, K]
+                noise = None if seeds is None else (lambda index, s=s: keyed_noise(seeds, s, index))
+                nxt = sample_next(logits, temperature, top_k, top_p, generator, greedy, noise)   # [B, K]
                 # only unknown entries take the sample: prompt codes stay, steps without a code keep the special
                 sequence[..., s] = torch.where(sequence[..., s] == -1, nxt, sequence[..., s])
             codes = revert_sequence(sequence, tables, -1)
         return codes.clone()
 
 
-def sample_next(logits, temperature=1.0, top_k=0, top_p=0.0, generator=None, greedy=False):
-    """logits [..., card] -> codes [...]. AudioCraft's rules: top_p wins over top_k; temperature 0 is greedy.
-    Sampling uses exponential races (argmax p / E), which needs no host sync unlike torch.multinomial."""
+def sample_next(logits, temperature=1.0, top_k=0, top_p=0.0, generator=None, greedy=False, noise=None):
+    """logits [B, K, card] -> codes [B, K]. AudioCraft's rules: top_p wins over top_k; temperature 0 is greedy.
+    Sampling uses exponential races (argmax p / E), which needs no host sync unlike torch.multinomial. The Exp(1)
+    draws E come from generator, or from noise(index) for the vocabulary entries index [B, K, n] in the race
+    (keyed_noise: the same entry at the same step always gets the same draw)."""
     if greedy or temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, -1)
     if top_p > 0:
-        sorted_probs, order = probs.sort(-1, descending=True)
-        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        choice = _race(sorted_probs, generator)
-        return order.gather(-1, choice[..., None])[..., 0]
-    if top_k > 0:
-        kth = probs.topk(min(top_k, probs.shape[-1]), -1).values[..., -1:]
-        probs = probs.masked_fill(probs < kth, 0.0)
-    return _race(probs, generator)
+        probs, index = probs.sort(-1, descending=True)
+        probs = probs.masked_fill(probs.cumsum(-1) - probs > top_p, 0.0)
+    elif 0 < top_k < probs.shape[-1]:
+        probs, index = probs.topk(top_k, -1)      # a race among k entries only, as AudioCraft samples among k
+    else:
+        index = torch.arange(probs.shape[-1], device=probs.device).expand(probs.shape)
+    e = torch.empty_like(probs).exponential_(1.0, generator=generator) if noise is None else noise(index)
+    return index.gather(-1, (probs / e).argmax(-1, keepdim=True))[..., 0]
 
 
-def _race(probs, generator):
-    e = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / e).argmax(-1)
+def hash32(x):
+    """A 32-bit integer mix (lowbias32's shape) on int64 tensors holding values in [0, 2**32): every product stays
+    below 2**63, so it is exact on any device."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def keyed_noise(seeds, step, index):
+    """Exp(1) draws [B, K, n] for the vocabulary entries index [B, K, n] of codebooks 0..K-1, that depend only on
+    (seeds[b], step, k, entry): a row draws the same numbers whatever else is in its batch, so a prompt and its
+    seed give the same music alone or in any batch. seeds: int64 [B]."""
+    B, K = index.shape[:2]
+    key = hash32(hash32(seeds & 0xFFFFFFFF) ^ (step & 0xFFFFFFFF))                     # [B]
+    entry = (torch.arange(K, device=index.device)[:, None] << 20) | index              # [B, K, n], card < 2**20
+    bits = hash32(key[:, None, None] ^ ((entry * 0x9E3779B1) & 0xFFFFFFFF))
+    u = ((bits >> 8).to(torch.float32) + 0.5) * 2.0 ** -24                            # uniform in (0, 1)
+    return -torch.log(u)
+
+
+def mix_seeds(seeds, stream):
+    """Seeds for another stream of draws (a later window of a long generation) from the same per-row seeds."""
+    return hash32((seeds & 0xFFFFFFFF) ^ hash32(torch.full_like(seeds, stream)))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -95,6 +95,43 @@ def test_fixed_seed_gives_identical_audio_twice(run_dir, tmp_path, capsys):
     assert "steps/s" in out and "x real time" in out
 
 
+def test_a_file_of_a_batch_regenerates_alone_from_its_row_seed(mg, run_dir, tmp_path):
+    """Each prompt draws from seed + its index only: the second of three, made in one batch, comes out the same
+    alone with --seed=its row_seed (0.8 s: two sliding windows, so the later window's stream is covered too).
+    The codes are identical; decoding a batch of 3 or of 1 rounds differently, by one 16-bit step at most."""
+    n = int(round(0.8 * mg.codec.frame_rate))
+    three = generate.sample_codes(mg, ["slow calm strings", "fast loud drums", "soft piano"], n, seeds=[40, 41, 42],
+                                  **mg.defaults)
+    assert torch.equal(three[1:2], generate.sample_codes(mg, ["fast loud drums"], n, seeds=[41], **mg.defaults))
+    assert not torch.equal(three[0], three[1])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("slow calm strings\nfast loud drums\nsoft piano\n")
+    common = [f"--run={run_dir}", "--duration=0.8", "--normalize=none"]
+    generate.main(common + [f"--prompts={prompts}", "--seed=40", "--batch_size=3", f"--out={tmp_path / 'batch'}/"])
+    meta = json.loads((tmp_path / "batch" / "001.json").read_text())
+    assert (meta["prompt"], meta["row_seed"]) == ("fast loud drums", 41)
+    generate.main(common + ["--prompt=fast loud drums", "--seed=41", f"--out={tmp_path / 'alone.wav'}"])
+    batch, alone = sf.read(tmp_path / "batch" / "001.wav")[0], sf.read(tmp_path / "alone.wav")[0]
+    assert np.abs(batch - alone).max() <= 2.0 ** -15
+
+
+def test_keyed_noise_is_exponential_per_row_and_samples_by_the_probabilities():
+    seeds, index = torch.arange(20000), torch.arange(3).expand(20000, 2, 3)
+    e = lm_lib.keyed_noise(seeds, 5, index)
+    assert e.shape == (20000, 2, 3) and e.min() > 0 and abs(e.mean().item() - 1.0) < 0.02
+    assert torch.equal(lm_lib.keyed_noise(seeds[7:9], 5, index[7:9]), e[7:9])   # a row's draws ignore its batch
+    assert torch.equal(lm_lib.keyed_noise(seeds, 5, index.flip(-1)), e.flip(-1))  # an entry's draw, wherever it is
+    assert not torch.equal(e[:, 0], e[:, 1])                                      # codebooks draw apart
+    assert not torch.equal(lm_lib.keyed_noise(seeds, 6, index), e)                # each step draws afresh
+    assert not torch.equal(lm_lib.keyed_noise(lm_lib.mix_seeds(seeds, 1), 5, index), e)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(20000, 2, 4)
+    for kw, expected in [({}, probs), ({"top_k": 3}, probs[:3] / 0.95), ({"top_p": 0.7}, probs[:2] / 0.8)]:
+        picks = lm_lib.sample_next(logits, noise=lambda i: lm_lib.keyed_noise(seeds, 0, i), **kw)
+        freq = torch.bincount(picks.flatten(), minlength=4)[:len(expected)] / picks.numel()
+        assert torch.allclose(freq, expected, atol=0.012), (kw, freq)
+
+
 def test_different_prompts_give_different_codes(mg):
     a = codes_for(mg, ["slow calm strings"], 0.3)
     b = codes_for(mg, ["fast loud drums"], 0.3)
