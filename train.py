@@ -42,7 +42,7 @@ from env import UserError
 @dataclass
 class Config:
     # run
-    seed: int = 2036
+    seed: int = 2036                  # model init, data sampling, dropout; a run replays exactly from it
     runs_dir: str = ""                # empty: the team's dora_dir
     clear: bool = False               # wipe the run directory first
     from_sig: str = ""                # start from that run's config.json
@@ -54,78 +54,78 @@ class Config:
     dataset: str = "demo"             # <dir>/{train,valid,evaluate,generate}/data.jsonl, or "demo" (built-in synthetic set)
     token_cache: bool = True          # train on pre-computed codes (else encode raw audio every step)
     cache_dir: str = ""               # empty: <runs_dir>/cache
-    segment_duration: float = 30.0
-    min_segment_ratio: float = 0.8
-    sample_on_weight: bool = True
-    sample_on_duration: bool = True
+    segment_duration: float = 30.0    # seconds per training segment (the model's context)
+    min_segment_ratio: float = 0.8    # a segment may start late enough to keep this fraction of real frames
+    sample_on_weight: bool = True     # draw files by their manifest weight
+    sample_on_duration: bool = True   # draw files in proportion to their duration
     merge_text_p: float = 0.25        # merge sidecar metadata into the description
     drop_desc_p: float = 0.5          # drop the original description when merging
     keep_field_p: float = 0.5         # keep each other metadata field when merging
     max_skip_fraction: float = 0.05   # abort when more than this fraction of reads fail
-    num_workers: int = 2
+    num_workers: int = 2              # data loader processes per rank
     # codec
     codec: str = "//reference/encodec_32khz"   # AudioCraft compression_state_dict.bin, HF directory, or "debug"
     # model
-    dim: int = 1024
+    dim: int = 1024                   # model width
     n_layers: int = 24
     n_heads: int = 16
-    hidden_scale: int = 4
-    n_q: int = 4
-    card: int = 2048
+    hidden_scale: int = 4             # feed-forward width = hidden_scale x dim
+    n_q: int = 4                      # codebooks (must match the codec)
+    card: int = 2048                  # entries per codebook (must match the codec)
     pattern: str = "delay"            # delay | parallel | unroll | coarse_first | musiclm
     delays: tuple = ()                # empty: 0..n_q-1
-    text_dim: int = 768
+    text_dim: int = 768               # width of the text encoder's states (T5-base: 768)
     fuse: str = "cross"               # cross | prepend | sum
     mask_memory: bool = False         # mask padded text positions (released models were trained without)
     dropout: float = 0.0
     # conditioning
     conditioner: str = "t5"           # t5 | lut
-    t5_path: str = "//reference/t5-base"
-    t5_dtype: str = "float32"
-    word_dropout: float = 0.3
+    t5_path: str = "//reference/t5-base"   # Hugging Face T5 directory or //reference/...
+    t5_dtype: str = "float32"         # float32 | bfloat16
+    word_dropout: float = 0.3         # drop each word of a description with this probability (training)
     text_max_length: int = 0          # 0: no limit
     lut_tokenizer: str = "bytes"      # bytes | <sentencepiece .model> | tiktoken:<bpe file>
     lut_dim: int = 256
     lut_layers: int = 0
-    cfg_dropout: float = 0.3
+    cfg_dropout: float = 0.3          # drop the whole description with this probability (classifier-free guidance)
     cfg_dropout_per_batch: bool = False   # AudioCraft: one coin for the whole batch
     # optimisation
-    epochs: int = 500
+    epochs: int = 500                 # each epoch: updates_per_epoch updates, then valid
     updates_per_epoch: int = 2000
     batch_size: int = 192             # global, split across ranks
     grad_accum: int = 1               # micro-steps per update (same global batch)
-    lr: float = 1e-4
+    lr: float = 1e-4                  # peak learning rate (AdamW)
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
     decay_matrices_only: bool = False  # AudioCraft decays every parameter
     lr_schedule: str = "cosine"       # cosine | linear | constant
-    warmup: int = 4000
-    lr_min_ratio: float = 0.0
-    max_norm: float = 1.0
-    ema: bool = True
+    warmup: int = 4000                # updates of linear warmup
+    lr_min_ratio: float = 0.0         # the schedule's floor, as a fraction of lr
+    max_norm: float = 1.0             # gradient clipping; 0: off
+    ema: bool = True                  # a moving average of the weights, used by valid, generate and evaluate
     ema_decay: float = 0.99
-    ema_every: int = 10
+    ema_every: int = 10               # updates between EMA updates
     train_on_padding: bool = False    # AudioCraft trains on padded frames; we mask them by default
     max_nonfinite: int = 10           # abort after this many non-finite steps in a row
     # precision and speed
     dtype: str = "bfloat16"           # autocast dtype: bfloat16 | float16 | float32
-    compile: bool = False
+    compile: bool = False             # torch.compile each transformer layer
     device: str = ""                  # empty: cuda, then mps, then cpu
     parallel: str = "ddp"             # ddp | fsdp
     # stages
     valid_batches: int = 0            # 0: the whole valid split
     generate_every: int = 25          # epochs between generate stages (and the last epoch); 0: never
-    generate_duration: float = 10.0
+    generate_duration: float = 10.0   # seconds per sample in the generate stage
     generate_count: int = 4           # samples per generate stage (from the generate split's descriptions)
     evaluate_every: int = 25          # likewise for evaluate; 0: never
     save_every: int = 50              # keep checkpoint_<epoch>.pt every this many epochs
-    cfg_coef: float = 3.0
-    top_k: int = 250
-    top_p: float = 0.0
+    cfg_coef: float = 3.0             # classifier-free guidance coefficient for sampling
+    top_k: int = 250                  # sample among the k most likely codes; 0: all
+    top_p: float = 0.0                # nucleus sampling; wins over top_k when > 0
     temperature: float = 1.0
     # logging and distributed
-    log_every: int = 10
+    log_every: int = 10               # updates between log lines
     dist_timeout: int = 600           # seconds before a collective gives up (a dead rank must not hang the rest)
 
 
@@ -1113,7 +1113,27 @@ def open_splits(cfg, codec, d):
     return splits
 
 
+def config_help():
+    """The usage lines, then every key with its default and its comment, by section, read from Config's source
+    (the one place they are written); infrastructure keys (outside the signature) are marked."""
+    import inspect
+    lines = [__doc__.strip(), "", "Keys (--key=value; * = infrastructure, not part of the signature):"]
+    for line in inspect.getsource(Config).splitlines()[2:]:
+        section = re.fullmatch(r"\s+# (.+)", line)
+        field_ = re.fullmatch(r"\s+(\w+): [\w.]+ = (.+?)(?:\s+# (.*))?", line)
+        if section:
+            lines.append(f"  {section[1]}")
+        elif field_:
+            key, default, note = field_[1], field_[2], field_[3] or ""
+            mark = "*" if key in INFRA_KEYS else " "
+            lines.append((f"   {mark}--{key}={default}".ljust(40) + f" {note}").rstrip())
+    return "\n".join(lines)
+
+
 def main(argv):
+    if {"-h", "--help"} & set(argv):
+        print(config_help())
+        return 0
     cfg = parse_args(argv)
     if cfg.print_config:
         print_config(cfg)

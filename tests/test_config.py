@@ -143,3 +143,14 @@ def test_from_sig_starts_from_that_runs_config(tmp_path):
     assert (cfg.lr, cfg.dim, cfg.n_layers) == (2e-4, 512, 2)
     with pytest.raises(UserError, match=r"--from_sig=deadbeef: no run config at"):
         train.parse_args(["--from_sig=deadbeef", f"--runs_dir={tmp_path}"])
+
+
+def test_help_lists_every_key_with_its_default_and_marks_infrastructure(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and not list(tmp_path.iterdir()), r.stderr
+    listed = dict(line.strip().lstrip("*").split(" ", 1)[0].split("=", 1)
+                  for line in r.stdout.splitlines() if line.strip().lstrip("*").startswith("--"))
+    assert set(listed) == {f"--{f}" for f in train.FIELDS}
+    assert listed["--lr"] == "1e-4" and listed["--batch_size"] == "192"
+    assert "   *--num_workers=2" in r.stdout and "    --lr=1e-4" in r.stdout
+    assert "cosine | linear | constant" in r.stdout
