@@ -56,6 +56,10 @@ def tail_run(name, extra, sig):
 
 
 def main(argv):
+    if {"-h", "--help"} & set(argv):
+        names = sorted(f.stem for f in (grids.ROOT / "grids").glob("*.py") if not f.stem.startswith("_"))
+        print(f"{__doc__.strip()}\n\ngrids here: {', '.join(names)}")
+        return 0
     name, flags, extra, sig = parse(argv)
     if sig:
         tail_run(name, extra, sig)
