@@ -1127,4 +1127,4 @@ def _tokenize_cli(args):
 
 
 if __name__ == "__main__":
-    cli(main)
+    cli(main, help=False)  # argparse answers --help, per subcommand too

@@ -266,10 +266,16 @@ def keep_freed_memory():
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
-def cli(main):
-    """Run an entry point's main(argv): bad input (UserError) is one line on stderr and exit status 2."""
+def cli(main, help=None):
+    """Run an entry point's main(argv): bad input (UserError) is one line on stderr and exit status 2. -h or
+    --help prints help() (default: the entry point's module docstring) and exits 0; help=False leaves them to
+    main (argparse)."""
+    argv = sys.argv[1:]
+    if help is not False and {"-h", "--help"} & set(argv):
+        print(help() if help else (sys.modules[main.__module__].__doc__ or "").strip())
+        sys.exit(0)
     try:
-        sys.exit(main(sys.argv[1:]))
+        sys.exit(main(argv))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1131,9 +1131,6 @@ def config_help():
 
 
 def main(argv):
-    if {"-h", "--help"} & set(argv):
-        print(config_help())
-        return 0
     cfg = parse_args(argv)
     if cfg.print_config:
         print_config(cfg)
@@ -1142,4 +1139,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    env.cli(main)
+    env.cli(main, help=config_help)

@@ -55,11 +55,12 @@ def tail_run(name, extra, sig):
     return grids.tail(path, still_going=lambda: env.run_status(path)["status"] == "running")
 
 
+def usage():
+    names = sorted(f.stem for f in (grids.ROOT / "grids").glob("*.py") if not f.stem.startswith("_"))
+    return f"{__doc__.strip()}\n\ngrids here: {', '.join(names)}"
+
+
 def main(argv):
-    if {"-h", "--help"} & set(argv):
-        names = sorted(f.stem for f in (grids.ROOT / "grids").glob("*.py") if not f.stem.startswith("_"))
-        print(f"{__doc__.strip()}\n\ngrids here: {', '.join(names)}")
-        return 0
     name, flags, extra, sig = parse(argv)
     if sig:
         tail_run(name, extra, sig)
@@ -103,4 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    env.cli(main)
+    env.cli(main, help=usage)

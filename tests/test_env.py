@@ -191,3 +191,13 @@ def test_keep_freed_memory_keeps_a_freed_block_mapped():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     touch_and_free()
     assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < 1000
+
+
+@pytest.mark.parametrize("entry", [["train.py"], ["generate.py"], ["bench.py"], ["env.py"], ["text.py"],
+                                   ["codec.py"], ["data.py"], ["data.py", "tokenize"], ["-m", "grids"]])
+def test_every_entry_point_answers_help(entry):
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, *entry, "--help"], cwd=root, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(root)))
+    assert r.returncode == 0 and len(r.stdout.splitlines()) >= 3 and not r.stderr.strip(), r.stderr
+    assert "usage" in r.stdout.lower() or "python " in r.stdout

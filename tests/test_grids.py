@@ -406,10 +406,10 @@ def test_cli_rejects_bad_flags(runs_dir):
             grids_main(argv)
 
 
-def test_help_prints_usage_and_the_grids_there_are(runs_dir, capsys):
-    assert grids_main(["--help"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("python -m grids NAME") and "grids here: debug, musicgen_base_32khz" in out
+def test_help_prints_usage_and_the_grids_there_are(runs_dir):
+    out = subprocess.run([sys.executable, "-m", "grids", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("python -m grids NAME"), out.stderr
+    assert "grids here: debug, musicgen_base_32khz" in out.stdout
 
 
 def test_tail_prints_the_log_of_the_latest_attempt(tmp_path, runs_dir, capsys):
