@@ -277,9 +277,9 @@ def sample_codes(mg, descriptions, n_frames, prompt=None, cfg_coef=3.0, top_k=25
                  generator=None, stride=None, progress=None, seeds=None):
     """descriptions (None or "": unconditional) -> codes [B, K, n_frames], starting with the prompt's codes
     [B, K, T0] unchanged. seeds (one int per description) key each row's randomness (model.keyed_noise), else
-    generator draws for the whole batch. Past one window (mg.window frames) a window slides by `stride` frames and starts from the
-    previous window's last (window - stride) frames (AudioCraft's extend_stride). progress: a label to print
-    steps/s under, or None."""
+    generator draws for the whole batch. Past one window (mg.window frames) a window slides by `stride` frames
+    and starts from the previous window's last (window - stride) frames (AudioCraft's extend_stride). progress:
+    a label to print steps/s under, or None."""
     lm, window = mg.lm, mg.window
     rate = mg.codec.frame_rate
     T0 = 0 if prompt is None else prompt.shape[-1]

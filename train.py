@@ -55,7 +55,7 @@ class Config:
     token_cache: bool = True          # train on pre-computed codes (else encode raw audio every step)
     cache_dir: str = ""               # empty: <runs_dir>/cache
     segment_duration: float = 30.0    # seconds per training segment (the model's context)
-    min_segment_ratio: float = 0.8    # a segment may start late enough to keep this fraction of real frames
+    min_segment_ratio: float = 0.8    # a segment holds at least this fraction of real frames (the rest: padding)
     sample_on_weight: bool = True     # draw files by their manifest weight
     sample_on_duration: bool = True   # draw files in proportion to their duration
     merge_text_p: float = 0.25        # merge sidecar metadata into the description
