@@ -33,9 +33,10 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from env import UserError, cli, load_error, resolve_path
+from env import UserError, cli, load_tensors, resolve_path
 
 AUDIOCRAFT_FILE = "compression_state_dict.bin"
+_EXPECTED = f"; expected an AudioCraft {AUDIOCRAFT_FILE} or a Hugging Face EnCodec directory"  # unreadable files
 
 
 @dataclass
@@ -509,18 +510,8 @@ def config_from_hf(c, source, n_codebooks):
         trim_right_ratio=c.get("trim_right_ratio", 1.0), n_q=n_codebooks, card=c.get("codebook_size", 1024))
 
 
-def _torch_load(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        message = load_error(path, e)
-        if "refused" not in message:
-            message += f"; expected an AudioCraft {AUDIOCRAFT_FILE} or a Hugging Face EnCodec directory"
-        raise UserError(message) from None
-
-
 def _read_audiocraft(path):
-    pkg = _torch_load(path)
+    pkg = load_tensors(path, expected=_EXPECTED)
     if not isinstance(pkg, dict):
         raise UserError(f"{path}: not an AudioCraft {AUDIOCRAFT_FILE} (no best_state/xp.cfg)")
     if "pretrained" in pkg:
@@ -555,8 +546,8 @@ def _read_hf(directory):
         except Exception as e:   # safetensors raises its own error types
             raise UserError(f"{directory}/model.safetensors: cannot be read ({e})") from None
     elif (directory / "pytorch_model.bin").exists():
-        state = {k[len(prefix):]: v for k, v in _torch_load(directory / "pytorch_model.bin").items()
-                 if k.startswith(prefix)}
+        weights = load_tensors(directory / "pytorch_model.bin", expected=_EXPECTED)
+        state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     else:
         raise UserError(f"{directory}: has config.json but no model.safetensors or pytorch_model.bin")
     n_codebooks = len({k for k in state if re.match(r"quantizer\.layers\.\d+\.codebook\.embed$", k)})

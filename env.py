@@ -30,9 +30,26 @@ class UserError(Exception):
     """Bad input from the user: entry points print it as one line and exit with status 2."""
 
 
-def load_error(path, e, hint=""):
+def load_tensors(path, mmap=False, map_location="cpu", hint="", expected=""):
+    """torch.load of tensors and plain containers only (weights_only: a pickled object is refused, never run); a
+    failure is one UserError line (load_error). mmap=True maps the file, or reads it whole when it predates torch's
+    zip format. torch is imported here, so that env.py itself stays quick to import."""
+    import torch
+    try:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            return torch.load(path, map_location=map_location, weights_only=True)  # not a zip file: no mapping
+    except Exception as e:
+        raise UserError(load_error(path, e, hint, expected)) from None
+
+
+def load_error(path, e, hint="", expected=""):
     """One line for a failed torch.load(path, weights_only=True). A refused pickle names the object it refused (and
-    gets `hint`, e.g. how to trust the file): torch's own message runs over many lines with terminal colour codes."""
+    gets `hint`, e.g. how to trust the file); an unreadable file gets `expected` (what the file should have been).
+    torch's own message runs over many lines with terminal colour codes."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
     refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if refused:
@@ -41,7 +58,7 @@ def load_error(path, e, hint=""):
     detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # garbage trips the restricted unpickler too
     first = (detail.group(1) if detail else (text.strip().splitlines() or [""])[0]).split(". ")[0][:200]
     return (f"{path}: not a readable checkpoint ({type(e).__name__}{': ' + first if first else ''}): truncated, "
-            f"corrupt or another format")
+            f"corrupt or another format{expected}")
 
 
 @dataclass

@@ -109,13 +109,6 @@ def find_run(run, runs_dir=None):
     return path
 
 
-def _torch_load(path, **kw):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, **kw)
-    except Exception as e:
-        raise UserError(env.load_error(path, e)) from None
-
-
 def _build_conditioner(settings, dim, with_t5=True):
     """The text conditioner a run used, in eval mode. with_t5=False leaves a frozen T5 out (None): the projection
     after it (model.ProjectedCondition) carries all its trained weights, which is all export needs."""
@@ -144,7 +137,7 @@ def _load_codec(path, lm_cfg):
 
 def load_run(ckpt_path, t5=None, codec=None, with_t5=True):
     """A run's checkpoint -> MusicGen with its best EMA state (else its EMA, else its live weights)."""
-    ckpt = _torch_load(ckpt_path, mmap=True)   # mapped: the optimizer state is never read
+    ckpt = env.load_tensors(ckpt_path, mmap=True)   # mapped: the optimizer state is never read
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise UserError(f"{ckpt_path}: not a nanomusicgen checkpoint (no `model` state)")
     config_file = ckpt_path.parent / "config.json"

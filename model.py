@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from env import UserError, load_error, resolve_path
+from env import UserError, load_tensors, resolve_path
 
 PATTERNS = ("delay", "parallel", "unroll", "coarse_first", "musiclm")
 FUSES = ("cross", "prepend", "sum")
@@ -906,10 +906,7 @@ def read_audiocraft_lm(path, map_location="cpu"):
         path = path / "state_dict.bin"
     if not path.is_file():
         raise UserError(f"{path}: no such file (expected an AudioCraft LM state_dict.bin or a directory holding one)")
-    try:
-        pkg = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch's errors for pickles and corrupt files are many lines
-        raise UserError(load_error(path, e)) from None
+    pkg = load_tensors(path, map_location=map_location)
     if not isinstance(pkg, dict) or "best_state" not in pkg or "xp.cfg" not in pkg:
         keys = sorted(pkg)[:6] if isinstance(pkg, dict) else type(pkg).__name__
         raise UserError(f"{path}: not an AudioCraft LM state_dict.bin (needs 'best_state' and 'xp.cfg', has {keys})")

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from env import UserError, cli, load_error, resolve_path
+from env import UserError, cli, load_tensors, resolve_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # float16 overflows in T5's feed-forward
 
@@ -304,13 +304,7 @@ def read_weights(directory, names):
             except Exception as e:  # safetensors has its own error types
                 raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
         else:
-            try:
-                try:
-                    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError:  # files from before torch's zip format cannot be memory-mapped
-                    state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise UserError(load_error(path, e)) from None
+            state = load_tensors(path, mmap=True)
             out.update({n: state[n] for n in wanted if n in state})
     return out
 

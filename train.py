@@ -475,13 +475,15 @@ def remove_stale_temporaries(directory):
 def load_checkpoint(path, trust=False, hint=""):
     """Tensors and plain containers only: a pickled object is refused, never run. trust=True unpickles anything
     (AudioCraft's training checkpoint.th pickles its config), for files from a trusted source."""
+    if not trust:
+        return env.load_tensors(path, hint=hint)
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
-    except ModuleNotFoundError as e:  # only when trusted: the pickle names a class from a package not installed
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:  # the pickle names a class from a package not installed
         raise UserError(f"{path}: unpickling it needs the module {e.name!r}: pip install "
                         f"{str(e.name).split('.')[0]}") from None
     except Exception as e:
-        raise UserError(env.load_error(path, e, hint)) from None
+        raise UserError(env.load_error(path, e)) from None
 
 
 def finished_epochs(path):
