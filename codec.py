@@ -19,10 +19,7 @@ at a near-tie (none in the tests).
 import hashlib
 import json
 import math
-import os
 import re
-import sys
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -33,7 +30,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from env import UserError, cli, load_tensors, resolve_path
+from env import UserError, cli, load_tensors, resolve_path, write_atomic
 
 AUDIOCRAFT_FILE = "compression_state_dict.bin"
 _EXPECTED = f"; expected an AudioCraft {AUDIOCRAFT_FILE} or a Hugging Face EnCodec directory"  # unreadable files
@@ -655,14 +652,7 @@ def export_audiocraft_codec(codec, path):
     pkg = {"best_state": audiocraft_state(codec), "xp.cfg": yaml.safe_dump(audiocraft_xp_cfg(codec.cfg)),
            "version": "nanomusicgen", "exported": True}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(pkg, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, lambda f: torch.save(pkg, f))
     return path
 
 

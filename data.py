@@ -44,7 +44,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from env import UserError, cli, map_dataset_path, resolve_path
+from env import UserError, cli, map_dataset_path, resolve_path, write_atomic
 
 SPLITS = ("train", "valid", "evaluate", "generate")
 # What soundfile (libsndfile 1.2) decodes; .m4a/.aac are not among them.
@@ -152,11 +152,8 @@ def read_manifest(path):
 def write_manifest(metas, path):
     """Atomically: a reader never sees half a manifest."""
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with gzip.open(tmp, "wt", encoding="utf-8") if path.suffix == ".gz" else open(tmp, "w", encoding="utf-8") as f:
-        for m in metas:
-            f.write(json.dumps(asdict(m)) + "\n")
-    os.replace(tmp, path)
+    text = "".join(json.dumps(asdict(m)) + "\n" for m in metas).encode()
+    write_atomic(path, lambda f: f.write(gzip.compress(text) if path.suffix == ".gz" else text))
 
 
 def probe(path, complete=False):
@@ -428,9 +425,8 @@ def _claim_cache(out, meta):
             raise UserError(f"token cache {out} was made from another manifest ({old.get('manifest')}): "
                             f"use another directory or delete this one")
         return
-    tmp = out / f"cache.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, file)  # ranks racing here write the same content
+    text = json.dumps(meta, indent=1) + "\n"
+    write_atomic(file, lambda f: f.write(text.encode()))  # ranks racing here write the same content
 
 
 def _read_index(file):
@@ -1063,9 +1059,8 @@ def make_demo_set(root, seed=0, sizes=None):
                           (f"{split}/{stem}.json", (d / f"{stem}.json").stat().st_size)]
             write_manifest(metas, d / "data.jsonl")
             files.append((f"{split}/data.jsonl", (d / "data.jsonl").stat().st_size))
-        tmp = root / "demo.json.tmp"
-        tmp.write_text(json.dumps(dict(marker, files=files)) + "\n")
-        os.replace(tmp, root / "demo.json")  # last: its presence says the set is whole
+        text = json.dumps(dict(marker, files=files)) + "\n"
+        write_atomic(root / "demo.json", lambda f: f.write(text.encode()))  # last: its presence says the set is whole
         _log(f"data: demo set ({sum(sizes.values())} clips, seed {seed}) written to {root} in {time.time() - t0:.1f} s")
     return root
 

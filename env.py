@@ -30,6 +30,41 @@ class UserError(Exception):
     """Bad input from the user: entry points print it as one line and exit with status 2."""
 
 
+def write_atomic(path, write, advice=""):
+    """write(f) into a temporary file beside path (named for this process, so concurrent writers never share one),
+    fsync, rename, fsync the directory: a crash leaves the old file or the new one, never half of one. A failed
+    write removes its temporary file and raises one UserError line naming the path and the cause, then `advice`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException as e:
+        try:
+            tmp.unlink(missing_ok=True)  # never leave half a file behind
+        except OSError:
+            pass
+        # torch.save reports a failed write (disk full, EIO, EFBIG) as a RuntimeError whose context is the OSError
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise UserError(f"could not write {path}: {cause.strerror or cause}{advice}") from None
+
+
+def remove_stale_temporaries(directory):
+    """A process killed mid-write leaves write_atomic's temporary file (.NAME.tmpPID) behind; call at start."""
+    for tmp in Path(directory).glob(".*.tmp*"):
+        tmp.unlink(missing_ok=True)
+
+
 def load_tensors(path, mmap=False, map_location="cpu", hint="", expected=""):
     """torch.load of tensors and plain containers only (weights_only: a pickled object is refused, never run); a
     failure is one UserError line (load_error). mmap=True maps the file, or reads it whole when it predates torch's

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from env import UserError, load_tensors, resolve_path
+from env import UserError, load_tensors, resolve_path, write_atomic
 
 PATTERNS = ("delay", "parallel", "unroll", "coarse_first", "musiclm")
 FUSES = ("cross", "prepend", "sum")
@@ -790,9 +790,7 @@ def export_audiocraft_lm(model, cfg: LMConfig, path, extra=None):
     state = {k: v.detach().cpu().contiguous() for k, v in _clean_state_dict(model.state_dict()).items()}
     pkg = {"best_state": state, "xp.cfg": yaml.safe_dump(xp_config(cfg, extra), sort_keys=False),
            "version": "nanomusicgen", "exported": True}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(pkg, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save(pkg, f))
     return path
 
 

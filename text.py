@@ -15,10 +15,8 @@ import base64
 import io
 import json
 import math
-import os
 import random
 import re
-import sys
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, fields
@@ -28,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from env import UserError, cli, load_tensors, resolve_path
+from env import UserError, cli, load_tensors, resolve_path, write_atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # float16 overflows in T5's feed-forward
 
@@ -539,9 +537,7 @@ def train_tokenizer(manifest, out, vocab_size):
         raise UserError(f"sentencepiece failed with vocab_size={vocab_size}: {str(e).splitlines()[-1]}") from None
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, out)
+    write_atomic(out, lambda f: f.write(buf.getvalue()))
     n = spm.SentencePieceProcessor(model_file=str(out)).get_piece_size()
     print(f"wrote {out} ({n} pieces); use it with --conditioner=lut --lut_tokenizer={out}")
 

@@ -24,7 +24,7 @@ import socket
 import sys
 import time
 import types
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -433,43 +433,17 @@ class TrainStep(torch.nn.Module):
 # Checkpoints: tensors are saved full (unsharded) and on the CPU, so a checkpoint written by FSDP on 8 GPUs
 # resumes on one CPU and exports to AudioCraft without conversion.
 
-def write_atomic(path, write):
-    """write(f) into a temporary file, fsync, rename, fsync the directory: a crash leaves the old file or the new
-    one, and a failed write removes its temporary file and raises a one-line UserError."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except Exception as e:
-        try:
-            tmp.unlink(missing_ok=True)  # never leave half a file behind
-        except OSError:
-            pass
-        # torch.save reports a failed write (disk full, EIO, EFBIG) as a RuntimeError whose context is the OSError
-        cause = e if isinstance(e, OSError) else e.__context__
-        if not isinstance(cause, OSError):
-            raise
-        raise UserError(f"could not write {path}: {cause.strerror or cause}; the previous checkpoint is intact "
-                        f"(make room or fix the directory, then run the same command again to resume)") from None
+RESUME_ADVICE = ("; the previous checkpoint is intact (make room or fix the directory, then run the same command "
+                 "again to resume)")
+
+
+def write_run_file(path, write):
+    """A run directory's files (checkpoints, history, config.json) are written atomically, env.write_atomic."""
+    env.write_atomic(path, write, advice=RESUME_ADVICE)
 
 
 def save_atomic(obj, path):
-    write_atomic(path, lambda f: torch.save(obj, f))
-
-
-def remove_stale_temporaries(directory):
-    """A run killed mid-write leaves its temporary file (.NAME.tmp) behind; the next start removes it."""
-    for tmp in Path(directory).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    write_run_file(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path, trust=False, hint=""):
@@ -712,10 +686,10 @@ class Run:
         path = self.dir / "checkpoint.pt"
         save_atomic(state, path)
         history = "".join(json.dumps(row) + "\n" for row in self.history).encode()
-        write_atomic(self.dir / "history.jsonl", lambda f: f.write(history))  # rewritten whole: no duplicate rows
+        write_run_file(self.dir / "history.jsonl", lambda f: f.write(history))  # rewritten whole: no duplicate rows
         if keep:  # a real copy, not a link: damage to checkpoint.pt must leave the kept one readable
             with open(path, "rb") as src:
-                write_atomic(self.dir / f"checkpoint_{self.epoch - 1}.pt", lambda f: shutil.copyfileobj(src, f))
+                write_run_file(self.dir / f"checkpoint_{self.epoch - 1}.pt", lambda f: shutil.copyfileobj(src, f))
 
     def resume(self):
         """Load checkpoint.pt, falling back to the newest kept checkpoint when it is unreadable."""
@@ -1062,10 +1036,10 @@ def _train(cfg, d):
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         commit, dirty = env.git_commit()
-        remove_stale_temporaries(path)
+        env.remove_stale_temporaries(path)
         text = json.dumps({**config_dict(cfg), "signature": run.sig, "git_commit": commit, "git_dirty": dirty},
                           indent=1)
-        write_atomic(path / "config.json", lambda f: f.write(text.encode()))
+        write_run_file(path / "config.json", lambda f: f.write(text.encode()))
     barrier(d)
     run.header()
     if not run.resume() and cfg.continue_from:

@@ -201,3 +201,15 @@ def test_every_entry_point_answers_help(entry):
                        env=dict(os.environ, PYTHONPATH=str(root)))
     assert r.returncode == 0 and len(r.stdout.splitlines()) >= 3 and not r.stderr.strip(), r.stderr
     assert "usage" in r.stdout.lower() or "python " in r.stdout
+
+
+def test_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "history.jsonl"
+    env.write_atomic(path, lambda f: f.write(b"old\n"))
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError(27, "File too large")
+    with pytest.raises(UserError, match=f"could not write {path}: File too large"):
+        env.write_atomic(path, fail)
+    assert path.read_bytes() == b"old\n" and [p.name for p in tmp_path.iterdir()] == ["history.jsonl"]

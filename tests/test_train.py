@@ -13,7 +13,6 @@ import torch
 
 import data
 import train
-from env import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,18 +218,6 @@ def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_shift():
     x = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
     assert abs(train.frechet_distance(x, x)) < 1e-6
     assert abs(train.frechet_distance(x, x + 2.0) - 16.0) < 1e-3
-
-
-def test_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
-    path = tmp_path / "history.jsonl"
-    train.write_atomic(path, lambda f: f.write(b"old\n"))
-
-    def fail(f):
-        f.write(b"half")
-        raise OSError(27, "File too large")
-    with pytest.raises(UserError, match=f"could not write {path}: File too large"):
-        train.write_atomic(path, fail)
-    assert path.read_bytes() == b"old\n" and [p.name for p in tmp_path.iterdir()] == ["history.jsonl"]
 
 
 def test_first_slurm_host():
