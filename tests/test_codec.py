@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+import bench
 import codec
 from codec import Codec, CodecConfig, export_audiocraft_codec, load_codec
 import env
@@ -19,31 +20,11 @@ SR, HOP = 32000, 640
 torch.set_num_threads(2)
 
 
-def hf_encodec():
-    """transformers' EncodecModel with the facebook/encodec_32khz config. Built from a config its codebooks are
-    all zero (every code 0), so they get random values on the scale of the encoder's output (else one codeword,
-    the shortest, wins every frame): stage 0 around its mean, later stages around 0 as residuals are."""
-    from transformers import EncodecConfig, EncodecModel
-    torch.manual_seed(0)
-    model = EncodecModel(EncodecConfig(
-        sampling_rate=SR, audio_channels=1, upsampling_ratios=[8, 5, 4, 4], num_filters=64, codebook_size=2048,
-        target_bandwidths=[2.2], use_causal_conv=False, normalize=False, use_conv_shortcut=False,
-        norm_type="weight_norm", pad_mode="reflect")).eval()
-    with torch.no_grad():
-        z = model.encoder(make_audio())          # [2, 128, frames]
-    mean, std = z.mean((0, 2)), z.std((0, 2))
-    g = torch.Generator().manual_seed(1)
-    for q, layer in enumerate(model.quantizer.layers):
-        noise = torch.randn(layer.codebook.embed.shape, generator=g)
-        layer.codebook.embed.copy_(mean + std * noise if q == 0 else 2 ** -q * std * noise)
-    return model
-
-
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory):
     """{pad_mode: transformers model} (the same weights), and the save_pretrained directory of both."""
     from transformers.models.encodec.modeling_encodec import EncodecConv1d
-    reflect = hf_encodec()
+    reflect = bench.transformers_encodec(torch.device("cpu"), make_audio())   # codebooks filled, see there
     constant = copy.deepcopy(reflect)   # cheaper than a second init; HF reads pad_mode at each forward
     constant.config.pad_mode = "constant"
     for m in constant.modules():
