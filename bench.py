@@ -288,17 +288,22 @@ def require_transformers():
         raise UserError(f"the reference needs transformers ({e}): pip install transformers, or --reference=false")
 
 
-def transformers_lm(ours):
-    """transformers' MusicgenForCausalLM with our weights (its default SDPA attention), and the text projection
-    (in transformers it belongs to MusicgenForConditionalGeneration: enc_to_dec_proj)."""
+def _model_util():
+    """tests/_model_util.py: the converter and cache helper the parity tests use."""
     require_transformers()
     sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
     try:
-        from _model_util import transformers_reference   # the converter the parity tests use
+        import _model_util
     finally:
         sys.path.pop(0)
+    return _model_util
+
+
+def transformers_lm(ours):
+    """transformers' MusicgenForCausalLM with our weights (its default SDPA attention), and the text projection
+    (in transformers it belongs to MusicgenForConditionalGeneration: enc_to_dec_proj)."""
     device = ours.out_norm.weight.device
-    ref = transformers_reference(ours).to(device)
+    ref = _model_util().transformers_reference(ours).to(device)
     ref.set_attn_implementation("sdpa")
     proj = torch.nn.Linear(ours.cfg.text_dim, ours.cfg.dim).to(device)
     proj.load_state_dict(ours.conditioner.output_proj.state_dict())
@@ -438,7 +443,6 @@ def generate_calls(a, ours, cfg, ref=None):
 
     calls = {"ours": gen_ours}
     if ref is not None:
-        from transformers import DynamicCache, EncoderDecoderCache
         ref.to(a["dtype"]).eval()
         memory = torch.cat([condition, torch.zeros_like(condition)])   # conditional rows, then the null condition
         start = torch.full((B * cfg.n_q, 1), cfg.card, device=device)
@@ -449,7 +453,7 @@ def generate_calls(a, ours, cfg, ref=None):
                 out["transformers"] = ref.generate(
                     input_ids=start, attention_mask=torch.ones_like(start), encoder_hidden_states=memory,
                     guidance_scale=3.0, do_sample=True, top_k=250, temperature=1.0, max_length=n + cfg.n_q,
-                    past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+                    **_model_util().transformers_cache())
 
         calls["transformers"] = gen_ref
     return calls, out, (B, n, L)

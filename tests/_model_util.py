@@ -62,6 +62,15 @@ def transformers_reference(model):
     return hf
 
 
+def transformers_cache():
+    """generate()'s keyword for an explicit two-part cache (self- and cross-attention), in the spelling of the
+    installed transformers: 5.24 renamed `past_key_values` to `cache` (and rejects the old name in generate)."""
+    import inspect
+    from transformers import DynamicCache, EncoderDecoderCache, MusicgenForCausalLM
+    name = "cache" if "cache" in inspect.signature(MusicgenForCausalLM.forward).parameters else "past_key_values"
+    return {name: EncoderDecoderCache(DynamicCache(), DynamicCache())}
+
+
 @torch.no_grad()
 def generate_by_recompute(model, condition, mask, n_frames, cfg_coef, prompt=None):
     """Greedy generation the slow way: the layout walked in Python, the whole sequence recomputed at each step,

@@ -11,7 +11,7 @@ import yaml
 
 import model as lm
 from env import UserError
-from _model_util import generate_by_recompute, random_condition, tiny_config, transformers_reference
+from _model_util import generate_by_recompute, random_condition, tiny_config, transformers_cache, transformers_reference
 
 
 @pytest.fixture(autouse=True)
@@ -165,7 +165,6 @@ def test_logits_match_transformers():
 
 @pytest.mark.parametrize("cfg_coef", [3.0, 1.0])
 def test_greedy_generation_matches_transformers(cfg_coef):
-    from transformers import DynamicCache, EncoderDecoderCache
     model = make_model()
     hf = transformers_reference(model)
     cond, mask = random_condition()
@@ -178,7 +177,7 @@ def test_greedy_generation_matches_transformers(cfg_coef):
         theirs = hf.generate(input_ids=torch.full((8, 1), 48), attention_mask=torch.ones(8, 1, dtype=torch.long),
                              encoder_hidden_states=memory, guidance_scale=cfg_coef if cfg_coef != 1.0 else None,
                              do_sample=False, max_length=n + 4,
-                             past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()))
+                             **transformers_cache())
     assert theirs.shape == ours.shape == (2, 4, n)
     assert torch.equal(ours, theirs)
 
