@@ -17,6 +17,7 @@ no host sync (it checks code values only for CPU tensors).
 import functools
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -684,16 +685,24 @@ def flops_per_token(cfg: LMConfig, seq_len: int, cond_len: int) -> float:
     return 6.0 * (dense + heads + attn + text / seq_len)
 
 
-# Peak dense bf16 FLOP/s per device (torchtitan's table), for MFU; an unlisted device has none.
-PEAK_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
-              "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12, "B200": 2.25e15, "MI300X": 1300e12}
+# Peak dense bf16 FLOP/s per device (vendors' datasheets, torchtitan's table), for MFU; an unlisted device has none.
+# Matched as whole words of the device name, the longest name first: "L40S" before "L40" before "L4", "H100 NVL"
+# before "H100". GPUs without bf16 tensor cores (V100, T4) are not listed: train.py refuses bf16 there.
+PEAK_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+              "A100": 312e12, "A10G": 125e12, "A10": 125e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+              "B200": 2.25e15, "MI300X": 1300e12}
 
 
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+def peak_flops(device, name=None):
+    """Peak dense bf16 FLOP/s of a CUDA device (name: its torch.cuda.get_device_name), or None."""
+    if name is None:
+        if device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if re.search(rf"(?<![\w-]){re.escape(key)}(?!\w)", name):
+            return PEAK_FLOPS[key]
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------

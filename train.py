@@ -196,7 +196,8 @@ def validate(cfg, world_size=None):
     for key, (lo, hi) in RANGES.items():
         value = getattr(cfg, key)
         if not (math.isfinite(value) and (lo is None or value >= lo) and (hi is None or value <= hi)):
-            span = f"between {lo:g} and {hi:g}" if hi is not None else f"at least {lo:g}"
+            show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+            span = f"between {show(lo)} and {show(hi)}" if hi is not None else f"at least {show(lo)}"
             raise UserError(f"{key}={value} must be {span}")
     if len(cfg.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.betas):
         raise UserError(f"betas={list(cfg.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
@@ -941,9 +942,6 @@ def train(cfg, d):
     params = trainable(lm)
     optimizer = make_optimizer(lm, cfg)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.dtype == "float16")   # a no-op unless float16
-    if fsdp and scaler.is_enabled():
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-        scaler = ShardedGradScaler(d.device.type)  # agrees on overflow across ranks, which see only their shards
     autocast = cfg.dtype != "float32"
     ema = EMA(lm, cfg.ema_decay) if cfg.ema else None
     best = None   # this rank's parts of the best weights (lowest valid ce), on the host
@@ -1121,6 +1119,9 @@ def train(cfg, d):
                     ce_q_sum += ce_q / cfg.grad_accum
                     frames_log += n
                 scaler.unscale_(optimizer)
+                if fsdp and scaler.is_enabled():   # each rank saw only its shards' gradients: agree on overflow
+                    for found_inf in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+                        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
                 grad = torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.max_norm if cfg.max_norm > 0 else math.inf)
                 grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
                 if scaler.is_enabled():   # float16: the scaler skips overflowing updates and lowers its scale
