@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import codec as codec_lib
 import data
 import env
+import formats
 import model as lm_lib
 import text
 from env import UserError
@@ -457,17 +457,12 @@ class Run:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.codec = codec_lib.load_codec(cfg.codec).to(d.device)
+        self.codec = formats.load_codec(cfg.codec).to(d.device)
         if (self.codec.n_q, self.codec.card) != (cfg.n_q, cfg.card):
             raise UserError(f"codec {cfg.codec} has n_q={self.codec.n_q}, card={self.codec.card} but the config "
                             f"says n_q={cfg.n_q}, card={cfg.card}: set them to match")
-        lm_cfg = lm_lib.LMConfig(**{f.name: getattr(cfg, f.name) for f in fields(lm_lib.LMConfig) if f.name in FIELDS})
-        conditioner = text.build_conditioner(
-            cfg.conditioner, cfg.dim, t5_path=cfg.t5_path, t5_dtype=cfg.t5_dtype, word_dropout=cfg.word_dropout,
-            text_max_length=cfg.text_max_length, lut_tokenizer=cfg.lut_tokenizer, lut_dim=cfg.lut_dim,
-            lut_layers=cfg.lut_layers)
-        self.lm_cfg = lm_cfg
-        self.model = lm_lib.MusicGenLM(lm_cfg, conditioner).to(d.device)
+        self.model = lm_lib.build_lm(dataclasses.asdict(cfg)).to(d.device)
+        self.lm_cfg = self.model.cfg
         self.step_fn = TrainStep(self.model)
         self.frames = int(round(cfg.segment_duration * self.codec.frame_rate))
         self.micro_batch = cfg.batch_size // d.world_size // cfg.grad_accum
@@ -624,25 +619,9 @@ class Run:
 
     def continue_from(self):
         """Weights only, from an AudioCraft state_dict.bin, one of our checkpoints, or another run (by SIG)."""
-        source = self.cfg.continue_from
-        if len(source) == 8 and all(c in "0123456789abcdef" for c in source) and not Path(source).exists():
-            path = env.run_dir(source, self.cfg.runs_dir or None) / "checkpoint.pt"
-        else:
-            path = env.resolve_path(source)
-        if path.is_dir():
-            path = next((path / n for n in ("checkpoint.pt", "state_dict.bin") if (path / n).is_file()), path / "state_dict.bin")
-        if not path.is_file():
-            raise UserError(f"continue_from={source}: {path} not found")
-        pkg = load_checkpoint(path, trust=self.cfg.trust_checkpoint,
-                              hint="; AudioCraft's training checkpoint.th pickles its config: if you trust this file, "
-                                   "add --trust_checkpoint=True (or use its exported state_dict.bin)")
-        pkg = pkg if isinstance(pkg, dict) else {}
-        state = pkg.get("fsdp_best_state") or pkg.get("best_state") or pkg.get("model")
-        if isinstance(state, dict) and isinstance(state.get("model"), dict):
-            state = state["model"]  # AudioCraft training checkpoints nest the LM as best_state.model
-        if not isinstance(state, dict):
-            raise UserError(f"continue_from={source}: {path} holds neither `best_state` nor `model`")
-        lm_lib.check_state_dict(self.model, state, str(path))
+        state, path = formats.read_lm_state(self.cfg.continue_from, self.cfg.runs_dir or None,
+                                            self.cfg.trust_checkpoint)
+        formats.check_state_dict(self.model, state, str(path))
         copy_into(self.model.state_dict(), state)
         if self.ema:
             self.ema = EMA(self.model, self.cfg.ema_decay)
