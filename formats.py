@@ -50,7 +50,7 @@ def lookup(tree, key, default=None, _hops=0):
     """Dotted `key` in a parsed YAML tree (AudioCraft's xp.cfg), following `${a.b}` references to other keys, as an
     unresolved xp.cfg dump holds them; `default` where a part is missing."""
     if _hops > 32:
-        raise UserError(f"xp.cfg: ${{{key}}} references loop")
+        raise UserError(f"xp.cfg: ${{{key}}} refers back to itself (a loop of references)")
     node = tree
     for part in key.split("."):
         m = _REFERENCE.fullmatch(node) if isinstance(node, str) else None

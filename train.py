@@ -357,18 +357,10 @@ def save_atomic(obj, path):
     write_run_file(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path, trust=False, hint=""):
-    """Tensors and plain containers only: a pickled object is refused, never run. trust=True unpickles anything
-    (AudioCraft's training checkpoint.th pickles its config), for files from a trusted source."""
-    if not trust:
-        return env.load_tensors(path, hint=hint)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except ModuleNotFoundError as e:  # the pickle names a class from a package not installed
-        raise UserError(f"{path}: unpickling it needs the module {e.name!r}: pip install "
-                        f"{str(e.name).split('.')[0]}") from None
-    except Exception as e:
-        raise UserError(env.load_error(path, e)) from None
+def load_checkpoint(path):
+    """Tensors and plain containers only: a pickled object is refused, never run (continue_from's trusted
+    unpickling of AudioCraft's checkpoint.th is formats.read_lm_state's)."""
+    return env.load_tensors(path)
 
 
 def finished_epochs(path):
