@@ -312,7 +312,8 @@ def read_audiocraft_lm(path, map_location="cpu"):
 
 def _check_t5(settings, with_t5):
     """Where T5 is looked for, checked before anything is built, naming the option that changes it."""
-    if with_t5 and settings.get("conditioner") == "t5":
+    settings = text.conditioning(settings)
+    if with_t5 and settings["conditioner"] == "t5":
         try:
             text.t5_directory(settings["t5_path"])
         except UserError as e:
