@@ -792,6 +792,9 @@ def read_lm_state(source, runs_dir=None, trust=False):
     state = pkg.get("fsdp_best_state") or pkg.get("best_state") or pkg.get("model")
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # AudioCraft training checkpoints nest the LM as best_state.model
+    if isinstance(state, dict) and isinstance(pkg.get("model"), dict) and state is not pkg["model"]:
+        # one of ours: the best state holds what trains, the model the rest
+        state = {**clean_state_dict(pkg["model"]), **clean_state_dict(state)}
     if not isinstance(state, dict):
         raise UserError(f"continue_from={source}: {path} holds neither `best_state` nor `model`")
     return clean_state_dict(state), path
