@@ -8,6 +8,7 @@ resumable sampling across ranks, and the built-in synthetic demo set.
     python data.py tokenize MANIFEST CACHE_DIR --codec=PATH [--device=cuda] [--batch_size=16] [--num_workers=4]
     torchrun --nproc_per_node=8 data.py tokenize DATASET CACHE_DIR --codec=//reference/encodec_32khz --device=cuda
     python data.py demo OUT_DIR [--seed=0]                                    # write the synthetic demo set
+    python data.py tokenizer MANIFEST OUT.model --vocab_size=4000             # sentencepiece for conditioner=lut
 
 A dataset is a directory of splits, as AudioCraft's egs: <dataset>/{train,valid,evaluate,generate}/data.jsonl[.gz].
 `tokenize` puts a split's cache at CACHE_DIR/<codec identity>/<split>-<manifest digest>, where training with
@@ -44,7 +45,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from env import UserError, cli, map_dataset_path, resolve_path, write_atomic
+from env import UserError, cli, map_dataset_path, parse_options, resolve_path, write_atomic
 
 SPLITS = ("train", "valid", "evaluate", "generate")
 # What soundfile (libsndfile 1.2) decodes; .m4a/.aac are not among them.
@@ -313,6 +314,30 @@ def describe(info, rng=None, merge_text_p=0.0, drop_desc_p=0.0, keep_field_p=1.0
     if rng.random() < drop_desc_p:
         desc = ""
     return ". ".join(([desc.rstrip(".")] if desc else []) + pairs)
+
+
+def manifest_texts(manifest):
+    """Each item's description and its metadata as the text augmentation writes it ("genre: rock. bpm: 120"): the
+    corpus a tokenizer for the lookup-table conditioner is trained on (python data.py tokenizer)."""
+    metas = read_manifest(manifest)
+    texts, with_text, bad = [], 0, []
+    for n, meta in enumerate(metas, 1):
+        try:
+            info = read_info(meta.path)
+        except BadFile as e:
+            bad.append(str(e))
+            continue
+        found = [t for t in (info["description"], describe({**info, "description": ""})) if t]
+        texts += found
+        with_text += bool(found)
+        if n % 10000 == 0 or n == len(metas):
+            print(f"read {n}/{len(metas)} manifest entries, {with_text} with text", flush=True)
+    if bad:
+        print(f"skipped {len(bad)} unreadable sidecars, the first: {bad[0]}", flush=True)
+    if not texts:
+        raise UserError(f"manifest {manifest}: none of its {len(metas)} entries has text (a sidecar <audio>.json "
+                        f"with a description or {'/'.join(MERGED_FIELDS)}); nothing written")
+    return texts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1068,7 +1093,26 @@ def make_demo_set(root, seed=0, sizes=None):
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 
+TOKENIZER_USAGE = "python data.py tokenizer MANIFEST OUT.model [--vocab_size=4000]"
+
+
+def tokenizer_main(argv):
+    """A sentencepiece model (T5's special ids) for conditioner=lut, trained on a manifest's descriptions and its
+    metadata as the text augmentation writes it; then train with --conditioner=lut --lut_tokenizer=OUT.model."""
+    import text
+    if {"-h", "--help"} & set(argv):
+        print(f"usage: {TOKENIZER_USAGE}\n\n" + " ".join(tokenizer_main.__doc__.split()))
+        return 0
+    (manifest, out), o = parse_options(argv, {"vocab_size": 4000}, usage=TOKENIZER_USAGE, positionals=(2, 2))
+    if o["vocab_size"] < 8:
+        raise UserError(f"vocab_size={o['vocab_size']}: too small (at least 8)")
+    text.train_sentencepiece(manifest_texts(manifest), out, o["vocab_size"])
+    return 0
+
+
 def main(argv):
+    if argv[:1] == ["tokenizer"]:   # the one subcommand on the shared --key=value parser
+        return tokenizer_main(argv[1:])
     parser = argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("manifest", help="walk ROOT for audio, write an AudioCraft manifest")
@@ -1084,6 +1128,7 @@ def main(argv):
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--num_workers", type=int, default=4)
     p.add_argument("--chunk_seconds", type=float, default=30.0)
+    sub.add_parser("tokenizer", help=f"train a sentencepiece model on a manifest's text: {TOKENIZER_USAGE}")
     p = sub.add_parser("demo", help="write the synthetic demo set")
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
@@ -1098,7 +1143,7 @@ def main(argv):
 
 
 def _tokenize_cli(args):
-    import codec as codec_lib
+    import formats
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     src = resolve_path(map_dataset_path(args.manifest))
     if src.is_dir() and not any((src / n).is_file() for n in ("data.jsonl", "data.jsonl.gz")):
@@ -1111,7 +1156,7 @@ def _tokenize_cli(args):
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    codec = codec_lib.load_codec(args.codec).to(device)
+    codec = formats.load_codec(args.codec).to(device)
     cache_root = resolve_path(args.cache_dir)
     for file, m in zip(files, metas):
         out = cache_path(cache_root, codec, file, m)

@@ -1,4 +1,6 @@
-"""Helpers for tests/test_model.py: the transformers reference and a generation loop without cache or batching."""
+"""Helpers for tests/test_model.py: small configs and conditions, and a generation loop without cache or batching.
+The transformers reference lives in bench.py (transformers_reference, transformers_cache), the AudioCraft ->
+transformers names in formats.py."""
 import torch
 
 import model as lm
@@ -10,65 +12,21 @@ def tiny_config(**overrides):
     return lm.LMConfig(**base)
 
 
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return lm.MusicGenLM(tiny_config(**overrides)).eval()
+
+
+def random_codes(B, K, T, card, seed=1):
+    return torch.randint(0, card, (B, K, T), generator=torch.Generator().manual_seed(seed))
+
+
 def random_condition(B=2, L=5, dim=64, seed=0):
     """condition [B, L, dim] zeroed where masked (as conditioners return it), mask [B, L] with padding in row 1."""
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(B, L, dtype=torch.bool)
     mask[1:, L // 2 + 1:] = False
     return torch.randn(B, L, dim, generator=g) * mask[..., None], mask
-
-
-# AudioCraft -> transformers names (transformers' convert_musicgen_transformers.py), applied to key segments
-HF_NAMES = {"cross_attention": "encoder_attn", "linear1": "fc1", "linear2": "fc2", "norm1": "self_attn_layer_norm",
-            "norm_cross": "encoder_attn_layer_norm", "norm2": "final_layer_norm"}
-
-
-def to_transformers_state_dict(state):
-    """Our (AudioCraft) LM state dict -> MusicgenForCausalLM's; the text projection is not part of it."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith("condition_provider."):
-            continue
-        parts = key.split(".")
-        if parts[0] == "emb":
-            parts[0] = "model.decoder.embed_tokens"
-        elif parts[0] == "transformer":
-            parts[0] = "model.decoder"
-        elif parts[0] == "out_norm":
-            parts[0] = "model.decoder.layer_norm"
-        elif parts[0] == "linears":
-            parts[0] = "lm_heads"
-        parts = [HF_NAMES.get(p, p) for p in parts]
-        if parts[-1] == "in_proj_weight":   # fused rows Q | K | V
-            for name, w in zip(("q", "k", "v"), value.chunk(3)):
-                out[".".join(parts[:-1] + [f"{name}_proj", "weight"])] = w
-        else:
-            out[".".join(parts)] = value
-    return out
-
-
-def transformers_reference(model):
-    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
-    c = model.cfg
-    hf_cfg = MusicgenDecoderConfig(
-        vocab_size=c.card, num_codebooks=c.n_q, hidden_size=c.dim, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, ffn_dim=c.hidden_scale * c.dim, activation_function="gelu",
-        pad_token_id=c.card, bos_token_id=c.card, dropout=0.0, attn_implementation="eager")
-    hf = MusicgenForCausalLM(hf_cfg).eval()
-    hf.load_state_dict(to_transformers_state_dict(model.state_dict()), strict=True)
-    gc = hf.generation_config
-    gc.decoder_start_token_id = gc.pad_token_id = c.card
-    gc.num_return_sequences = 1
-    return hf
-
-
-def transformers_cache():
-    """generate()'s keyword for an explicit two-part cache (self- and cross-attention), in the spelling of the
-    installed transformers: 5.24 renamed `past_key_values` to `cache` (and rejects the old name in generate)."""
-    import inspect
-    from transformers import DynamicCache, EncoderDecoderCache, MusicgenForCausalLM
-    name = "cache" if "cache" in inspect.signature(MusicgenForCausalLM.forward).parameters else "past_key_values"
-    return {name: EncoderDecoderCache(DynamicCache(), DynamicCache())}
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Bad input at every entry point: each row of tests/BAD_INPUTS.md is a test here.
 
-Every case runs the real command line (train.py, data.py, generate.py, python -m grids, env.py, model.py, text.py)
+Every case runs the real command line (train.py, data.py, generate.py, python -m grids, env.py, formats.py, text.py)
 in a process forked from a warm zygote (tests/_faults_util.py) and checks: the exit status; that the message names
 the thing that is wrong and says what to do (one line); that nothing was written where nothing should be; and that
 the message is the one the table shows. After changing a message on purpose, rewrite the table:
@@ -171,6 +171,14 @@ def _other_model_checkpoint(ctx):
     return ctx.train(f"--continue_from={ctx.tmp / 'other.pt'}")
 
 
+def _run_with_config(ctx, config):
+    d = ctx.tmp / "run"
+    d.mkdir()
+    torch.save({"model": {}, "config": {}}, d / "checkpoint.pt")
+    write(d / "config.json", config)
+    return d
+
+
 def _grid(ctx, body):
     return "-m grids", [str(write(ctx.tmp / "mygrid.py", body))]
 
@@ -252,7 +260,7 @@ CASES = [
     Case("codec-hf-bad-json", "train.py --codec", "a Hugging Face directory whose config.json is not JSON",
          lambda c: _hf_codec(c, "{oops"), ("<tmp>/hf_codec/config.json", "not valid JSON")),
     Case("codec-hf-no-weights", "train.py --codec", "a Hugging Face directory without weights",
-         lambda c: _hf_codec(c, '{"model_type": "encodec"}'), ("<tmp>/hf_codec", "no model.safetensors")),
+         lambda c: _hf_codec(c, '{"model_type": "encodec"}'), ("<tmp>/hf_codec", "no weights", "model.safetensors")),
     Case("codec-hf-other-model", "train.py --codec", "a Hugging Face directory of another model",
          lambda c: _hf_codec(c, '{"model_type": "t5"}', "model.safetensors"), ("<tmp>/hf_codec", "is not EnCodec")),
     Case("codec-empty-dir", "train.py --codec", "a directory holding no codec",
@@ -279,7 +287,7 @@ CASES = [
          _t5_pickle, ("<tmp>/t5/pytorch_model.bin", "refused", "nothing was run"), never=("PWNED",)),
     Case("lut-tokenizer-missing", "train.py --lut_tokenizer", "a sentencepiece model that does not exist",
          lambda c: c.train(f"--lut_tokenizer={c.tmp / 'nope.model'}"),
-         ("<tmp>/nope.model", "not found", "python text.py tokenizer")),
+         ("<tmp>/nope.model", "not found", "python data.py tokenizer")),
     Case("lut-tiktoken-bad", "train.py --lut_tokenizer", "a tiktoken file with a bad line",
          lambda c: c.train("--lut_tokenizer=tiktoken:" + str(write(c.tmp / "bpe.tiktoken", "QQ== 0\nnot base64\n"))),
          ("<tmp>/bpe.tiktoken:2", "expected '<base64 token> <rank>'")),
@@ -328,7 +336,7 @@ CASES = [
          _resume_corrupt, ("<tmp>/runs/xps/<sig>/checkpoint.pt", "cannot resume from it", "--clear=True"),
          writes=True, varies=((r"xps/[0-9a-f]{8}/", "xps/<sig>/"),)),
     Case("continue-missing-sig", "train.py --continue_from", "a run signature that does not exist",
-         lambda c: c.train("--continue_from=deadbeef"), ("continue_from=deadbeef", "checkpoint.pt not found"),
+         lambda c: c.train("--continue_from=deadbeef"), ("continue_from=deadbeef", "no run deadbeef in <tmp>/runs/xps"),
          writes=True),
     Case("continue-truncated", "train.py --continue_from", "a checkpoint cut short",
          lambda c: c.train(f"--continue_from={truncated_checkpoint(c.tmp / 'cut.pt')}"),
@@ -440,17 +448,25 @@ CASES = [
     Case("run-info-missing", "env.py info", "a run signature that does not exist",
          lambda c: ("env.py", ["info", "deadbeef"], {"AUDIOCRAFT_DORA_DIR": str(c.tmp / "runs")}),
          ("deadbeef", "<tmp>/runs/xps/deadbeef/config.json not found")),
-    # -- model.py and text.py
-    Case("lm-missing", "model.py", "an LM file that does not exist",
-         lambda c: ("model.py", [str(c.tmp / "state_dict.bin")]), ("<tmp>/state_dict.bin", "no such file")),
-    Case("lm-wrong-keys", "model.py", "a torch file that is not an AudioCraft LM",
-         lambda c: (torch.save({"foo": 1}, c.tmp / "x.bin"), ("model.py", [str(c.tmp / "x.bin")]))[1],
+    # -- formats.py, generate.py export, data.py tokenizer, text.py
+    Case("lm-missing", "formats.py lm", "an LM file that does not exist",
+         lambda c: ("formats.py", ["lm", str(c.tmp / "state_dict.bin")]), ("<tmp>/state_dict.bin", "no such file")),
+    Case("lm-wrong-keys", "formats.py lm", "a torch file that is not an AudioCraft LM",
+         lambda c: (torch.save({"foo": 1}, c.tmp / "x.bin"), ("formats.py", ["lm", str(c.tmp / "x.bin")]))[1],
          ("<tmp>/x.bin", "needs 'best_state' and 'xp.cfg'")),
-    Case("lm-pickle", "model.py", "an LM file with pickled code", lambda c: ("model.py", [str(_evil(c))]),
-         ("<tmp>/evil.bin", "refused", "nothing was run"), never=("PWNED",)),
-    Case("tokenizer-vocab", "text.py tokenizer", "a vocabulary size that is not a number",
-         lambda c: ("text.py", ["tokenizer", "m.jsonl", "out.model", "--vocab_size=many"]),
-         ("--vocab_size='many'", "expected an integer")),
+    Case("lm-pickle", "formats.py lm", "an LM file with pickled code",
+         lambda c: ("formats.py", ["lm", str(_evil(c))]), ("<tmp>/evil.bin", "refused", "nothing was run"),
+         never=("PWNED",)),
+    Case("export-bad-config", "generate.py export", "a run whose config.json is not JSON",
+         lambda c: ("generate.py", ["export", str(_run_with_config(c, "{oops")), str(c.tmp / "out")]),
+         ("<tmp>/run/config.json", "not readable JSON", "remove it")),
+    Case("export-unknown-option", "generate.py export", "a misspelt option",
+         lambda c: ("generate.py", ["export", "RUN", "OUT", "--codc=x"]), ('unknown key "codc"', '"codec"')),
+    Case("tokenizer-vocab", "data.py tokenizer", "a vocabulary size that is not a number",
+         lambda c: ("data.py", ["tokenizer", "m.jsonl", "out.model", "--vocab_size=many"]),
+         ("vocab_size='many'", "is not an int")),
+    Case("tokenizer-moved", "text.py tokenizer", "the command that moved to data.py",
+         lambda c: ("text.py", ["tokenizer", "m.jsonl", "out.model"]), ("moved", "python data.py tokenizer")),
 ]
 
 
@@ -548,16 +564,12 @@ def test_every_row_of_the_table_is_a_case():
 
 def test_trusted_audiocraft_checkpoint_th_continues_from_its_weights(tmp_path, shared_data):
     import model as lm_lib
-    import text
     import train
     ctx = Ctx(tmp_path, shared_data)
     target, argv = ctx.train("--lr=0", "--trust_checkpoint=True")
     cfg = train.parse_args(argv)
-    lm_cfg = lm_lib.LMConfig(**{f: getattr(cfg, f) for f in lm_lib.LMConfig.__dataclass_fields__ if f in train.FIELDS})
     torch.manual_seed(3)
-    cond = text.build_conditioner("lut", cfg.dim, lut_tokenizer=cfg.lut_tokenizer, lut_dim=cfg.lut_dim,
-                                  lut_layers=cfg.lut_layers)
-    source = {k: v.half() for k, v in lm_lib.MusicGenLM(lm_cfg, cond).state_dict().items()}  # AudioCraft keeps fp16
+    source = {k: v.half() for k, v in lm_lib.build_lm(train.config_dict(cfg)).state_dict().items()}  # AudioCraft: fp16
     # AudioCraft's solver checkpoint: its config pickled as an object (a DictConfig there; any class will do)
     torch.save({"best_state": {"model": source}, "xp.cfg": argparse.Namespace(lr=1e-4), "model": {}, "history": []},
                tmp_path / "checkpoint.th")

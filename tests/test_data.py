@@ -603,8 +603,8 @@ def test_demo_dataset_trains_through_the_cache(tmp_path, monkeypatch):
 # With the real codec module, and the command line
 
 def test_tokenize_cli_with_the_debug_codec(dataset, tmp_path, capsys):
-    import codec as codec_lib
-    codec = codec_lib.load_codec("debug")
+    import formats
+    codec = formats.load_codec("debug")
     assert data.main(["tokenize", str(dataset / "valid"), str(tmp_path / "cache"), "--codec=debug",
                       "--device=cpu", "--num_workers=0", "--batch_size=1"]) == 0
     out = Path(capsys.readouterr().out.strip().splitlines()[-1])

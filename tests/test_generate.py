@@ -5,7 +5,6 @@ import json
 import shutil
 import subprocess
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,8 @@ import soundfile as sf
 import torch
 import yaml
 
-import codec as codec_lib
 import env
+import formats
 import generate
 import model as lm_lib
 import text
@@ -40,12 +39,8 @@ def make_run(runs, args=TINY, seed=0):
     config = {**train.config_dict(cfg), "signature": sig}
     (d / "config.json").write_text(json.dumps(config))
     torch.manual_seed(seed)
-    lm_cfg = lm_lib.LMConfig(**{f.name: getattr(cfg, f.name) for f in fields(lm_lib.LMConfig) if hasattr(cfg, f.name)})
-    cond = None  # T5's trained part is its projection: model.ProjectedCondition has the same state
-    if cfg.conditioner == "lut":
-        cond = text.build_conditioner("lut", cfg.dim, lut_tokenizer=cfg.lut_tokenizer, lut_dim=cfg.lut_dim,
-                                      lut_layers=cfg.lut_layers)
-    live = lm_lib.MusicGenLM(lm_cfg, cond).state_dict()
+    # T5's trained part is its projection: with_t5=False (model.ProjectedCondition) has the same state
+    live = lm_lib.build_lm(config, with_t5=False).state_dict()
     best = {k: v + 0.05 * torch.randn_like(v) for k, v in live.items() if v.is_floating_point()}
     torch.save({"model": live, "best_state": best, "ema": {"state": live, "count": 1.0}, "config": config},
                d / "checkpoint.pt")
@@ -173,7 +168,7 @@ def test_long_pieces_slide_a_window_with_extend_stride(mg, monkeypatch):
     assert torch.equal(calls[1][1], codes[..., 15:25]) and torch.equal(codes[..., 15:], calls[1][2])
 
 
-def test_export_loads_back_with_identical_logits(run_dir, mg, tmp_path):
+def test_export_loads_back_with_identical_logits(run_dir, mg, tmp_path, capsys):
     out = tmp_path / "export"
     generate.main(["export", str(run_dir), str(out)])
     pkg = torch.load(out / "state_dict.bin", weights_only=True)
@@ -181,11 +176,14 @@ def test_export_loads_back_with_identical_logits(run_dir, mg, tmp_path):
     xp = yaml.safe_load(pkg["xp.cfg"])
     # AudioCraft's MusicGen needs a context over its default extend_stride of 18 s; ours stays 0.5 s
     assert xp["dataset"]["segment_duration"] == 30.0 and xp["conditioners"]["description"]["model"] == "lut"
-    run_cfg = train.parse_args(TINY)  # the conditioner the run was trained with
-    cond = text.build_conditioner("lut", 32, lut_tokenizer=run_cfg.lut_tokenizer, lut_dim=32,
-                                  lut_layers=run_cfg.lut_layers).eval()
-    lm, cfg = lm_lib.load_audiocraft_lm(out, cond)
-    assert cfg == mg.lm_cfg
+    # config/debug.py trains with mask_memory=True and a lookup-table conditioner: AudioCraft differs on both, and
+    # the export says so in one line each and records it
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert [n.split(":")[1].strip() for n in notes] == ["mask_memory=True", "conditioner=lut"]
+    assert "padded rows of a batch of prompts of different lengths" in notes[0]
+    assert xp["nanomusicgen"]["audiocraft_differences"] == [n[len("note: "):] for n in notes]
+    lm, cfg = formats.load_audiocraft_lm(out)   # the conditioner the run was trained with, from the export's settings
+    assert cfg == mg.lm_cfg and type(lm.conditioner) is type(mg.lm.conditioner)
     sequence = torch.randint(0, 257, (2, 4, 12), generator=torch.Generator().manual_seed(0))
     texts = ["slow calm strings", None]
     with torch.no_grad():
@@ -201,8 +199,8 @@ def test_export_loads_back_with_identical_logits(run_dir, mg, tmp_path):
 def t5_export(root):
     """An AudioCraft-style export of a T5-conditioned model (no T5 weights needed to write it)."""
     cfg = lm_lib.LMConfig(dim=32, n_layers=1, n_heads=2, n_q=4, card=256, text_dim=16)
-    lm_lib.export_audiocraft_lm(lm_lib.MusicGenLM(cfg), cfg, root)
-    codec_lib.export_audiocraft_codec(codec_lib.load_codec("debug"), root / "compression_state_dict.bin")
+    formats.export_audiocraft_lm(lm_lib.MusicGenLM(cfg), cfg, root)
+    formats.export_audiocraft_codec(formats.load_codec("debug"), root / "compression_state_dict.bin")
     return root
 
 

@@ -170,15 +170,12 @@ def test_fsdp_two_processes_train_checkpoint_and_resume(tmp_path, dataset):
 
 
 def test_continue_from_an_exported_audiocraft_file(tmp_path, dataset):
+    import formats
     import model as lm_lib
-    import text
     cfg = train.parse_args(TINY)
-    lm_cfg = lm_lib.LMConfig(**{f: getattr(cfg, f) for f in lm_lib.LMConfig.__dataclass_fields__ if hasattr(cfg, f)})
     torch.manual_seed(7)
-    cond = text.build_conditioner("lut", cfg.dim, lut_tokenizer=cfg.lut_tokenizer, lut_dim=cfg.lut_dim,
-                                  lut_layers=cfg.lut_layers)
-    source = lm_lib.MusicGenLM(lm_cfg, cond)
-    lm_lib.export_audiocraft_lm(source, lm_cfg, tmp_path / "state_dict.bin")
+    source = lm_lib.build_lm(train.config_dict(cfg))
+    formats.export_audiocraft_lm(source, source.cfg, tmp_path / "state_dict.bin")
     r = run(TINY + ["--epochs=1", "--lr=0", f"--continue_from={tmp_path / 'state_dict.bin'}"], tmp_path / "runs", dataset)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "continuing from the weights in" in r.stdout
