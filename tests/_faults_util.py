@@ -11,6 +11,7 @@ The faults are injected into the forked process before train.main runs, so the l
                     announced on stderr: "fault: writing a checkpoint", "fault: renaming to checkpoint.pt")
     fsize=N         files cannot grow past N bytes (RLIMIT_FSIZE, SIGXFSZ ignored): writes fail with EFBIG
     inf_grad=1,3    the gradient (not the loss) is infinite in those updates (0-based)
+    slow=M.F:S      module M's function F (or M.Class.method) sleeps S seconds before each call (slow disks, codecs)
 """
 import io
 import multiprocessing
@@ -69,6 +70,20 @@ def _inject(fault):
             import resource
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (int(value), int(value)))
+        elif name == "slow":
+            import importlib
+            where, _, delay = value.rpartition(":")
+            module, *attrs = where.split(".")
+            owner = importlib.import_module(module)
+            for a in attrs[:-1]:
+                owner = getattr(owner, a)
+            real = getattr(owner, attrs[-1])
+
+            def slowed(*args, _real=real, _delay=float(delay), **kw):
+                time.sleep(_delay)
+                return _real(*args, **kw)
+
+            setattr(owner, attrs[-1], slowed)
         elif name == "inf_grad":
             Run = train.Run
             bad, real_loss = {int(v) for v in value.split(",")}, Run.loss
