@@ -490,8 +490,8 @@ def save_audio(path, wav, sample_rate):
 # Rank r of world_size writes shard r, files i % world_size == r. A row counts while its stamp (size and mtime of
 # the audio and of its sidecar) matches the files on disk: an edited description is read again, a re-recorded
 # file encoded again. Codes are written before their row and a row is one line: a cut line is skipped, so
-# readers never see half a row. Each chunk is padded to a length that depends on the chunk alone, so a file's
-# codes do not depend on what it was batched with or which rank encoded it.
+# readers never see half a row. Each chunk is padded to a length that depends on the chunk alone, and every
+# encode has the cache's batch shape, so a file's codes do not depend on its batch-mates or which rank encoded it.
 
 STALL_TIMEOUT = 900.0  # seconds without a byte written to any shard before a waiting process gives up (a dead rank)
 POLL_SECONDS = 1.0     # between looks at the cache files while waiting
@@ -544,18 +544,18 @@ def input_stamps(metas, workers=16):
         return [s for part in parts for s in part]
 
 
-def _cache_meta(codec, file, metas, chunk_seconds):
+def _cache_meta(codec, file, metas, chunk_seconds, batch_size):
     return {"format": CACHE_FORMAT, "codec": codec.identity(), "n_q": codec.n_q, "card": codec.card,
             "hop": codec.hop, "sample_rate": codec.sample_rate, "channels": codec.channels,
             "frame_rate": codec.frame_rate, "manifest": str(file), "digest": manifest_digest(metas),
             "files": len(metas), "chunk_frames": max(1, round(chunk_seconds * codec.frame_rate)),
-            "pad_frames": max(1, round(PAD_SECONDS * codec.frame_rate))}
+            "pad_frames": max(1, round(PAD_SECONDS * codec.frame_rate)), "batch": batch_size}
 
 
 def _claim_cache(out, meta):
     """Create the cache directory with its cache.json, or check that an existing one is for the same codec and
     manifest (a cache made by another codec or from other files is refused, never mixed). Returns the cache.json
-    in force: a cache goes on with the chunking it was started with."""
+    in force: a cache goes on with the chunking and batch it was started with (codes depend on them)."""
     file = out / "cache.json"
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -568,7 +568,7 @@ def _claim_cache(out, meta):
         text = json.dumps(meta, indent=1) + "\n"  # ranks racing here write the same content
         write_atomic(file, lambda f: f.write(text.encode()), advice=": free some space and run again")
         return meta
-    if old.get("format") != CACHE_FORMAT or "chunk_frames" not in old:
+    if old.get("format") != CACHE_FORMAT or not {"chunk_frames", "pad_frames", "batch"} <= old.keys():
         raise UserError(f"token cache {file} is not one this version reads: delete {out} to build it again")
     if old.get("codec") != meta["codec"]:
         raise UserError(f"token cache {out} was made by codec {old.get('codec')!r}, this codec is "
@@ -742,8 +742,8 @@ def _codec_device(codec):
 
 def tokenize(manifest, out, codec, *, batch_size=16, num_workers=0, chunk_seconds=30.0, rank=0, world_size=1,
              wait=False, stall_timeout=STALL_TIMEOUT, verbose=True):
-    """Encode the files of a manifest into the cache directory `out`, in chunks of chunk_seconds (a cache goes on
-    with the chunking it was started with) batched across files. This process takes files i % world_size == rank
+    """Encode the files of a manifest into the cache directory `out`, in chunks of chunk_seconds batched across
+    files, batch_size at a time (a cache goes on with the chunking and batch size it was started with). This process takes files i % world_size == rank
     and writes shard `rank`; files with a current row in any shard are skipped (resumable: a crash, a stop
     signal or a full disk loses only the files in flight), changed files are done again.
 
@@ -769,7 +769,8 @@ def _fill_cache(file, metas, stamps, out, codec, *, rank, world_size, wait, stal
         raise UserError(f"codec card {codec.card} does not fit the cache's uint16 codes")
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is not in [0, world_size={world_size})")
-    meta = _claim_cache(out, _cache_meta(codec, file, metas, encode_kw.pop("chunk_seconds")))
+    meta = _claim_cache(out, _cache_meta(codec, file, metas, encode_kw.pop("chunk_seconds"),
+                                         encode_kw.pop("batch_size")))
     summary = {"dir": str(out), "files": len(metas), "done_before": None, "written": 0, "reread": 0, "skipped": [],
                "seconds": 0.0}
     seen, changed, look, said = None, time.time(), 0.0, None
@@ -799,14 +800,13 @@ def _fill_cache(file, metas, stamps, out, codec, *, rank, world_size, wait, stal
                 lock.close()
             seen = None
             continue
-        waited = time.time() - changed
-        if waited > stall_timeout:
-            shards = sorted({i % world_size for i in missing})
-            raise UserError(f"token cache {out}: nothing was written for {waited:.0f} s and {len(missing)} files are "
-                            f"missing, e.g. {metas[missing[0]].path} (" + "; ".join(
-                                f"shard {s} of {world_size}: {_writer(out, s)}" for s in shards[:3])
-                            + f"): a process is stuck or gone. Every file written is kept: run again to go on "
-                            f"(stall_timeout={stall_timeout:g} s is how long a wait without progress may last)")
+        if time.time() - changed > stall_timeout:
+            writers = "; ".join(f"shard {s} of {world_size}: {_writer(out, s)}"
+                                for s in sorted({i % world_size for i in missing})[:3])
+            raise UserError(f"token cache {out}: nothing was written for {stall_timeout:g} s and {len(missing)} files "
+                            f"are missing, e.g. {metas[missing[0]].path} ({writers}): a process is stuck or gone. "
+                            f"Every file written is kept: run again to go on (stall_timeout is how long a wait "
+                            f"without progress may last)")
         if verbose and said != bool(mine) and (mine or rank == 0):
             said = bool(mine)
             _log(f"tokenize: {out}: " + (f"shard {rank} is being written by {_writer(out, rank)}: waiting for it"
@@ -815,9 +815,14 @@ def _fill_cache(file, metas, stamps, out, codec, *, rank, world_size, wait, stal
         time.sleep(max(POLL_SECONDS, 4 * look))  # reading the rows again must not become the work
 
 
-def _encode_share(out, shard, metas, stamps, codec, meta, summary, *, world_size, verbose, batch_size, num_workers):
-    """Under shard `shard`'s lock: repair it, then encode the missing files i % world_size == shard into it."""
-    K, hop = codec.n_q, codec.hop
+def _encode_share(out, shard, metas, stamps, codec, meta, summary, *, world_size, verbose, num_workers):
+    """Under shard `shard`'s lock: repair it, then encode the missing files i % world_size == shard into it.
+
+    Every encode has the same shape, [batch, channels, padded length] (missing rows are zeros): kernels give a row
+    the same result whatever the other rows hold, but not whatever the batch's shape (an LSTM batched over 16
+    rows rounds differently than over 3), so this keeps a file's codes independent of its batch-mates, of
+    sharding and of resuming."""
+    K, hop, B = codec.n_q, codec.hop, meta["batch"]
     offset = _repair_shard(out, shard, K)  # first: rows it drops are to be done again
     rows = _index_rows(out)
     current = _current(rows, stamps)
@@ -837,9 +842,9 @@ def _encode_share(out, shard, metas, stamps, codec, meta, summary, *, world_size
                                          prefetch_factor=4 if num_workers else None,
                                          worker_init_fn=_ignore_stop_signals,
                                          generator=torch.Generator().manual_seed(0))  # leave the global RNG alone
-    # chunks waiting for a batch, by padded length: (file, chunk number, wav [C, S]); the codes of each chunk of
-    # the files not yet written (None: not encoded yet), in file order
-    buckets, parts, rows_of, order = {}, {}, {}, []
+    # chunks waiting for a batch, by padded length: [(file, chunk number, wav [C, S])]; the codes of each chunk of
+    # the files not written yet (None: not encoded yet) and their rows
+    buckets, parts, rows_of = {}, {}, {}
     t0, shown, read_s = time.time(), 0.0, 0.0
     index_path = out / f"index.{shard}.jsonl"
     with open(out / f"codes.{shard}.u16", "ab", buffering=0) as codes_f, open(index_path, "ab", buffering=0) as index_f:
@@ -847,41 +852,40 @@ def _encode_share(out, shard, metas, stamps, codec, meta, summary, *, world_size
         def add_row(row):
             _append(index_f, (json.dumps(row) + "\n").encode())
 
-        def write_finished():
+        def write(i):
             nonlocal offset
-            while order and all(p is not None for p in parts[order[0]]):
-                i = order.pop(0)
-                codes = torch.cat(parts.pop(i), dim=-1)  # codes: [K, frames] int64
-                if codes.min() < 0 or codes.max() >= codec.card:  # uint16 would wrap them silently
-                    raise RuntimeError(f"codec gave codes outside [0, {codec.card}) for {metas[i].path}")
-                _append(codes_f, codes.T.numpy().astype(np.uint16).tobytes())  # codes first, then the row that
-                add_row(dict(rows_of.pop(i), offset=offset, frames=codes.shape[-1]))  # says they are whole
-                offset += codes.shape[-1]
-                summary["written"] += 1
-                summary["seconds"] += metas[i].duration
+            codes = torch.cat(parts.pop(i), dim=-1)  # codes: [K, frames] int64
+            if codes.min() < 0 or codes.max() >= codec.card:  # uint16 would wrap them silently
+                raise RuntimeError(f"codec gave codes outside [0, {codec.card}) for {metas[i].path}")
+            _append(codes_f, codes.T.numpy().astype(np.uint16).tobytes())  # codes first, then the row saying
+            add_row(dict(rows_of.pop(i), offset=offset, frames=codes.shape[-1]))  # they are whole
+            offset += codes.shape[-1]
+            summary["written"] += 1
+            summary["seconds"] += metas[i].duration
 
         def encode(length):
-            group, buckets[length] = buckets[length][:batch_size], buckets[length][batch_size:]
+            group, buckets[length] = buckets[length][:B], buckets[length][B:]
             if not buckets[length]:
                 del buckets[length]
-            batch = np.zeros((len(group), codec.channels, length), np.float32)  # wav: [B, C, S] float32
+            batch = np.zeros((B, codec.channels, length), np.float32)  # wav: [B, C, S] float32
             for b, (_, _, p) in enumerate(group):
                 batch[b, :, :p.shape[-1]] = p
             with torch.inference_mode():
                 codes = codec.encode(torch.from_numpy(batch).to(device)).cpu()  # codes: [B, K, S / hop] int64
             for b, (i, k, p) in enumerate(group):
                 parts[i][k] = codes[b, :, :-(-p.shape[-1] // hop)]
+            for i in dict.fromkeys(i for i, _, _ in group):
+                if all(p is not None for p in parts[i]):
+                    write(i)
             os.utime(index_path)  # work in progress, for those watching
-            write_finished()
 
         def encode_ready(final=False):
-            """Full batches; then, when too many chunks wait or (final) at the end, the oldest chunk's length
-            first: files are written in order, so the oldest waiting chunk holds the others back."""
+            """Full batches; the fullest when too many chunks wait (memory); everything at the end."""
             while buckets:
-                full = [n for n in buckets if len(buckets[n]) >= batch_size]
-                if not full and not final and sum(map(len, buckets.values())) <= 4 * batch_size:
+                length = max(buckets, key=lambda n: (len(buckets[n]), n))
+                if len(buckets[length]) < B and not final and sum(map(len, buckets.values())) <= 8 * B:
                     return
-                encode(full[0] if full else min(buckets, key=lambda n: buckets[n][0][:2]))
+                encode(length)
 
         for i in reread:
             check_stop()
@@ -902,7 +906,6 @@ def _encode_share(out, shard, metas, stamps, codec, meta, summary, *, world_size
                 starts = range(0, wav.shape[-1], chunk)
                 parts[i], rows_of[i] = [None] * len(starts), {"i": i, "path": metas[i].path, "stamp": stamp,
                                                                "info": info}
-                order.append(i)
                 for k, a in enumerate(starts):
                     piece = wav[:, a:a + chunk].numpy()
                     length = min(chunk, -(-piece.shape[-1] // pad) * pad)  # the chunk's own padded length
@@ -1412,7 +1415,8 @@ COMMANDS = {  # name: (arguments, {option: default}, what it does, {option: what
                  "every rank returns when the whole cache is in.",
                  {"codec": 'the codec: a path, //reference/..., or "debug" (required)',
                   "device": "where to encode (default: cuda if available, else cpu; cuda:LOCAL_RANK under torchrun)",
-                  "batch_size": "chunks per encode", "num_workers": "processes reading audio",
+                  "batch_size": "chunks per encode (a cache keeps the one it was started with)",
+                  "num_workers": "processes reading audio",
                   "chunk_seconds": "files are encoded in chunks of this many seconds",
                   "stall_timeout": "seconds without progress on any shard before waiting ranks give up"}),
     "demo": ("OUT_DIR", {"seed": 0}, "Write the synthetic demo set.", {"seed": "the demo set is a function of it"}),
@@ -1442,8 +1446,8 @@ def main(argv):
     pos, opts = env.parse_options(argv[1:], schema, where=f"data.py {cmd}", positionals=(n, n),
                                   usage=f"python data.py {cmd} {args} [--key=value ...]")
     for key in ("workers", "batch_size"):
-        if key in opts and opts[key] < 1:
-            raise UserError(f"data.py {cmd}: --{key}={opts[key]} must be at least 1")
+        if key in opts and not 1 <= opts[key] <= 1024:
+            raise UserError(f"data.py {cmd}: --{key}={opts[key]} must be between 1 and 1024")
     for key in ("num_workers", "seed"):
         if key in opts and opts[key] < 0:
             raise UserError(f"data.py {cmd}: --{key}={opts[key]} must not be negative")
@@ -1473,8 +1477,7 @@ def _device(name):
         raise UserError(f"--device={name}: not a device (cpu, cuda, cuda:N, mps)") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device={name}: CUDA is not available here (torch {torch.__version__}, "
-                            f"{torch.cuda.device_count()} GPUs): use --device=cpu")
+            raise UserError(f"--device={name}: CUDA is not available here (torch sees no GPU): use --device=cpu")
         if device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if device.index >= torch.cuda.device_count():

@@ -426,27 +426,45 @@ def test_tokenize_resumes_after_a_crash_and_repairs_partial_writes(dataset, tmp_
         assert torch.equal(entry_codes(out, m.path), entry_codes(full, m.path))
 
 
-def test_codes_do_not_depend_on_batching_or_sharding(tmp_path):
-    """A real codec (convolutions see the padding): a file's codes are the same whatever it was batched with,
-    whichever rank encoded it, and however a stopped build was resumed."""
+class Crashing:
+    """A codec that dies in its n+1-th encode."""
+
+    def __init__(self, codec, after):
+        self.codec, self.after, self.calls = codec, after, 0
+
+    def __getattr__(self, name):
+        return getattr(self.codec, name)
+
+    def encode(self, wav):
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError("simulated crash")
+        return self.codec.encode(wav)
+
+
+def test_codes_do_not_depend_on_batching_sharding_or_resuming(tmp_path):
+    """A real codec (convolutions see the padding, an LSTM rounds by batch shape): a file's codes are the same
+    whatever it was batched with, whichever rank encoded it, and however a crashed build was resumed."""
     import codec as codec_lib
     codec = codec_lib.load_codec("debug")
     split = tmp_path / "ds" / "train"
     rows = []
-    for k, seconds in enumerate([0.37, 1.3, 2.15, 0.8]):
+    for k, seconds in enumerate([0.37, 1.3, 2.15, 0.8, 1.74, 0.52]):
         write(split / f"{k}.wav", seconds, seed=k)
         rows.append({"path": f"{k}.wav", "duration": seconds, "sample_rate": 32000})
     (split / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    kw = dict(chunk_seconds=1.0, verbose=False)
-    data.tokenize(split, tmp_path / "b1", codec, batch_size=1, **kw)
-    data.tokenize(split, tmp_path / "b7", codec, batch_size=7, **kw)
-    for rank in (1, 0):
-        data.tokenize(split, tmp_path / "ranks", codec, batch_size=3, rank=rank, world_size=2, **kw)
+    kw = dict(verbose=False)  # one chunk per file
+    data.tokenize(split, tmp_path / "clean", codec, batch_size=3, **kw)
+    sharded = tmp_path / "sharded"
+    with pytest.raises(RuntimeError, match="simulated crash"):  # rank 1 dies in its first encode
+        data.tokenize(split, sharded, Crashing(codec, 0), batch_size=3, rank=1, world_size=2, **kw)
+    data.tokenize(split, sharded, codec, batch_size=1, rank=1, world_size=2, **kw)  # the cache keeps batch 3
+    data.tokenize(split, sharded, codec, batch_size=7, rank=0, world_size=2, **kw)
     for m in data.read_manifest(split):
-        ref = entry_codes(tmp_path / "b1", m.path, codec.n_q)
+        ref = entry_codes(tmp_path / "clean", m.path, codec.n_q)
         assert ref.shape[-1] == -(-round(m.duration * 32000) // codec.hop)
-        for other in ("b7", "ranks"):
-            assert torch.equal(entry_codes(tmp_path / other, m.path, codec.n_q), ref), (other, m.path)
+        assert torch.equal(entry_codes(sharded, m.path, codec.n_q), ref), m.path
+    assert json.loads((sharded / "cache.json").read_text())["batch"] == 3
 
 
 def test_an_edited_sidecar_is_read_again_and_a_rerecorded_file_encoded_again(tmp_path):
