@@ -482,7 +482,7 @@ def save_audio(path, wav, sample_rate):
 # ----------------------------------------------------------------------------------------------------------
 # The token cache: a directory per split and codec, <cache_dir>/<codec identity>/<split>-<digest>/ holding
 #
-#   cache.json        what made it: codec, manifest digest, chunking
+#   cache.json        what made it: codec, manifest digest, chunking and batch shape
 #   codes.<s>.u16     shard s: [frames, K] uint16 codes, appended
 #   index.<s>.jsonl   shard s: a row per file, {i, path, offset, frames, stamp, info} or {i, path, stamp, error}
 #   lock.<s>          flock-ed by shard s's one writer, whose name it holds: two writers never append to one shard
@@ -493,7 +493,11 @@ def save_audio(path, wav, sample_rate):
 # readers never see half a row. Each chunk is padded to a length that depends on the chunk alone, and every
 # encode has the cache's batch shape, so a file's codes do not depend on its batch-mates or which rank encoded it.
 
-STALL_TIMEOUT = 900.0  # seconds without a byte written to any shard before a waiting process gives up (a dead rank)
+# A waiting rank gives up when no shard has written or touched anything for STALL_TIMEOUT seconds: a healthy writer
+# shows progress after every encode, so only a dead or hung one goes quiet that long; 15 minutes is far above one
+# encode (seconds on a GPU, a minute or two of CPU for 16 x 30 s) and a network filesystem's attribute caching
+# (up to a minute), and far below the hours a job would otherwise wait for a rank that will never write again.
+STALL_TIMEOUT = 900.0
 POLL_SECONDS = 1.0     # between looks at the cache files while waiting
 PAD_SECONDS = 1.0      # chunks are zero-padded to a multiple of this; chunks of one padded length are batched
 
@@ -743,9 +747,10 @@ def _codec_device(codec):
 def tokenize(manifest, out, codec, *, batch_size=16, num_workers=0, chunk_seconds=30.0, rank=0, world_size=1,
              wait=False, stall_timeout=STALL_TIMEOUT, verbose=True):
     """Encode the files of a manifest into the cache directory `out`, in chunks of chunk_seconds batched across
-    files, batch_size at a time (a cache goes on with the chunking and batch size it was started with). This process takes files i % world_size == rank
-    and writes shard `rank`; files with a current row in any shard are skipped (resumable: a crash, a stop
-    signal or a full disk loses only the files in flight), changed files are done again.
+    files, batch_size at a time (a cache goes on with the chunking and batch size it was started with). This
+    process takes files i % world_size == rank and writes shard `rank`; files with a current row in any shard are
+    skipped (resumable: a crash, a stop signal or a full disk loses only the files in flight), changed files are
+    done again.
 
     One writer per shard: while another process holds this shard, wait for it, then do what it left. With wait,
     then wait until every shard is done, by watching the cache files: every rank of a job may call this at once
