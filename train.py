@@ -826,8 +826,8 @@ def _si(x):
 
 
 def open_splits(cfg, codec, d):
-    """The four splits. Every rank opens them at once: the demo set and token caches are built under their own file
-    locks (data.py), so ranks wait for each other without a collective that could time out."""
+    """The four splits. Every rank opens them at once and encodes its share of a missing token cache; ranks wait for
+    each other by watching the cache files (data.py), never in a collective that could time out."""
     dataset, runs = cfg.dataset, Path(cfg.runs_dir or env.get_env().runs_dir)
     if dataset == "demo":
         dataset = str(runs / "data" / "demo")
@@ -836,7 +836,7 @@ def open_splits(cfg, codec, d):
                   cache_dir=cfg.cache_dir or str(runs / "cache"), min_segment_ratio=cfg.min_segment_ratio,
                   sample_on_weight=cfg.sample_on_weight, sample_on_duration=cfg.sample_on_duration,
                   merge_text_p=cfg.merge_text_p, drop_desc_p=cfg.drop_desc_p, keep_field_p=cfg.keep_field_p,
-                  max_skip_fraction=cfg.max_skip_fraction)
+                  max_skip_fraction=cfg.max_skip_fraction, rank=d.rank, world_size=d.world_size)
     return {s: data.open_split(dataset, s, train=s == "train", **common) for s in data.SPLITS}
 
 

@@ -13,6 +13,7 @@ The faults are injected into the forked process before train.main runs, so the l
     inf_grad=1,3    the gradient (not the loss) is infinite in those updates (0-based); inf_grad=1@1: on rank 1 only
     compile_eager=1 compile=True traces with dynamo but runs the graphs eagerly (no C++ build: seconds, not
                     minutes); train.main prints "dynamo: N graphs" when it returns
+    slow=M.F:S      module M's function F (or M.Class.method) sleeps S seconds before each call (slow disks, codecs)
 """
 import io
 import multiprocessing
@@ -71,6 +72,20 @@ def _inject(fault):
             import resource
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (int(value), int(value)))
+        elif name == "slow":
+            import importlib
+            where, _, delay = value.rpartition(":")
+            module, *attrs = where.split(".")
+            owner = importlib.import_module(module)
+            for a in attrs[:-1]:
+                owner = getattr(owner, a)
+            real = getattr(owner, attrs[-1])
+
+            def slowed(*args, _real=real, _delay=float(delay), **kw):
+                time.sleep(_delay)
+                return _real(*args, **kw)
+
+            setattr(owner, attrs[-1], slowed)
         elif name == "inf_grad":
             value, _, only_rank = value.partition("@")
             if only_rank and os.environ.get("RANK", "0") != only_rank:

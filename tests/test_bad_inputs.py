@@ -13,6 +13,7 @@ read only with --trust_checkpoint=True; paths in a manifest are only ever read.
 import argparse
 import builtins
 import json
+import os
 import re
 import sys
 import tempfile
@@ -379,6 +380,31 @@ CASES = [
     Case("audio-nan", "data.py tokenize", "a float file with NaN samples",
          lambda c: _tokenize(c, [_row(c, "a.wav")], lambda c: wav(c.tmp / "audio" / "a.wav", nan=True)),
          ("<tmp>/audio/a.wav", "NaN or infinite samples"), code=0, line="  skipped", writes=True),
+    Case("sidecar-description-dict", "data.py tokenize", "a sidecar description that is not text",
+         lambda c: _tokenize(c, [_row(c, "a.wav")], lambda c: (wav(c.tmp / "audio" / "a.wav"), write(
+             c.tmp / "audio" / "a.json", '{"description": {"en": "calm piano"}}'))),
+         ("<tmp>/audio/a.wav", '"description" is dict', "expected a string or a list of strings"),
+         code=0, line="  skipped", writes=True),
+    Case("audio-fifo", "data.py manifest", "a FIFO named *.wav (reading it would block forever)",
+         lambda c: ("data.py", ["manifest", str((wav(c.tmp / "audio" / "ok.wav"), os.mkfifo(c.tmp / "audio" / "p.wav"),
+                                                 c.tmp / "audio")[2]), str(c.tmp / "m.jsonl")]),
+         ("<tmp>/audio/p.wav", "not a regular file (a FIFO)"), code=0, line="  skipped", writes=True),
+    Case("tokenize-no-codec", "data.py tokenize", "no --codec",
+         lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache")]), ("--codec is required",)),
+    Case("tokenize-cuda-missing", "data.py tokenize", "--device=cuda on a machine without CUDA",
+         lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache"), "--codec=debug", "--device=cuda"],
+                    {"CUDA_VISIBLE_DEVICES": ""}), ("--device=cuda", "CUDA is not available", "--device=cpu")),
+    Case("tokenize-num-workers", "data.py tokenize", "a negative --num_workers",
+         lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache"), "--codec=debug",
+                                "--num_workers=-1"]), ("--num_workers=-1", "must not be negative")),
+    Case("tokenize-chunk-seconds", "data.py tokenize", "an infinite --chunk_seconds",
+         lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache"), "--codec=debug",
+                                "--chunk_seconds=1e999"]), ("--chunk_seconds=inf", "positive number of seconds")),
+    Case("data-unknown-option", "data.py manifest", "a misspelt option",
+         lambda c: ("data.py", ["manifest", str(c.tmp), str(c.tmp / "m.jsonl"), "--worker=4"]),
+         ('unknown key "worker"', 'did you mean "workers"')),
+    Case("data-unknown-command", "data.py", "a command that does not exist",
+         lambda c: ("data.py", ["tokenise", str(c.tmp)]), ("unknown command 'tokenise'", "python data.py --help")),
     Case("tokenize-codec-missing", "data.py tokenize", "a codec path that does not exist",
          lambda c: ("data.py", ["tokenize", str(dataset(c, manifest_lines(_row(c, "a.wav"))) / "train"),
                                 str(c.tmp / "cache"), f"--codec={c.tmp / 'nope'}"]), ("<tmp>/nope", "does not exist")),
