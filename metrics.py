@@ -485,6 +485,11 @@ class Evaluator:
                 raise env.UserError(f"{name} needs the {needed} of each generated clip")
             if name in self.names and gen is not None and len(given) != len(gen):
                 raise env.UserError(f"{name}: {len(given)} {needed} for {len(gen)} generated clips")
+        if "clap" in self.names and gen is not None:
+            empty = [i for i, d in enumerate(descriptions) if not isinstance(d, str) or not d.strip()]
+            if empty:
+                raise env.UserError(f"clap: description {empty[0]} of the batch is empty; the CLAP score compares "
+                                    f"audio with its prompt, so unconditional generations have none")
         if "fad" in self.names:
             for side, clips in (("generated", gen), ("reference", ref)):
                 if clips:
@@ -638,6 +643,10 @@ def main(argv):
     if "clap" in names:
         prompts = {g: _prompt(g) for g in gens}   # all sidecars are checked before any model runs
     device = opts["device"] or "cpu"
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):  # a bad name, or CUDA absent (torch asserts there)
+        raise env.UserError(f"--device={device}: not a device this machine has (cpu, cuda, cuda:1, mps)") from None
     t0 = time.time()
     ev = Evaluator(names, 32000, vggish=opts["vggish"], passt=opts["passt"], clap=opts["clap"], device=device)
     used = set()

@@ -470,6 +470,12 @@ def test_names_and_pairs_are_checked():
         ev.add(generated=torch.zeros(1, 1, 100, dtype=torch.int16), melodies=torch.zeros(1, 1, 100))
 
 
+def test_clap_refuses_generations_without_a_prompt(clap_dir):
+    ev = metrics.Evaluator("clap", 32000, clap=clap_dir)
+    with pytest.raises(env.UserError, match="clap: description 1 of the batch is empty"):
+        ev.add(generated=torch.zeros(2, 1, 32000), descriptions=["piano", None])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The command line
 
@@ -500,6 +506,15 @@ def test_cli_writes_a_report_for_two_folders(with_reference, clap_dir, tmp_path,
     assert json.loads(capsys.readouterr().out)["metrics"]["chroma_cos"] == pytest.approx(1.0)
 
 
+def test_melody_command_prints_pitch_classes(tmp_path, capsys):
+    write_wav(tmp_path / "a.wav", tone(1.0, 32000, 392.0))         # G4
+    assert melody.main([str(tmp_path / "a.wav")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + 32000 // 4096 and all(line.split()[-1] == "G" for line in lines)
+    with pytest.raises(env.UserError, match="nope.wav: "):
+        melody.main([str(tmp_path / "nope.wav")])
+
+
 def test_cli_checks_pairs_and_prompts_before_loading_models(tmp_path):
     ref, gen = tmp_path / "ref", tmp_path / "gen"
     write_wav(ref / "000.wav", tone(1.0, 32000, 220.0))
@@ -512,3 +527,5 @@ def test_cli_checks_pairs_and_prompts_before_loading_models(tmp_path):
         metrics.main(["fad", str(gen)])
     with pytest.raises(env.UserError, match='unknown option --vgish \\(did you mean "--vggish"\\?\\)'):
         metrics.main(["fad", str(ref), str(gen), "--vgish=x"])
+    with pytest.raises(env.UserError, match="--device=gpu: not a device"):
+        metrics.main(["chroma_cos", str(gen), str(gen), "--device=gpu"])
