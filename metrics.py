@@ -32,6 +32,7 @@ resampler (soxr) where AudioCraft uses julius. Audio is mixed to mono first.
 In code, batch by batch (nothing but embeddings and sums is kept):
     ev = Evaluator(("fad", "kld", "clap"), sample_rate=32000)
     ev.add(generated=wav [B, C, S], reference=ref [B, C, S'], descriptions=[...], lengths=None)
+    ev.reduce(lambda x: all_sum(x))   # with several processes: sum the running totals across ranks first
     ev.result()   # {"fad": ..., "kld": ..., "kld_qp": ..., "kld_both": ..., "clap": ...}
 """
 import difflib
@@ -444,7 +445,7 @@ class Evaluator:
         if "kld" in self.names:
             self.passt = load_passt(passt, self.device)
             self.weights["kld"] = str(weights_path("kld", passt))
-            self.kld_sums, self.kld_segments = [0.0, 0.0], 0
+            self.kld_pq, self.kld_qp, self.kld_segments = 0.0, 0.0, 0
         if "clap" in self.names:
             self.clap = Clap(clap, self.device)
             self.weights["clap"] = str(weights_path("clap", clap))
@@ -522,8 +523,8 @@ class Evaluator:
         if not gen_segments:
             return
         p, q = passt_probs(self.passt, gen_segments), passt_probs(self.passt, ref_segments)
-        self.kld_sums[0] += float(kl_divergence(p, q).sum())
-        self.kld_sums[1] += float(kl_divergence(q, p).sum())
+        self.kld_pq += float(kl_divergence(p, q).sum())
+        self.kld_qp += float(kl_divergence(q, p).sum())
         self.kld_segments += len(gen_segments)
 
     def _add_chroma(self, gen, mel, rate):
@@ -534,6 +535,25 @@ class Evaluator:
             a, b = (melody.chroma(x[None, :n], CHROMA_RATE)[0, :frames] for x in (g, m))
             self.chroma_sum += float(F.cosine_similarity(a, b, dim=1, eps=1e-8).sum())
             self.chroma_frames += frames
+
+    def _totals(self):
+        """(owner, attribute) of every running total: what reduce() sums across processes."""
+        totals = [(m, a) for m in getattr(self, "moments", {}).values() for a in ("n", "sum", "outer")]
+        for name, attrs in (("kld", ("kld_pq", "kld_qp", "kld_segments")), ("clap", ("clap_sum", "clap_count")),
+                            ("chroma_cos", ("chroma_sum", "chroma_frames"))):
+            totals += [(self, a) for a in attrs] if name in self.names else []
+        return totals
+
+    def reduce(self, all_sum):
+        """Sum every running total across processes, on every rank, before result(): all_sum(x) takes a float64
+        vector [N] (on the CPU) and returns the N sums over ranks (a tensor or a list), e.g. with train.py's helper
+        `ev.reduce(lambda x: all_sum(d, x))`, or `lambda x: dist.all_reduce(x) or x`. One collective for all."""
+        totals = self._totals()
+        values = [torch.as_tensor(getattr(o, a), dtype=torch.float64) for o, a in totals]
+        summed = torch.as_tensor(all_sum(torch.cat([v.flatten() for v in values])), dtype=torch.float64).cpu()
+        for (owner, attr), value, chunk in zip(totals, values, summed.split([v.numel() for v in values])):
+            old = getattr(owner, attr)
+            setattr(owner, attr, chunk.view_as(value).clone() if torch.is_tensor(old) else type(old)(chunk.item()))
 
     def result(self):
         """-> {name: float} for every chosen metric (kld adds kld_qp and kld_both); one line if one has no data."""
@@ -548,7 +568,7 @@ class Evaluator:
         if "kld" in self.names:
             if not self.kld_segments:
                 raise env.UserError("kld: no generated/reference pair was longer than 0.15 s")
-            pq, qp = (s / self.kld_segments for s in self.kld_sums)
+            pq, qp = self.kld_pq / self.kld_segments, self.kld_qp / self.kld_segments
             out.update(kld=pq, kld_qp=qp, kld_both=pq + qp)
         if "clap" in self.names:
             if not self.clap_count:
@@ -564,22 +584,8 @@ class Evaluator:
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 
-OPTIONS = ("vggish", "passt", "clap", "out", "device")
-
-
-def parse_options(args):
-    """--key=value pairs -> {key: value}; unknown keys name themselves (switch to env.parse_options once on main)."""
-    opts = dict.fromkeys(OPTIONS)
-    for arg in args:
-        if not arg.startswith("--") or "=" not in arg:
-            raise env.UserError(f"unexpected argument {arg!r}: options are --key=value (python metrics.py --help)")
-        key, value = arg[2:].split("=", 1)
-        if key not in OPTIONS:
-            match = difflib.get_close_matches(key, OPTIONS, n=1)
-            raise env.UserError(f"unknown option --{key}" + (f' (did you mean "--{match[0]}"?)' if match else "")
-                                + f": options are {', '.join('--' + o for o in OPTIONS)}")
-        opts[key] = value
-    return opts
+OPTIONS = {"vggish": (str, None), "passt": (str, None), "clap": (str, None), "out": (str, None), "device": "cpu"}
+USAGE = "python metrics.py NAMES REF_DIR GEN_DIR [--key=value ...] (clap alone: NAMES GEN_DIR)"
 
 
 def _audio_files(root, what):
@@ -620,15 +626,12 @@ def _prompt(path):
 
 
 def main(argv):
-    positional = [a for a in argv if not a.startswith("--")]
-    opts = parse_options([a for a in argv if a.startswith("--")])
-    usage = "usage: python metrics.py NAMES REF_DIR GEN_DIR [--key=value ...] (clap alone: NAMES GEN_DIR)"
-    if not positional:
-        raise env.UserError(usage)
+    positional, opts = env.parse_options(argv, OPTIONS, usage=USAGE, positionals=(2, 3))
     names = parse_names(positional[0])
     dirs = positional[1:]
-    if not (len(dirs) == 2 or (len(dirs) == 1 and names == ("clap",))):
-        raise env.UserError(f"{usage}; got {len(dirs)} directories")
+    if len(dirs) == 1 and names != ("clap",):
+        raise env.UserError(f"command line: missing arguments ({', '.join(names)} needs REF_DIR and GEN_DIR); "
+                            f"usage: {USAGE}")
     ref_root, refs = _audio_files(dirs[0], "REF_DIR") if len(dirs) == 2 else (None, [])
     gen_root, gens = _audio_files(dirs[-1], "GEN_DIR")
     paired = [n for n in names if n in ("kld", "chroma_cos")]
@@ -642,7 +645,7 @@ def main(argv):
                                 f"without one)")
     if "clap" in names:
         prompts = {g: _prompt(g) for g in gens}   # all sidecars are checked before any model runs
-    device = opts["device"] or "cpu"
+    device = opts["device"]
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError):  # a bad name, or CUDA absent (torch asserts there)

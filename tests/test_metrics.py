@@ -424,6 +424,30 @@ def test_chroma_cos_known_answers():
     assert 0.7 < ev.result()["chroma_cos"] < 0.8                  # 1 on the first clip, about half on the second
 
 
+def test_reduce_sums_the_totals_of_every_process(with_reference, clap_dir):
+    """Two ranks' evaluators, each fed half the batches, reduced (the all-reduce done by hand) give what one
+    evaluator fed everything gives."""
+    names = ("fad", "kld", "clap", "chroma_cos")
+    clips = [torch.stack([tone(1.2, 32000, 110.0 * (i + 2)) + noise(1.2, 32000, i, 0.05)])[:, None] for i in range(4)]
+    texts = [[f"tune {i}"] for i in range(4)]
+    whole, ranks = metrics.Evaluator(names, 32000, clap=clap_dir), [metrics.Evaluator(names, 32000, clap=clap_dir)
+                                                                   for _ in range(2)]
+    for i, clip in enumerate(clips):
+        for ev in (whole, ranks[i % 2]):
+            ev.add(generated=clip, reference=clips[-1 - i], melodies=clips[-1 - i], descriptions=texts[i])
+    vectors = []
+    for ev in ranks:        # what an all-reduce sees: each rank's vector, and it hands back their sum
+        ev.reduce(lambda x: vectors.append(x) or x)
+    for ev in ranks:
+        ev.reduce(lambda x: vectors[0] + vectors[1])
+    expected = whole.result()
+    for ev in ranks:
+        got = ev.result()
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Bad weights and inputs: one line each
 
@@ -523,9 +547,9 @@ def test_cli_checks_pairs_and_prompts_before_loading_models(tmp_path):
         metrics.main(["chroma_cos", str(ref), str(gen)])
     with pytest.raises(env.UserError, match="001.json: cannot read the prompt.*clap needs"):
         metrics.main(["clap", str(gen)])
-    with pytest.raises(env.UserError, match="usage: python metrics.py"):
+    with pytest.raises(env.UserError, match="fad needs REF_DIR and GEN_DIR.*usage: python metrics.py"):
         metrics.main(["fad", str(gen)])
-    with pytest.raises(env.UserError, match='unknown option --vgish \\(did you mean "--vggish"\\?\\)'):
+    with pytest.raises(env.UserError, match='unknown key "vgish" \\(did you mean "vggish"\\?\\)'):
         metrics.main(["fad", str(ref), str(gen), "--vgish=x"])
     with pytest.raises(env.UserError, match="--device=gpu: not a device"):
         metrics.main(["chroma_cos", str(gen), str(gen), "--device=gpu"])
