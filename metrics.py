@@ -437,18 +437,16 @@ class Evaluator:
 
     def __init__(self, names, sample_rate, vggish=None, passt=None, clap=None, device="cpu", seed=0):
         self.names, self.sample_rate, self.device = parse_names(names), int(sample_rate), torch.device(device)
-        self.weights = {}
+        given = {"fad": vggish, "kld": passt, "clap": clap}
+        self.weights = {n: str(weights_path(n, given[n])) for n in self.names if n in WEIGHTS}  # all found, or stop
         if "fad" in self.names:
-            self.vggish = load_vggish(vggish, self.device)
-            self.weights["fad"] = str(weights_path("fad", vggish))
+            self.vggish = load_vggish(self.weights["fad"], self.device)
             self.moments = {"generated": Moments(128), "reference": Moments(128)}
         if "kld" in self.names:
-            self.passt = load_passt(passt, self.device)
-            self.weights["kld"] = str(weights_path("kld", passt))
+            self.passt = load_passt(self.weights["kld"], self.device)
             self.kld_pq, self.kld_qp, self.kld_segments = 0.0, 0.0, 0
         if "clap" in self.names:
-            self.clap = Clap(clap, self.device)
-            self.weights["clap"] = str(weights_path("clap", clap))
+            self.clap = Clap(self.weights["clap"], self.device)
             self.clap_sum, self.clap_count = 0.0, 0
             self.crop_generator = torch.Generator().manual_seed(seed)
         if "chroma_cos" in self.names:
