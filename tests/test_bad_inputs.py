@@ -493,6 +493,22 @@ CASES = [
          ("vocab_size='many'", "is not an int")),
     Case("tokenizer-moved", "text.py tokenizer", "the command that moved to data.py",
          lambda c: ("text.py", ["tokenizer", "m.jsonl", "out.model"]), ("moved", "python data.py tokenizer")),
+    # -- metrics.py
+    Case("metrics-unknown", "metrics.py", "a misspelt metric", lambda c: ("metrics.py", ["fda", "ref", "gen"]),
+         ("'fda'", 'did you mean "fad"', "choose from")),
+    Case("metrics-no-dir", "metrics.py", "a folder of generated audio that does not exist",
+         lambda c: ("metrics.py", ["clap", str(c.tmp / "gen")]), ("<tmp>/gen", "not a directory")),
+    Case("metrics-weights-missing", "metrics.py", "no VGGish weights in the reference directory",
+         lambda c: ("metrics.py", ["fad", str(wav(c.tmp / "refs" / "a.wav").parent),
+                                   str(wav(c.tmp / "gen" / "a.wav").parent)], EMPTY_REF(c)),
+         ("//reference/fad/vggish-10086976.pth", "vggish-10086976.pth", "--vggish=PATH")),
+    Case("metrics-no-prompt", "metrics.py", "clap on generated audio without a .json prompt",
+         lambda c: ("metrics.py", ["clap", str(wav(c.tmp / "gen" / "a.wav").parent)]),
+         ("<tmp>/gen/a.json", "clap needs", '"prompt"')),
+    Case("metrics-unpaired", "metrics.py", "kld with a generated file that has no reference of the same name",
+         lambda c: ("metrics.py", ["kld", str(wav(c.tmp / "refs" / "a.wav").parent),
+                                   str(wav(c.tmp / "gen" / "b.wav").parent)]),
+         ("no b.* in <tmp>/refs", "<tmp>/gen/b.wav")),
 ]
 
 
