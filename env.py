@@ -365,4 +365,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    cli(main)
+    import env  # run as a script this file is __main__; modules it calls (loggers) raise env's UserError
+    env.cli(env.main)

@@ -404,6 +404,10 @@ CASES = [
     Case("grid-raises", "python -m grids", "a grid whose code raises",
          lambda c: _grid(c, "def explore(launcher):\n    launcher(lr=1 / 0)\n"),
          ("<tmp>/mygrid.py:2", "ZeroDivisionError")),
+    Case("grid-plot-no-history", "python -m grids --plot", "--plot before any run of the grid has a history",
+         lambda c: ("-m grids", [str(write(c.tmp / "mygrid.py", "def explore(launcher):\n    launcher.bind_('config/debug.py')\n"
+                                           "    launcher()\n")), "--plot"], {"AUDIOCRAFT_DORA_DIR": str(c.tmp / "runs")}),
+         ("--plot: no run of grid <tmp>/mygrid.py", "plot it later")),
     # -- team files (env.py)
     Case("team-missing", "env.py", "a team without a team file",
          lambda c: ("env.py", [], {"AUDIOCRAFT_TEAM": "nope"}), ("config/teams/nope.yaml not found", "create it")),
@@ -417,6 +421,13 @@ CASES = [
     Case("run-info-missing", "env.py info", "a run signature that does not exist",
          lambda c: ("env.py", ["info", "deadbeef"], {"AUDIOCRAFT_DORA_DIR": str(c.tmp / "runs")}),
          ("deadbeef", "<tmp>/runs/xps/deadbeef/config.json not found")),
+    Case("plot-missing", "env.py plot", "a run signature that does not exist",
+         lambda c: ("env.py", ["plot", "deadbeef", f"--out={c.tmp / 'c.png'}"], {"AUDIOCRAFT_DORA_DIR": str(c.tmp / "runs")}),
+         ("<tmp>/runs/xps/deadbeef", "not a run directory", "give a run's signature or directory")),
+    Case("plot-no-history", "env.py plot", "a run that has not finished an epoch",
+         lambda c: (write(c.tmp / "runs" / "xps" / "abcd1234" / "config.json", "{}"),
+                    ("env.py", ["plot", "abcd1234", f"--out={c.tmp / 'c.png'}"], {"AUDIOCRAFT_DORA_DIR": str(c.tmp / "runs")}))[1],
+         ("<tmp>/runs/xps/abcd1234/history.jsonl not found", "plot it later")),
     # -- model.py and text.py
     Case("lm-missing", "model.py", "an LM file that does not exist",
          lambda c: ("model.py", [str(c.tmp / "state_dict.bin")]), ("<tmp>/state_dict.bin", "no such file")),

@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 import wave
 from pathlib import Path
 
@@ -290,6 +291,8 @@ def wandb_records(path):
             pos += 32768 - pos % 32768   # a block's tail too short for a header is padding
             continue
         length, kind = struct.unpack_from("<HB", data, pos + 4)
+        if pos + 7 + length > len(data):
+            break   # still being written
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
@@ -311,9 +314,13 @@ def test_wandb_offline_gets_steps_rows_audio_and_config(tmp_path, monkeypatch):
     lg.audio("samples/000", np.zeros((2, 3200)), 32000, 20, caption="lofi piano")
     lg.close()
     [run_file] = (tmp_path / "wandb").glob("offline-run-*/run-sig00009.wandb")
+    deadline = time.time() + 30
+    while not (records := wandb_records(run_file)) or records[-1].WhichOneof("record_type") != "exit":
+        assert time.time() < deadline, "W&B never finished its run file"
+        time.sleep(0.1)   # offline, finish() returns before W&B's service process has written everything
     steps = {}
     config = {}
-    for record in wandb_records(run_file):
+    for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "history":
             for item in record.history.item:
