@@ -26,6 +26,8 @@ import importlib.util
 import io
 import json
 import math
+import mmap
+import os
 import struct
 import textwrap
 import time
@@ -65,6 +67,12 @@ def row_values(row):
             if key not in NOT_LOGGED and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
+def one_line(e):
+    """An exception as `Type: first line of its message`, for a warning that must stay one line."""
+    reason = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}{': ' + reason if reason else ''}"
+
+
 class Loggers:
     """The trackers a run writes to. With none on (or on a process other than the main one), every method returns
     at once: the training loop calls them unconditionally."""
@@ -81,8 +89,8 @@ class Loggers:
         self._each(lambda b: b.scalars(step, tagged))
 
     def row(self, row):
-        """A history row, as train.py appends it (at its `step`). Flushed to disk, so that whatever a checkpoint's
-        history holds was written before the checkpoint was."""
+        """A history row, as train.py appends it (at its `step`). Flushed (handed to the OS, which a kill -9 does not
+        undo), so that whatever a checkpoint's history holds was written before the checkpoint was."""
         if not self.backends:
             return
         step, values = row_step(row, self.updates_per_epoch), row_values(row)
@@ -102,14 +110,16 @@ class Loggers:
         """Write the rows of `history` (a checkpoint's, all made at or before resume_step) that a tracker lacks: per
         tag, those after the last step it holds. Never a step twice: rows it has stay as they are."""
         for backend in list(self.backends):
+            ok = True
             for row in history:
                 step = row_step(row, self.updates_per_epoch)
                 if step > resume_step:
                     continue  # not in the checkpoint's timeline: logged again when training gets there
                 values = {t: v for t, v in row_values(row).items() if step > backend.last_step(t)}
-                if values and not self._call(backend, lambda b: b.scalars(step, values)):
+                if values and not (ok := self._call(backend, lambda b: b.scalars(step, values))):
                     break
-            self._call(backend, lambda b: b.flush())
+            if ok:
+                self._call(backend, lambda b: b.flush())
 
     def flush(self):
         """Everything logged so far to disk: call before writing a checkpoint that no row precedes (a stop signal
@@ -131,9 +141,8 @@ class Loggers:
             return True
         except Exception as e:
             self.backends.remove(backend)
-            reason = (str(e).strip().splitlines() or [""])[0][:200]
-            self.warn(f"warning: {backend.name} logging failed ({type(e).__name__}{': ' + reason if reason else ''}); "
-                      f"{backend.name} is off for the rest of this run, training goes on")
+            self.warn(f"warning: {backend.name} logging failed ({one_line(e)}); {backend.name} is off for the rest "
+                      f"of this run, training goes on")
             with contextlib.suppress(Exception):
                 backend.close()
             return False
@@ -152,15 +161,16 @@ def open_loggers(settings, run_dir, signature, meta, resume_step=0, history=(), 
         return Loggers(updates_per_epoch=updates_per_epoch, warn=warn)
     check(settings)
     run_dir = Path(run_dir)
+    tags = {tag for row in history for tag in row_values(row)}   # what a replay may need to know about
+    start = {"tensorboard": lambda: TensorBoard(run_dir / "tensorboard", resume_step, tags, settings, signature, meta),
+             "wandb": lambda: WandB(settings, run_dir, signature, meta, resume_step, warn)}
     backends = []
-    for key, make in (("tensorboard", TensorBoard), ("wandb", WandB)):
+    for key in PACKAGES:
         if settings.get(key):
             try:
-                backends.append(make(settings, run_dir, signature, meta, resume_step, warn))
+                backends.append(start[key]())
             except Exception as e:
-                reason = (str(e).strip().splitlines() or [""])[0][:200]
-                warn(f"warning: {key} could not start ({type(e).__name__}{': ' + reason if reason else ''}); "
-                     f"training goes on without it")
+                warn(f"warning: {key} could not start ({one_line(e)}); training goes on without it")
     loggers = Loggers(backends, updates_per_epoch, warn)
     loggers.replay(history, resume_step)
     return loggers
@@ -172,12 +182,11 @@ def open_loggers(settings, run_dir, signature, meta, resume_step=0, history=(), 
 class TensorBoard:
     name = "tensorboard"
 
-    def __init__(self, settings, run_dir, signature, meta, resume_step, warn):
+    def __init__(self, log_dir, resume_step, tags, settings, signature, meta):
         from tensorboard.compat.proto import event_pb2, summary_pb2
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
         self.pb, self.summary_pb = event_pb2, summary_pb2
-        log_dir = run_dir / "tensorboard"
-        self.last = last_steps(log_dir, resume_step)
+        self.last = last_steps(log_dir, resume_step, set(tags) | {"config"})
         _after_newest_event_file(log_dir)
         # flush_secs: a live TensorBoard sees a log line within half a minute; rows flush at once (Loggers.row)
         self.writer = EventFileWriter(str(log_dir), max_queue_size=100, flush_secs=30)
@@ -255,27 +264,31 @@ def event_files(log_dir):
 def read_events(path):
     """The Event protos of one event file (TFRecord: u64 length, u32 crc, data, u32 crc), up to the first record cut
     short by a killed writer or otherwise unreadable. The checksums are not checked: this finds what a directory
-    holds, quickly (a fifth of a second for 100k events), and a reader that checks them sees no more than that."""
+    holds, quickly (about a second for 100k log lines), and a reader that checks them sees no more than that."""
     from google.protobuf.message import DecodeError
     from tensorboard.compat.proto.event_pb2 import Event
-    data = path.read_bytes()
-    pos = 0
-    while pos + 12 <= len(data):
-        (length,) = struct.unpack_from("<Q", data, pos)
-        end = pos + 12 + length + 4
-        if end > len(data):
+    with open(path, "rb") as f:
+        if not os.fstat(f.fileno()).st_size:
             return
-        try:
-            yield Event.FromString(data[pos + 12:pos + 12 + length])
-        except DecodeError:
-            return
-        pos = end
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)   # a long run's file stays on disk
+    with data:
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack_from("<Q", data, pos)
+            end = pos + 12 + length + 4
+            if end > len(data):
+                return
+            try:
+                yield Event.FromString(data[pos + 12:pos + 12 + length])
+            except DecodeError:
+                return
+            pos = end
 
 
-def last_steps(log_dir, resume_step):
-    """{tag: the last step TensorBoard shows for it, at or before resume_step} of the event files in log_dir. A
-    SessionLog.START at step s (each resume writes one) drops every earlier-read value at s or later, as TensorBoard's
-    readers do; past resume_step nothing counts, since this resume's START drops it."""
+def last_steps(log_dir, resume_step, tags):
+    """{tag: the last step TensorBoard shows for it, at or before resume_step} of the event files in log_dir, for
+    the given tags. A SessionLog.START at step s (each resume writes one) drops every earlier-read value at s or
+    later, as TensorBoard's readers do; past resume_step nothing counts, since this resume's START drops it."""
     from tensorboard.compat.proto.event_pb2 import SessionLog
     steps = {}   # tag -> steps in the order read
     for path in event_files(log_dir):
@@ -283,7 +296,8 @@ def last_steps(log_dir, resume_step):
             if event.HasField("session_log") and event.session_log.status == SessionLog.START:
                 steps = {tag: [s for s in seen if s < event.step] for tag, seen in steps.items()}
             for value in event.summary.value:
-                steps.setdefault(value.tag, []).append(event.step)
+                if value.tag in tags:
+                    steps.setdefault(value.tag, []).append(event.step)
     last = {tag: max((s for s in seen if s <= resume_step), default=None) for tag, seen in steps.items()}
     return {tag: s for tag, s in last.items() if s is not None}
 
@@ -316,8 +330,9 @@ class WandB:
         self.run.config.update({**settings, "signature": signature, **meta}, allow_val_change=True)
         self.start = self.run.step   # W&B drops any step below the one it expects next
         if self.start > resume_step + 1:
-            warn(f"warning: W&B run {signature} already holds updates up to {self.start - 1}, past this run's "
-                 f"{resume_step}: W&B keeps what it has for them and takes this run's from update {self.start} on")
+            warn(f"warning: W&B run {signature} already holds updates up to {self.start - 1}, past the checkpoint's "
+                 f"{resume_step}: it keeps those as they were and takes this run's from update {self.start} on "
+                 f"(W&B never rewrites a step)")
 
     def last_step(self, tag):
         return self.start - 1
@@ -418,14 +433,16 @@ def plot_runs(run_dirs, out_png, title=""):
     for ax in axes[1]:
         ax.set_xlabel("updates")
     for ax in (ce_ax, uncond_ax):
-        if ax.lines:
+        values = [y for line in ax.lines for y in line.get_ydata()]
+        if values and min(values) > 0 and max(values) / min(values) > 1.5:
             ax.set_yscale("log")   # ce falls fast, then slowly: a log axis shows both
             ax.yaxis.set_major_formatter("{x:.3g}")
             ax.yaxis.set_minor_formatter("{x:.3g}")
+    for ax in (lr_ax, speed_ax):
+        if ax.lines:   # from zero: a 2% wobble must not look like a collapse
+            ax.set_ylim(0, 1.1 * max(max(line.get_ydata()) for line in ax.lines))
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    if speed_ax.lines:   # from zero: a 2% wobble must not look like a collapse
-        speed_ax.set_ylim(0, 1.1 * max(max(line.get_ydata()) for line in speed_ax.lines))
-        speed_ax.yaxis.set_major_formatter("{x:,.0f}")
+    speed_ax.yaxis.set_major_formatter("{x:,.0f}")
     ce_ax.legend(handles=[Line2D([], [], color="0.3", linestyle="-", label="train"),
                           Line2D([], [], color="0.3", linestyle="--", label="valid")], loc="best", fontsize=9)
     fig.legend(handles=handles, loc="outside lower center", ncol=1 if len(handles) <= 6 else 2, fontsize=9,

@@ -336,6 +336,33 @@ def test_wandb_offline_gets_steps_rows_audio_and_config(tmp_path, monkeypatch):
     assert (config["signature"], config["lr"], config["git_commit"]) == ("sig00009", 1e-3, "abc123")
 
 
+def test_wandb_resumed_past_the_checkpoint_skips_the_steps_it_already_holds(tmp_path, monkeypatch):
+    import importlib.machinery
+    import types
+    logged = []
+
+    class Run:   # W&B's answer for a run that a killed process had logged to update 25
+        step = 25
+        config = types.SimpleNamespace(update=lambda values, allow_val_change: logged.append(("config", values)))
+        log = staticmethod(lambda values, step: logged.append((step, sorted(values))))
+        finish = staticmethod(lambda: logged.append("finish"))
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init, fake.Settings = lambda **kw: logged.append(("init", kw["id"], kw["resume"])) or Run(), dict
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    warnings = []
+    history = history_rows(10, 1) + history_rows(20, 1)
+    lg = loggers.open_loggers({"wandb": True, "updates_per_epoch": 10}, tmp_path, "sig00012", {}, 20, history,
+                              warn=warnings.append)
+    for step in range(21, 27):
+        lg.scalars(step, {"ce": 1.0})
+    lg.close()
+    assert logged[0] == ("init", "sig00012", "allow") and logged[1][0] == "config"
+    assert logged[2:] == [(25, ["train/ce"]), (26, ["train/ce"]), "finish"]   # rows 10, 20 and steps 21-24: held
+    assert warnings == ["warning: W&B run sig00012 already holds updates up to 24, past the checkpoint's 20: it keeps "
+                        "those as they were and takes this run's from update 25 on (W&B never rewrites a step)"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Pictures
 
