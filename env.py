@@ -11,13 +11,20 @@ Variables (AudioCraft's names): AUDIOCRAFT_TEAM (default "default"), AUDIOCRAFT_
 slurm, darwin, aws, default), AUDIOCRAFT_CONFIG (team file, else config/teams/<team>.yaml),
 AUDIOCRAFT_DORA_DIR (runs directory), AUDIOCRAFT_REFERENCE_DIR (what //reference/ points to).
 """
+import ast
+import dataclasses
+import difflib
 import hashlib
 import json
+import math
 import os
 import platform
 import re
 import socket
 import sys
+import time
+import types as types_
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -293,13 +300,7 @@ def _owner_alive(owner):
     memory, power loss: nothing got to write the final status); True when it cannot tell."""
     if len(owner) != 2 or not owner[0].isdigit() or owner[1] != socket.gethostname():
         return True
-    try:
-        os.kill(int(owner[0]), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass  # another user's process: alive
-    return True
+    return _pid_alive(int(owner[0]))
 
 
 def describe():
@@ -337,6 +338,317 @@ def cli(main, help=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One --key=value parser for every entry point: config files and options, the same coercion and the same words
+
+def option_types(schema):
+    """{key: (type, nullable)} of a dataclass (its annotations) or a dict {key: default} (the defaults' types; a
+    default may be a type, or a (type, None) pair for "a value of that type, or None")."""
+    if dataclasses.is_dataclass(schema):
+        hints = typing.get_type_hints(schema if isinstance(schema, type) else type(schema))
+        out = {}
+        for f in dataclasses.fields(schema):
+            kind = hints[f.name]
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            out[f.name] = (args[0], True) if args and len(typing.get_args(kind)) > len(args) else (kind, False)
+        return out
+    out = {}
+    for key, default in schema.items():
+        if isinstance(default, tuple) and len(default) == 2 and default[1] is None and isinstance(default[0], type):
+            out[key] = (default[0], True)
+        elif isinstance(default, type):
+            out[key] = (default, False)
+        else:
+            out[key] = (type(default), default is None)
+    return out
+
+
+def option_defaults(schema):
+    """{key: default} of a schema (see option_types): a bare type or a (type, None) pair defaults to None."""
+    if dataclasses.is_dataclass(schema):
+        return {f.name: getattr(schema, f.name) if not isinstance(schema, type) else
+                f.default_factory() if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(schema)}
+    typed = lambda v: isinstance(v, type) or (isinstance(v, tuple) and len(v) == 2 and v[1] is None  # noqa: E731
+                                              and isinstance(v[0], type))
+    return {k: None if typed(v) else v for k, v in schema.items()}
+
+
+def _closest(key, names):
+    match = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return f' (did you mean "{match[0]}"?)' if match else ""
+
+
+def coerce(key, value, kind, where, nullable=False):
+    """A value (a string from the command line, or a Python object from a config file) -> `kind`. Strings are read
+    as Python literals where the type is not str (`--lr=1` is a float, `--delays=[0,1]` or `0,1` a tuple); "none"
+    is None where the key may be None. Anything else is one UserError naming where, the key and the value."""
+    expected = {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string",
+                tuple: "a list such as [0,1,2]", list: "a list such as [0,1,2]"}[kind]
+    bad = UserError(f"{where}: {key}={value!r} is not {expected}")
+    if nullable and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
+        return None
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if kind is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise bad
+        try:
+            if kind in (tuple, list) and text[:1] not in "[(":
+                value = [ast.literal_eval(x) for x in text.split(",") if x.strip()]
+            else:
+                value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise bad from None
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value != int(value):
+            raise bad
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        try:
+            return float(value)
+        except OverflowError:  # an int too large for a float
+            raise bad from None
+    if kind in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return kind(value)
+    if not isinstance(value, str):
+        raise bad
+    return value
+
+
+def split_args(argv, types, where="command line"):
+    """argv -> (positional arguments, [(key, value string)]). `--flag` alone means true for a bool key."""
+    positionals, options = [], []
+    for arg in argv:
+        if not arg.startswith("--"):
+            positionals.append(arg)
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if key not in types:
+            raise UserError(f'{where}: unknown key "{key}"{_closest(key, types)}')
+        if not eq:
+            if types[key][0] is not bool:
+                raise UserError(f'{where}: "{arg}" must be --key=value')
+            value = "true"
+        options.append((key, value))
+    return positionals, options
+
+
+def parse_options(argv, schema, *, where="command line", usage="", positionals=(0, 0)):
+    """An entry point's command line -> (positional arguments, {key: value}): --key=value options typed by
+    `schema` (a dataclass or {key: default}, see option_types), defaults for the rest, and between positionals[0]
+    and positionals[1] positional arguments (a usage error otherwise)."""
+    types = option_types(schema)
+    args, options = split_args(argv, types, where)
+    lo, hi = positionals
+    if not lo <= len(args) <= hi:
+        got = " ".join(args) or "none"
+        raise UserError(f"{where}: {'unexpected arguments' if len(args) > hi else 'missing arguments'} "
+                        f"(got {got}){'; usage: ' + usage if usage else ''}")
+    values = option_defaults(schema)
+    for key, value in options:
+        values[key] = coerce(key, value, types[key][0], where, types[key][1])
+    return args, values
+
+
+def apply_config_file(cfg, path):
+    """Run a config file (plain Python) with cfg's current values in scope; every public name it leaves must be a
+    key of cfg (a dataclass instance), and is coerced to that key's type."""
+    types = option_types(cfg)
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    scope = {k: getattr(cfg, k) for k in types}
+    before = dict(scope)
+    try:
+        exec(compile(path.read_text(), str(path), "exec"), scope)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{path}: {type(e).__name__}: {e}") from None
+    for name, value in scope.items():
+        if name.startswith("_") or isinstance(value, (types_.ModuleType, types_.FunctionType, type)):
+            continue
+        if name not in types:
+            raise UserError(f'{path}: unknown key "{name}"{_closest(name, types)} (helper names must start with _)')
+        if name in before and value is before[name]:
+            continue
+        setattr(cfg, name, coerce(name, value, types[name][0], str(path), types[name][1]))
+
+
+def parse_config(cls, argv, where="command line", before_files=None):
+    """Config files (the positional arguments, applied left to right), then --key=value, into a new cls().
+    before_files(cfg, overrides) runs first (train.py's --from_sig loads another run's config there)."""
+    types = option_types(cls)
+    files, overrides = split_args(argv, types, where)
+    cfg = cls()
+    if before_files:
+        before_files(cfg, overrides)
+    for path in files:
+        apply_config_file(cfg, path)
+    for key, value in overrides:
+        setattr(cfg, key, coerce(key, value, types[key][0], where, types[key][1]))
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stopping: SIGTERM / SIGUSR1 (SLURM's warning before preemption) and Ctrl-C ask every long phase to stop
+
+class Stopped(Exception):
+    """A stop signal arrived; whoever catches it saves what can be saved and exits EXIT_REQUEUE."""
+
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped by a signal after writing what it had; the sbatch wrapper requeues
+_stop_signal = None
+
+
+def install_stop_handlers(signals=("SIGTERM", "SIGUSR1", "SIGINT")):
+    """The first of these signals only records itself: loops poll stop_requested() or check_stop() and stop at a
+    safe point within seconds. A second Ctrl-C interrupts at once (KeyboardInterrupt), for a stuck phase."""
+    import signal
+
+    def handler(signum, _frame):
+        global _stop_signal
+        name = signal.Signals(signum).name
+        if _stop_signal is not None and name == "SIGINT":
+            raise KeyboardInterrupt
+        _stop_signal = _stop_signal or name
+        if name == "SIGINT":
+            print("\nstopping at the next safe point (Ctrl-C again to interrupt now)", file=sys.stderr, flush=True)
+    for name in signals:
+        signal.signal(getattr(signal, name), handler)
+
+
+def stop_requested():
+    """The name of the stop signal received (SIGTERM, SIGUSR1, SIGINT), or None."""
+    return _stop_signal
+
+
+def check_stop():
+    if _stop_signal is not None:
+        raise Stopped(_stop_signal)
+
+
+def reset_stop():
+    global _stop_signal
+    _stop_signal = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One writer per run directory
+
+LOCK_FILE = "lock"
+LOCK_HEARTBEAT = 60.0        # seconds between the holder's touches of its lock file
+LOCK_STALE = 10 * LOCK_HEARTBEAT   # a lock of another host untouched this long belongs to a dead process
+
+
+class RunLock:
+    """<run dir>/lock, held for the life of a run: one writer per run directory. It holds "PID HOST START" and its
+    holder touches it every LOCK_HEARTBEAT seconds. A lock is stale when its PID is gone from this host (kill -9,
+    out of memory) or, for another host's lock on a shared filesystem, when it has not been touched for
+    LOCK_STALE seconds; a stale lock is taken over, a live one is a UserError naming its holder."""
+
+    def __init__(self, directory):
+        self.path = Path(directory) / LOCK_FILE
+        self.owner = f"{os.getpid()} {socket.gethostname()} {int(time.time())}"
+        self._stop = None
+
+    def holder(self):
+        """(pid, host, started, seconds since the last touch) of the current lock, or None."""
+        try:
+            text, age = self.path.read_text(), time.time() - self.path.stat().st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        parts = text.split()
+        if len(parts) != 3 or not parts[0].isdigit():
+            return (None, None, None, age)  # half written or foreign: stale once old enough
+        return (int(parts[0]), parts[1], int(parts[2]) if parts[2].isdigit() else 0, age)
+
+    def _stale(self, holder):
+        pid, host, _, age = holder
+        if pid is not None and host == socket.gethostname():
+            return not _pid_alive(pid)
+        return age > LOCK_STALE
+
+    def acquire(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.holder()
+                if holder is None:
+                    continue  # released between the two calls
+                if not self._stale(holder):
+                    pid, host, started, _ = holder
+                    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "?"
+                    raise UserError(f"{self.path.parent} is in use by process {pid} on {host} (since {since}; lock "
+                                    f"{self.path}): wait for that run to finish or stop it first; two processes "
+                                    f"writing one run directory would corrupt it")
+                # stale: move it aside (only one of several contenders can) and try again
+                try:
+                    os.rename(self.path, self.path.with_name(f".{LOCK_FILE}.stale{os.getpid()}"))
+                    self.path.with_name(f".{LOCK_FILE}.stale{os.getpid()}").unlink(missing_ok=True)
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.owner + "\n")
+            self._start_heartbeat()
+            return self
+        raise UserError(f"{self.path}: could not take the run directory's lock (contended); try again")
+
+    def _start_heartbeat(self):
+        import threading
+        self._stop = threading.Event()
+
+        def beat():
+            while not self._stop.wait(LOCK_HEARTBEAT):
+                try:
+                    if self.path.read_text().strip() != self.owner:
+                        return  # taken over (we were thought dead): stop touching it
+                    os.utime(self.path)
+                except OSError:
+                    pass
+        threading.Thread(target=beat, name="run-lock-heartbeat", daemon=True).start()
+
+    def release(self):
+        if self._stop is not None:
+            self._stop.set()
+        try:
+            if self.path.read_text().strip() == self.owner:
+                self.path.unlink()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # another user's process: alive
+    return True
 
 
 def main(argv):

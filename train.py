@@ -8,11 +8,9 @@
 
 The run directory is <runs_dir>/xps/<signature>/: running the same config again resumes it.
 """
-import ast
 import contextlib
 import dataclasses
 import datetime
-import difflib
 import json
 import math
 import os
@@ -23,7 +21,6 @@ import signal
 import socket
 import sys
 import time
-import types
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -141,101 +138,15 @@ FIELDS = {f.name: f for f in fields(Config)}
 # ----------------------------------------------------------------------------------------------------------
 # Parsing: config files (plain Python) then --key=value
 
-def _closest(key):
-    match = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.6)
-    return f' (did you mean "{match[0]}"?)' if match else ""
-
-
-def coerce(key, value, where):
-    """Value (a string from the command line, or a Python object from a file) -> the field's type."""
-    kind = type(FIELDS[key].default)
-    expected = {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string",
-                tuple: "a list such as [0,1,2]"}[kind]
-    bad = UserError(f'{where}: {key}={value!r} is not {expected}')
-    if isinstance(value, str) and kind is not str:
-        text = value.strip()
-        if kind is bool:
-            if text.lower() in ("true", "1", "yes", "on"):
-                return True
-            if text.lower() in ("false", "0", "no", "off"):
-                return False
-            raise bad
-        if kind is tuple:
-            try:
-                value = ast.literal_eval(text) if text[:1] in "[(" else [ast.literal_eval(x) for x in text.split(",") if x]
-            except (ValueError, SyntaxError):
-                raise bad from None
-        else:
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                raise bad from None
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-            raise bad
-        return int(value)
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    if kind is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        return tuple(value)
-    if not isinstance(value, str):
-        raise bad
-    return value
-
-
-def apply_file(cfg, path):
-    """Run a config file with the current values in scope; every public name it leaves must be a key."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
-    scope = {k: getattr(cfg, k) for k in FIELDS}
-    before = dict(scope)
-    try:
-        exec(compile(path.read_text(), str(path), "exec"), scope)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{path}: {type(e).__name__}: {e}") from None
-    for name, value in scope.items():
-        if name.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
-            continue
-        if name not in FIELDS:
-            raise UserError(f'{path}: unknown key "{name}"{_closest(name)} (helper names must start with _)')
-        if name in before and value is before[name]:
-            continue
-        setattr(cfg, name, coerce(name, value, str(path)))
-
-
 def parse_args(argv):
-    """argv (without the program name) -> Config. Files first, left to right, then --key=value."""
-    cfg = Config()
-    files, overrides = [], []
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, value = arg[2:].partition("=")
-            if not eq:
-                raise UserError(f'command line: "{arg}" must be --key=value')
-            if key not in FIELDS:
-                raise UserError(f'command line: unknown key "{key}"{_closest(key)}')
-            overrides.append((key, value))
-        else:
-            files.append(arg)
-    from_sig = [v for k, v in overrides if k == "from_sig"]
-    if from_sig:  # the runs directory it lives in may itself be an override
-        cfg.runs_dir = next((v for k, v in reversed(overrides) if k == "runs_dir"), cfg.runs_dir)
-        load_run_config(cfg, from_sig[-1])
-    for path in files:
-        apply_file(cfg, path)
-    for key, value in overrides:
-        setattr(cfg, key, coerce(key, value, "command line"))
+    """argv (without the program name) -> Config. Files first, left to right, then --key=value (env.parse_config);
+    --from_sig loads another run's config before both."""
+    def from_sig(cfg, overrides):
+        sigs = [v for k, v in overrides if k == "from_sig"]
+        if sigs:  # the runs directory it lives in may itself be an override
+            cfg.runs_dir = next((v for k, v in reversed(overrides) if k == "runs_dir"), cfg.runs_dir)
+            load_run_config(cfg, sigs[-1])
+    cfg = env.parse_config(Config, argv, before_files=from_sig)
     validate(cfg)
     return cfg
 
@@ -246,7 +157,7 @@ def load_run_config(cfg, sig):
         raise UserError(f"--from_sig={sig}: no run config at {path}")
     for key, value in json.loads(path.read_text()).items():
         if key in FIELDS and key not in INFRA_KEYS:
-            setattr(cfg, key, coerce(key, value, str(path)))
+            setattr(cfg, key, env.coerce(key, value, type(FIELDS[key].default), str(path)))
 
 
 def world_size_from_env():
