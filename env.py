@@ -665,13 +665,10 @@ def main(argv):
         return 0
     if argv[0] == "plot":
         import loggers
-        sigs = [a for a in argv[1:] if not a.startswith("--")]
-        outs = [a.partition("=")[2] for a in argv[1:] if a.startswith("--out=")]
-        if not sigs or len(sigs) + len(outs) < len(argv) - 1:
-            raise UserError(f"usage: python env.py plot SIG [SIG ...] [--out=curves.png] (got {' '.join(argv)!r})")
-        out = outs[-1] if outs else "curves.png"
-        loggers.plot_runs([s if Path(s).is_dir() else run_dir(s) for s in sigs], out)
-        print(f"wrote {out}")
+        sigs, o = parse_options(argv[1:], {"out": "curves.png"}, positionals=(1, sys.maxsize),
+                                usage="python env.py plot SIG [SIG ...] [--out=curves.png]")
+        loggers.plot_runs([s if Path(s).is_dir() else run_dir(s) for s in sigs], o["out"])
+        print(f"wrote {o['out']}")
         return 0
     raise UserError(f"usage: python env.py [info SIG | plot SIG [SIG ...] [--out=curves.png]] (got {' '.join(argv)!r})")
 

@@ -408,8 +408,10 @@ def test_plot_command_draws_one_run_and_several(tmp_path, monkeypatch, capsys):
     assert loggers.run_labels([{**configs[0], "overrides": {"lr": 1e-3, "dim": 64}}]) == ["aaaa0001: dim=64, lr=0.001"]
     with pytest.raises(UserError, match=r"deadbeef: not a run directory \(no config.json\)"):
         env.main(["plot", "deadbeef", f"--out={tmp_path / 'x.png'}"])
-    with pytest.raises(UserError, match=r"^usage: python env.py .*plot SIG"):
+    with pytest.raises(UserError, match=r"^command line: missing arguments \(got none\); usage: python env.py plot SIG"):
         env.main(["plot", "--out=x.png"])
+    with pytest.raises(UserError, match=r'^command line: unknown key "outt" \(did you mean "out"\?\)'):
+        env.main(["plot", "aaaa0001", "--outt=x.png"])
     assert not (tmp_path / "x.png").exists()
 
 
