@@ -17,9 +17,10 @@ What is logged, and at which step (the global update count):
     config               the resolved config, signature, commit, world size (TensorBoard text + hparams; W&B config)
 
 Resume: TensorBoard writes into the same directory (<run dir>/tensorboard) and marks a restart at the checkpoint's
-step + 1, so what the killed process logged past its checkpoint is discarded by TensorBoard's readers; W&B resumes
-the run whose id is the signature and never takes a step twice. History rows the tracker lacks (its directory was
-deleted, it was turned on late) are replayed from the checkpoint's history, each (tag, step) at most once.
+step + 1, so what the killed process logged past its checkpoint is discarded by TensorBoard's readers, and what it
+logged at the checkpoint's step itself (a stage run after the checkpoint, run again) is not written twice; W&B
+resumes the run whose id is the signature and never takes a step twice. History rows the tracker lacks (its
+directory was deleted, it was turned on late) are replayed from the checkpoint's history, each (tag, step) once.
 """
 import contextlib
 import importlib.util
@@ -186,7 +187,8 @@ class TensorBoard:
         from tensorboard.compat.proto import event_pb2, summary_pb2
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
         self.pb, self.summary_pb = event_pb2, summary_pb2
-        self.last = last_steps(log_dir, resume_step, set(tags) | {"config"})
+        self.resume_step = resume_step
+        self.last, self.at_resume = held_steps(log_dir, resume_step, set(tags) | {"config"})
         _after_newest_event_file(log_dir)
         # flush_secs: a live TensorBoard sees a log line within half a minute; rows flush at once (Loggers.row)
         self.writer = EventFileWriter(str(log_dir), max_queue_size=100, flush_secs=30)
@@ -203,9 +205,16 @@ class TensorBoard:
     def _event(self, step, values):
         self.writer.add_event(self.pb.Event(wall_time=time.time(), step=step, summary=self.summary_pb.Summary(value=values)))
 
+    def held(self, tag, step):
+        """Whether the directory already shows `tag` at `step`: a stage that a killed process had finished after its
+        checkpoint, run again at the checkpoint's step after the resume (the restart mark does not hide that step)."""
+        return step == self.resume_step and tag in self.at_resume
+
     def scalars(self, step, values):
         Value = self.summary_pb.Summary.Value
-        self._event(step, [Value(tag=tag, simple_value=v) for tag, v in values.items()])
+        values = [Value(tag=tag, simple_value=v) for tag, v in values.items() if not self.held(tag, step)]
+        if values:
+            self._event(step, values)
 
     def _text(self, tag, text):
         from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2, types_pb2
@@ -225,6 +234,8 @@ class TensorBoard:
                                             summary=hparams.hparams_pb(plain, trial_id=signature)))
 
     def audio(self, tag, samples, sample_rate, step, caption):
+        if self.held(tag, step):
+            return
         Summary = self.summary_pb.Summary
         channels, frames = samples.shape
         clip = Summary.Audio(sample_rate=sample_rate, num_channels=channels, length_frames=frames,
@@ -285,21 +296,26 @@ def read_events(path):
             pos = end
 
 
-def last_steps(log_dir, resume_step, tags):
-    """{tag: the last step TensorBoard shows for it, at or before resume_step} of the event files in log_dir, for
-    the given tags. A SessionLog.START at step s (each resume writes one) drops every earlier-read value at s or
-    later, as TensorBoard's readers do; past resume_step nothing counts, since this resume's START drops it."""
+def held_steps(log_dir, resume_step, tags):
+    """What the event files in log_dir show, as TensorBoard reads them: ({tag: its last step at or before
+    resume_step}, for the given tags; {every tag shown at resume_step itself}). A SessionLog.START at step s (each
+    resume writes one) drops every earlier-read value at s or later, as TensorBoard's readers do; past resume_step
+    nothing counts, since this resume's START drops it."""
     from tensorboard.compat.proto.event_pb2 import SessionLog
-    steps = {}   # tag -> steps in the order read
+    steps, at_resume = {}, set()   # steps: tag -> steps in the order read
     for path in event_files(log_dir):
         for event in read_events(path):
             if event.HasField("session_log") and event.session_log.status == SessionLog.START:
                 steps = {tag: [s for s in seen if s < event.step] for tag, seen in steps.items()}
+                if event.step <= resume_step:
+                    at_resume.clear()
             for value in event.summary.value:
                 if value.tag in tags:
                     steps.setdefault(value.tag, []).append(event.step)
+                if event.step == resume_step:
+                    at_resume.add(value.tag)
     last = {tag: max((s for s in seen if s <= resume_step), default=None) for tag, seen in steps.items()}
-    return {tag: s for tag, s in last.items() if s is not None}
+    return {tag: s for tag, s in last.items() if s is not None}, at_resume
 
 
 def _after_newest_event_file(log_dir):

@@ -187,6 +187,29 @@ def test_rows_a_failed_tracker_missed_are_replayed_over_a_killed_sessions_orphan
     assert tensorboard_view(tmp_path / "tensorboard")[1]["valid/ce"] == [(10, 1010.5), (20, 2020.5)]
 
 
+def test_a_stage_run_again_after_a_resume_at_its_epochs_end_is_logged_once(tmp_path):
+    # train.py checkpoints after valid, then runs generate and evaluate (pending in that checkpoint): a kill after
+    # generate resumes at the same step and runs generate again
+    history = history_rows(10, 1)
+    lg = loggers.open_loggers(TB, tmp_path, "sig00013", {})
+    for row in history:
+        lg.row(row)
+    lg.audio("samples/000", np.zeros((1, 800)), 32000, 10, caption="jazz trio")
+    lg.row({"epoch": 1, "stage": "generate", "samples": 2, "seconds": 1.5})
+    lg.flush()   # ... killed here
+    lg = loggers.open_loggers(TB, tmp_path, "sig00013", {}, resume_step=10, history=history)
+    lg.audio("samples/000", np.zeros((1, 800)), 32000, 10, caption="jazz trio")
+    lg.row({"epoch": 1, "stage": "generate", "samples": 2, "seconds": 1.7})
+    lg.row({"epoch": 1, "stage": "evaluate", "ce": 3.0})   # not reached before the kill: logged now
+    lg.scalars(11, {"ce": 2.0})
+    lg.close()
+    acc, scalars = tensorboard_view(tmp_path / "tensorboard")
+    assert scalars["generate/seconds"] == [(10, 1.5)] and scalars["evaluate/ce"] == [(10, 3.0)]
+    assert [e.step for e in acc.Audio("samples/000")] == [10]
+    assert [e.step for e in acc.Tensors("samples/000/prompt")] == [10]
+    assert scalars["valid/ce"] == [(10, 1010.5)] and scalars["train/ce"] == [(11, 2.0)]
+
+
 def test_a_restart_within_the_same_second_is_read_after_the_session_it_follows(tmp_path, monkeypatch):
     from tensorboard.summary.writer import event_file_writer
     # event file names end in a per-process counter: 9 then 10 sort the wrong way when the seconds before them tie
