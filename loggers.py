@@ -107,6 +107,23 @@ class Loggers:
         samples = samples[None] if samples.ndim == 1 else samples   # [C, S]
         self._each(lambda b: b.audio(tag, samples, int(sample_rate), step, caption))
 
+    def samples(self, folder, step):
+        """A generate stage's samples as train.py leaves them, every rank's (<run>/samples/<epoch>/NNN.wav and
+        NNN_uncond.wav, each with a .json holding its description): audio tagged samples/NNN[_uncond], captioned."""
+        if not self.backends:
+            return
+        import soundfile as sf
+        try:
+            for path in sorted(Path(folder).glob("*.wav")):
+                about = path.with_suffix(".json")
+                text = json.loads(about.read_text()).get("description") if about.is_file() else None
+                wav, sample_rate = sf.read(path, dtype="float32", always_2d=True)   # [S, C]
+                twin = path.stem.removesuffix("_uncond")
+                self.audio(f"samples/{path.stem}", wav.T, sample_rate, step,
+                           text or (f"no text: the unconditional twin of {twin}" if twin != path.stem else ""))
+        except (OSError, ValueError, RuntimeError) as e:   # a sample unreadable: the rest of the run does not care
+            self.warn(f"warning: samples in {folder} not logged ({one_line(e)})")
+
     def replay(self, history, resume_step):
         """Write the rows of `history` (a checkpoint's, all made at or before resume_step) that a tracker lacks: per
         tag, those after the last step it holds. Never a step twice: rows it has stay as they are."""

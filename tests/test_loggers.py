@@ -89,6 +89,31 @@ def test_event_files_hold_the_expected_tags_and_steps(tmp_path):
     assert acc.summary_metadata["samples/000"].summary_description == "lofi piano, rain"
 
 
+def test_a_generate_stages_samples_are_logged_from_its_folder(tmp_path):
+    import data
+    folder = tmp_path / "samples" / "3"
+    folder.mkdir(parents=True)
+    for name, description in (("000", "lofi piano"), ("000_uncond", None), ("001", "jazz trio"), ("001_uncond", None)):
+        data.save_audio(folder / f"{name}.wav", np.full((2, 1600), 0.25 if description else -0.5), 32000)
+        (folder / f"{name}.json").write_text(json.dumps({"description": description, "epoch": 3}))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "000.wav").write_bytes(b"RIFF, but cut short")
+    warnings = []
+    lg = loggers.open_loggers(TB, tmp_path, "sig00014", {}, warn=warnings.append)
+    lg.samples(tmp_path / "bad", 20)   # one line, and the tracker stays on
+    lg.samples(folder, 30)
+    lg.close()
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: samples in {tmp_path / 'bad'} not logged (")
+    acc, _ = tensorboard_view(tmp_path / "tensorboard")
+    assert sorted(acc.Tags()["audio"]) == ["samples/000", "samples/000_uncond", "samples/001", "samples/001_uncond"]
+    clip = acc.Audio("samples/001_uncond")[0]
+    with wave.open(__import__("io").BytesIO(clip.encoded_audio_string)) as w:
+        assert (clip.step, w.getnchannels(), w.getnframes()) == (30, 2, 1600)
+        assert np.allclose(np.frombuffer(w.readframes(1600), "<i2") / 32767, -0.5, atol=1e-4)
+    assert acc.summary_metadata["samples/001"].summary_description == "jazz trio"
+    assert acc.summary_metadata["samples/001_uncond"].summary_description == "no text: the unconditional twin of 001"
+
+
 SESSION = textwrap.dedent('''
     """A stand-in for train.py's loop: log lines every update, rows and a checkpoint every 10 updates."""
     import json, os, sys, time
