@@ -478,11 +478,6 @@ CASES = [
     Case("run-info-missing", "env.py info", "a run signature that does not exist",
          lambda c: ("env.py", ["info", "deadbeef"], {"AUDIOCRAFT_DORA_DIR": str(c.tmp / "runs")}),
          ("deadbeef", "<tmp>/runs/xps/deadbeef/config.json not found")),
-    # -- formats.py, generate.py export, data.py tokenizer, text.py
-    Case("lm-missing", "formats.py lm", "an LM file that does not exist",
-         lambda c: ("formats.py", ["lm", str(c.tmp / "state_dict.bin")]), ("<tmp>/state_dict.bin", "no such file")),
-    Case("lm-wrong-keys", "formats.py lm", "a torch file that is not an AudioCraft LM",
-         lambda c: (torch.save({"foo": 1}, c.tmp / "x.bin"), ("formats.py", ["lm", str(c.tmp / "x.bin")]))[1],
     Case("plot-missing", "env.py plot", "a run signature that does not exist",
          lambda c: ("env.py", ["plot", "deadbeef", f"--out={c.tmp / 'c.png'}"], {"AUDIOCRAFT_DORA_DIR": str(c.tmp / "runs")}),
          ("<tmp>/runs/xps/deadbeef", "not a run directory", "give a run's signature or directory")),
@@ -490,11 +485,11 @@ CASES = [
          lambda c: (write(c.tmp / "runs" / "xps" / "abcd1234" / "config.json", "{}"),
                     ("env.py", ["plot", "abcd1234", f"--out={c.tmp / 'c.png'}"], {"AUDIOCRAFT_DORA_DIR": str(c.tmp / "runs")}))[1],
          ("<tmp>/runs/xps/abcd1234/history.jsonl not found", "plot it later")),
-    # -- model.py and text.py
-    Case("lm-missing", "model.py", "an LM file that does not exist",
-         lambda c: ("model.py", [str(c.tmp / "state_dict.bin")]), ("<tmp>/state_dict.bin", "no such file")),
-    Case("lm-wrong-keys", "model.py", "a torch file that is not an AudioCraft LM",
-         lambda c: (torch.save({"foo": 1}, c.tmp / "x.bin"), ("model.py", [str(c.tmp / "x.bin")]))[1],
+    # -- formats.py, generate.py export, data.py tokenizer, text.py
+    Case("lm-missing", "formats.py lm", "an LM file that does not exist",
+         lambda c: ("formats.py", ["lm", str(c.tmp / "state_dict.bin")]), ("<tmp>/state_dict.bin", "no such file")),
+    Case("lm-wrong-keys", "formats.py lm", "a torch file that is not an AudioCraft LM",
+         lambda c: (torch.save({"foo": 1}, c.tmp / "x.bin"), ("formats.py", ["lm", str(c.tmp / "x.bin")]))[1],
          ("<tmp>/x.bin", "needs 'best_state' and 'xp.cfg'")),
     Case("lm-pickle", "formats.py lm", "an LM file with pickled code",
          lambda c: ("formats.py", ["lm", str(_evil(c))]), ("<tmp>/evil.bin", "refused", "nothing was run"),
