@@ -436,8 +436,8 @@ def coerce(key, value, kind, where, nullable=False):
                 return False
             raise bad
         try:
-            if kind in (tuple, list) and text[:1] not in "[(":
-                value = [ast.literal_eval(x) for x in text.split(",") if x.strip()]
+            if kind in (tuple, list) and text[:1] not in "[(":   # 0,1,2 or fad,kld: items that are no literal are words
+                value = [_literal_or_word(x.strip()) for x in text.split(",") if x.strip()]
             else:
                 value = ast.literal_eval(text)
         except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -465,6 +465,15 @@ def coerce(key, value, kind, where, nullable=False):
     if not isinstance(value, str):
         raise bad
     return value
+
+
+def _literal_or_word(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if re.fullmatch(r"[A-Za-z_][\w.-]*", text):
+            return text
+        raise
 
 
 def split_args(argv, types, where="command line"):

@@ -78,11 +78,12 @@ def parse_names(names):
     return names
 
 
-def weights_path(metric, path=None):
-    """The weights a metric needs, as an existing path; else one line saying what to put where."""
+def weights_path(metric, path=None, option_suffix=""):
+    """The weights a metric needs, as an existing path; else one line saying what to put where (the option that
+    names it is --vggish, --passt, --clap here; train.py's keys add option_suffix "_path")."""
     default, option, what = WEIGHTS[metric]
     path = path or default
-    advice = f"{metric} needs {what}: put it there, or give its path with --{option}=PATH"
+    advice = f"{metric} needs {what}: put it there, or give its path with --{option}{option_suffix}=PATH"
     try:
         resolved = env.resolve_path(path)
     except env.UserError as e:
@@ -435,22 +436,26 @@ class Evaluator:
     """The chosen metrics, fed batch by batch; result() -> {name: float}. Models load here, so a missing weights file
     or package is found before any generation. Only embeddings' moments and running sums are kept."""
 
-    def __init__(self, names, sample_rate, vggish=None, passt=None, clap=None, device="cpu", seed=0):
+    def __init__(self, names, sample_rate, vggish=None, passt=None, clap=None, device="cpu", seed=0, option_suffix=""):
         self.names, self.sample_rate, self.device = parse_names(names), int(sample_rate), torch.device(device)
         given = {"fad": vggish, "kld": passt, "clap": clap}
-        self.weights = {n: str(weights_path(n, given[n])) for n in self.names if n in WEIGHTS}  # all found, or stop
+        self.weights = {n: str(weights_path(n, given[n], option_suffix)) for n in self.names if n in WEIGHTS}
+        self.seed = seed
         if "fad" in self.names:
             self.vggish = load_vggish(self.weights["fad"], self.device)
-            self.moments = {"generated": Moments(128), "reference": Moments(128)}
         if "kld" in self.names:
             self.passt = load_passt(self.weights["kld"], self.device)
-            self.kld_pq, self.kld_qp, self.kld_segments = 0.0, 0.0, 0
         if "clap" in self.names:
             self.clap = Clap(self.weights["clap"], self.device)
-            self.clap_sum, self.clap_count = 0.0, 0
-            self.crop_generator = torch.Generator().manual_seed(seed)
-        if "chroma_cos" in self.names:
-            self.chroma_sum, self.chroma_frames = 0.0, 0
+        self.reset()
+
+    def reset(self):
+        """Forget what was added; the models stay loaded (one evaluator serves every evaluate stage of a run)."""
+        self.moments = {"generated": Moments(128), "reference": Moments(128)} if "fad" in self.names else {}
+        self.kld_pq, self.kld_qp, self.kld_segments = 0.0, 0.0, 0
+        self.clap_sum, self.clap_count = 0.0, 0
+        self.crop_generator = torch.Generator().manual_seed(self.seed)
+        self.chroma_sum, self.chroma_frames = 0.0, 0
 
     def _clips(self, wav, lengths, sample_rate, what):
         """[B, C, S] (or [C, S]) -> mono clips [S_i] (each cut to its length), float32 on the device."""
