@@ -113,6 +113,7 @@ class Config:
     ema: bool = True                  # a moving average of the weights, used by valid, generate and evaluate
     ema_decay: float = 0.99
     ema_every: int = 10               # updates between EMA updates (counted over the whole run)
+    ema_device: str = ""              # empty: the training device; cpu: the host (frees device memory, never stalls)
     train_on_padding: bool = False    # AudioCraft trains on padded frames; we mask them by default
     max_nonfinite: int = 10           # abort after this many non-finite updates in a row (each is skipped)
     # precision and speed
@@ -155,7 +156,8 @@ class Config:
 # on another machine, with other workers or compiled, lands in the same run directory.
 INFRA_KEYS = {"runs_dir", "clear", "from_sig", "print_config", "num_workers", "device", "compile", "checkpointing",
               "parallel", "grad_accum", "log_every", "dist_timeout", "cache_dir", "generate_every", "evaluate_every",
-              "save_every", "keep_last", "keep_weights_only", "trust_checkpoint", "evaluate_samples", "metrics",
+              "save_every", "ema_device", "keep_last", "keep_weights_only", "trust_checkpoint", "evaluate_samples",
+              "metrics",
               "vggish_path", "passt_path",
               "clap_path", "tensorboard", "wandb", "wandb_project", "wandb_entity", "wandb_group", "wandb_name",
               "wandb_mode"}
@@ -164,7 +166,7 @@ FIELDS = {f.name: f for f in fields(Config)}
 TYPES = env.option_types(Config)
 CHOICES = {"pattern": lm_lib.PATTERNS, "fuse": lm_lib.FUSES, "conditioner": ("t5", "lut"),
            "dtype": ("bfloat16", "float16", "float32"), "lr_schedule": ("cosine", "linear", "constant"),
-           "parallel": ("ddp", "fsdp"), "t5_dtype": ("float32", "bfloat16")}
+           "parallel": ("ddp", "fsdp"), "t5_dtype": ("float32", "bfloat16"), "ema_device": ("", "cpu")}
 # Ranges every value must be in (inclusive; None: unbounded), checked when the config is parsed.
 RANGES = {
     **{k: (1, None) for k in ("epochs", "updates_per_epoch", "batch_size", "grad_accum", "ema_every", "log_every",
@@ -493,18 +495,55 @@ def local(t):
 
 class EMA:
     """Unbiased moving average of what trains, AudioCraft's: count = count*decay + 1, ema += (x - ema) / count.
-    On the device, as this rank's parts of the parameters (FSDP shards: sharded like the model)."""
+    As this rank's parts of the parameters (FSDP shards: sharded like the model), on the training device or, with
+    device="cpu", on the host: then each update copies the weights out asynchronously (pinned memory, a side stream)
+    and folds them in at the next update or read, so the training step never waits for it."""
 
-    def __init__(self, model, decay):
-        self.decay, self.count = decay, 0.0
-        self.state = {k: local(p).detach().clone() for k, p in trainable(model).items()}
+    def __init__(self, model, decay, device=None, deferred=None):
+        params = trainable(model)
+        self.decay, self.count, self.pending = decay, 0.0, False
+        self.state = {k: local(p).detach().to(device or local(p).device, copy=True) for k, p in params.items()}
+        first = next(iter(params.values()), None)
+        self.deferred = deferred if deferred is not None else \
+            first is not None and self.state[next(iter(params))].device != local(first).device
+        if self.deferred:
+            cuda = local(first).device.type == "cuda"
+            self.staged = {k: torch.empty_like(v, pin_memory=cuda) for k, v in self.state.items()}
+            self.stream = torch.cuda.Stream(local(first).device) if cuda else None
 
     @torch.no_grad()
     def update(self, model):
-        self.count = self.count * self.decay + 1
         params = dict(model.named_parameters())
-        torch._foreach_lerp_(list(self.state.values()), [local(params[k]).detach() for k in self.state],
-                             1.0 / self.count)
+        if not self.deferred:
+            self.count = self.count * self.decay + 1
+            torch._foreach_lerp_(list(self.state.values()), [local(params[k]).detach() for k in self.state],
+                                 1.0 / self.count)
+            return
+        self.flush()
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream())   # the weights of this update, as they are now
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            for k, staged in self.staged.items():
+                staged.copy_(local(params[k]).detach(), non_blocking=True)
+            self.event = self.stream.record_event() if self.stream is not None else None
+        self.pending = True
+
+    def before_step(self):
+        """Call before the optimizer changes the weights: a copy in flight must have read them (a wait on the
+        device, not on the host)."""
+        if self.pending and self.stream is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)
+
+    @torch.no_grad()
+    def flush(self):
+        """Fold in the copy in flight (deferred EMA): call before reading state."""
+        if self.pending:
+            if self.event is not None:
+                self.event.synchronize()   # long done: it ran beside the updates since
+            self.count = self.count * self.decay + 1
+            torch._foreach_lerp_(list(self.state.values()), list(self.staged.values()), 1.0 / self.count)
+            self.pending = False
+        return self.state
 
 
 @torch.no_grad()
@@ -628,7 +667,7 @@ def checkpoint_state(lm, optimizer, scaler, ema, best, state, cfg, d):
     model_sd, optim_sd = get_state_dict(lm, optimizer, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=state.get("base") is not None))
     params = trainable(lm)
-    ema_full = gather_parts(ema.state, params, d) if ema else None
+    ema_full = gather_parts(ema.flush(), params, d) if ema else None
     best_full = gather_parts(best, params, d) if best is not None else None
     rngs = all_rng_states(d)
     if not d.main:
@@ -980,7 +1019,7 @@ def train(cfg, d):
     optimizer = make_optimizer(lm, cfg)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.dtype == "float16")   # a no-op unless float16
     autocast = cfg.dtype != "float32"
-    ema = EMA(lm, cfg.ema_decay) if cfg.ema else None
+    ema = EMA(lm, cfg.ema_decay, cfg.ema_device or None) if cfg.ema else None
     best = None   # this rank's parts of the best weights (lowest valid ce), on the host
     micro_batch = cfg.batch_size // d.world_size // cfg.grad_accum
     frames = int(round(cfg.segment_duration * codec.frame_rate))
@@ -1062,7 +1101,7 @@ def train(cfg, d):
         row and training goes on; a stop signal saves (when the checkpoint lacks the epoch) and ends the run."""
         nonlocal best
         if "valid" in state["pending"]:
-            with swapped(lm, ema.state if ema else None), eval_mode(step):
+            with swapped(lm, ema.flush() if ema else None), eval_mode(step):
                 row = {"epoch": epoch, "stage": "valid", "step": state["step"],
                        **evaluate_ce(step, splits["valid"], cfg, codec, d, micro_batch, autocast, cfg.valid_batches)}
                 if row["ce"] < state["best_ce"]:
@@ -1071,7 +1110,7 @@ def train(cfg, d):
             add_row(row)
             state["pending"].remove("valid")
             save(keep=bool(cfg.save_every) and epoch % cfg.save_every == 0)   # the stages cannot lose it
-        weights = best if best is not None else ema.state if ema else None
+        weights = best if best is not None else ema.flush() if ema else None
         for stage in list(state["pending"]):
             t0, failed = time.time(), None
             try:
@@ -1110,7 +1149,7 @@ def train(cfg, d):
             # a copy: with strict=False torch adds the model's missing keys to the dict it is given
             set_model_state_dict(lm, dict(source), options=StateDictOptions(full_state_dict=True,
                                                                             strict=not adapter_run))
-            ema = EMA(lm, cfg.ema_decay) if cfg.ema else None
+            ema = EMA(lm, cfg.ema_decay, cfg.ema_device or None) if cfg.ema else None
             log(f"continuing from the weights in {path} (fresh optimizer and schedule)")
         commit, dirty = env.git_commit()
         e = env.get_env()
@@ -1197,11 +1236,15 @@ def train(cfg, d):
                 grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
                 if scaler.is_enabled():   # float16: the scaler skips overflowing updates and lowers its scale
                     bad = ~torch.isfinite(ce_sum)
+                    if ema is not None:
+                        ema.before_step()
                     scaler.step(optimizer)
                     scaler.update()
                 else:                     # the global grad norm: every rank skips the same updates, on the device
                     bad = ~(torch.isfinite(grad) & torch.isfinite(ce_sum))
                     optimizer.found_inf = bad.float()
+                    if ema is not None:
+                        ema.before_step()
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1
