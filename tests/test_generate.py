@@ -16,6 +16,7 @@ import torch
 import yaml
 
 import codec as codec_lib
+import data
 import env
 import generate
 import model as lm_lib
@@ -63,9 +64,10 @@ def mg(run_dir):
 
 
 def codes_for(mg, prompts, seconds, seed=0, **kw):
+    """model.sample as generate.py calls it: row i draws from seed + i."""
     n = int(round(seconds * mg.codec.frame_rate))
-    return generate.sample_codes(mg, prompts, n, generator=torch.Generator().manual_seed(seed),
-                                 **{**mg.defaults, **kw})
+    return lm_lib.sample(mg.lm, prompts, n, window=mg.window, seeds=[seed + i for i in range(len(prompts))],
+                         **{**mg.defaults, **kw})
 
 
 def sine(path, seconds, rate, freq=440.0):
@@ -100,9 +102,8 @@ def test_a_file_of_a_batch_regenerates_alone_from_its_row_seed(mg, run_dir, tmp_
     alone with --seed=its row_seed (0.8 s: two sliding windows, so the later window's stream is covered too).
     The codes are identical; decoding a batch of 3 or of 1 rounds differently, by one 16-bit step at most."""
     n = int(round(0.8 * mg.codec.frame_rate))
-    three = generate.sample_codes(mg, ["slow calm strings", "fast loud drums", "soft piano"], n, seeds=[40, 41, 42],
-                                  **mg.defaults)
-    assert torch.equal(three[1:2], generate.sample_codes(mg, ["fast loud drums"], n, seeds=[41], **mg.defaults))
+    three = codes_for(mg, ["slow calm strings", "fast loud drums", "soft piano"], 0.8, seed=40)
+    assert torch.equal(three[1:2], codes_for(mg, ["fast loud drums"], 0.8, seed=41))
     assert not torch.equal(three[0], three[1])
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("slow calm strings\nfast loud drums\nsoft piano\n")
@@ -141,7 +142,7 @@ def test_different_prompts_give_different_codes(mg):
 
 def test_cfg_coef_zero_equals_the_unconditional_model(mg):
     n = 15
-    uncond = mg.lm.generate(None, None, n, cfg_coef=3.0, top_k=50, generator=torch.Generator().manual_seed(3))
+    uncond = mg.lm.generate(None, None, n, cfg_coef=3.0, top_k=50, seeds=[3])
     guided0 = codes_for(mg, ["fast loud drums"], 0.3, seed=3, cfg_coef=0.0)
     guided3 = codes_for(mg, ["fast loud drums"], 0.3, seed=3, cfg_coef=3.0)
     assert torch.equal(guided0, uncond) and not torch.equal(guided3, uncond)
@@ -247,7 +248,7 @@ def test_export_directory_takes_t5_from_reference_or_t5_option(tmp_path, monkeyp
     (["--audio_prompt=intro.wav", "--prompt_duration=0.5"], r"audio prompt \(0.5 s\) must be shorter"),
     (["--top_p=2"], r"--top_p=2.0: must be between 0 and 1"),
     (["--prompts=missing.txt"], r"--prompts=.*missing.txt: cannot read"),
-    (["--temprature=1"], r'unknown option --temprature \(did you mean "--temperature"\?\)'),
+    (["--temprature=1"], r'command line: unknown key "temprature" \(did you mean "temperature"\?\)'),
     (["--out=x.mp3"], r"--out=.*x.mp3: write a .wav or .flac file"),
     (["--codec=/nonexistent/codec"], r"codec /nonexistent/codec: .* does not exist \(pass --codec=PATH"),
     (["T5", "--t5=/nonexistent/t5"], r"T5 path /nonexistent/t5 is not a directory .*--t5=PATH"),
@@ -287,14 +288,14 @@ def test_loudness_matches_bs1770_and_normalising_never_clips():
     t = np.arange(2 * rate) / rate
     tone = torch.tensor(np.sin(2 * np.pi * 997 * t), dtype=torch.float32)[None]
     # BS.1770: a full-scale 997 Hz sine in one channel reads -3.01 LUFS
-    assert generate.loudness(tone.numpy(), rate) == pytest.approx(-3.01, abs=0.05)
-    quiet, gain = generate.normalize(0.01 * tone, rate, "loudness", 14.0)
-    assert generate.loudness(quiet.numpy(), rate) == pytest.approx(-14.0, abs=0.05) and gain > 0
+    assert data.loudness(tone.numpy(), rate) == pytest.approx(-3.01, abs=0.05)
+    quiet, gain = data.normalize(0.01 * tone, rate, "loudness", 14.0)
+    assert data.loudness(quiet.numpy(), rate) == pytest.approx(-14.0, abs=0.05) and gain > 0
     clicks = torch.zeros(1, 2 * rate)
     clicks[0, ::8000] = 0.5                      # quiet on average, loud peaks: the ceiling wins over loudness
-    limited, _ = generate.normalize(clicks, rate, "loudness", 14.0)
+    limited, _ = data.normalize(clicks, rate, "loudness", 14.0)
     assert float(limited.abs().max()) == pytest.approx(10 ** (-1 / 20), rel=1e-5)
-    peaked, _ = generate.normalize(0.3 * tone, rate, "peak", 3.0)
+    peaked, _ = data.normalize(0.3 * tone, rate, "peak", 3.0)
     assert float(peaked.abs().max()) == pytest.approx(10 ** (-3 / 20), rel=1e-5)
-    silent, gain = generate.normalize(torch.zeros(1, rate), rate)
+    silent, gain = data.normalize(torch.zeros(1, rate), rate)
     assert gain == 0.0 and not silent.any()
