@@ -566,10 +566,10 @@ def generate_main(o):
     if n_frames > mg.window and stride is not None and not 0 < stride < mg.window:
         raise UserError(f"--extend_stride={o['extend_stride']:g} s: must be at least one frame ({1 / rate:g} s) and "
                         f"shorter than the model's context ({mg.max_duration:g} s)")
-    stride = lm_lib.window_plan(n_frames, mg.window, stride, prompt_frames)[1]
     B = min(o["batch_size"], n)
     text_len = max(len((d or "").encode()) for d in descriptions) + 2
     check_memory(o, mg, B, n_frames, text_len, dtype, device)
+    stride = lm_lib.window_plan(n_frames, mg.window, stride, prompt_frames)[1]
     print(f"loaded {mg.source} ({mg.weights} weights, {lm_lib.num_params(mg.lm) / 1e6:.2f}M parameters, context "
           f"{mg.max_duration:g} s) and codec {mg.codec_source} in {time.time() - t_load:.1f} s | {device} {dtype}"
           f"{' | compiled decode' if compiled else ''}", flush=True)

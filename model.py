@@ -11,8 +11,10 @@ and our `best_state` exports without renaming. Shapes: B batch, K codebooks (n_q
 codebook pattern, L text positions, card codebook size (the special "no code" token is card).
 
 Speed: `layer.compile()` on each of model.transformer.layers compiles in place and keeps the state-dict names;
-`model.decode_step` has static shapes for torch.compile(mode="reduce-overhead") / CUDA graphs; compute_loss does
-no host sync (it checks code values only for CPU tensors).
+`compile_decode(lm)` compiles the decode-and-sample step with static shapes (CUDA graphs on a GPU); compute_loss
+does no host sync (it checks code values only for CPU tensors).
+
+Sampling (generate.py and train.py's generate stage): `sample(lm, descriptions, n_frames, window=..., seeds=...)`.
 """
 import functools
 import math
