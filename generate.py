@@ -16,14 +16,22 @@ AudioCraft's extend_stride does. Every file gets a .json beside it with the prom
 command that regenerates it (the same audio on the same device and torch version). The prompt at index i draws
 its randomness from seed + i alone (its `row_seed`), so `--prompt=THAT --seed=ROW_SEED` regenerates one file of
 a batch by itself, at any --batch_size: the same codes (decoding a different batch may round the audio
-differently, by a 16-bit step).
+differently, by a 16-bit step). train.py's generate stage samples with the same sampler (model.sample) and row
+seeds seed + epoch + i, so its sample i of an epoch is `--prompt=THAT --seed=SEED+EPOCH+i` here (same dtype).
+
+Long runs: SIGTERM, SIGUSR1 or Ctrl-C stop between two decode steps; the files already written stay (each wav
+with its .json: a file is written whole or not at all) and the exit status is 75. Running the same command again
+makes only the missing files: an output whose .json records the same settings (prompt, row seed, sampling,
+duration, weights file, device, dtype, torch) is kept; without --seed, a partly made set takes up the seed of its
+files, and a complete set is made afresh with a new random seed.
 
 Options (--key=value): --duration (s, 10) --out (a .wav/.flac file, or a directory) --cfg_coef --top_k --top_p
---temperature (default: the run's settings) --seed (default: random, printed and saved) --batch_size (8)
---device (cuda when there is one) --dtype (float32 | bfloat16 | float16 autocast; bfloat16 on CUDA)
---audio_prompt=FILE --prompt_duration (s of it, 3; resampled to the codec's rate) --extend_stride (s, 0.6 x the
-context) --normalize (loudness: -headroom_db LUFS, 14 | peak: -headroom_db dBFS, 1 | none; never above -1 dBFS)
---t5=PATH --codec=PATH (instead of the run's) --runs_dir.
+--temperature (default: the run's settings) --seed (default: random, printed and saved; 0 to 2**63-1)
+--batch_size (8) --device (cuda when there is one) --dtype (float32 | bfloat16 | float16 autocast; bfloat16 on
+CUDA) --compile (the decode-and-sample step compiled, CUDA graphs on a GPU; default: on CUDA only, as compiling
+costs a CPU ~20-45 s) --audio_prompt=FILE --prompt_duration (s of it, 3; resampled to the codec's rate)
+--extend_stride (s, 0.6 x the context) --normalize (loudness: -headroom_db LUFS, 14 | peak: -headroom_db dBFS, 1 |
+none; never above -1 dBFS) --t5=PATH --codec=PATH (instead of the run's) --runs_dir.
 
 Export writes AudioCraft's layout, so `audiocraft.models.MusicGen.get_pretrained(OUT_DIR)` loads the model and
 `python generate.py --run=OUT_DIR` samples it: the LM's best EMA state with its xp.cfg, and the codec. AudioCraft
