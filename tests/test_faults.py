@@ -113,7 +113,7 @@ def test_kill_9_at_random_moments_and_mid_checkpoint_loses_nothing(tmp_path, dat
         killed.append(moment)
         if ckpt_file() is not None:
             ckpt = train.load_checkpoint(ckpt_file())  # the latest checkpoint is whole, whenever the kill came
-            assert ckpt["step"] % 2 == 0 and ckpt["step_in_epoch"] == 0  # written at an epoch's end, nothing partial
+            assert ckpt["step"] % 2 == 0 and not ckpt["pending"]  # written after an epoch's valid, nothing partial
             assert not steps or ckpt["step"] >= steps[-1]
             steps.append(ckpt["step"])
     assert {"mid_write", "before_rename"} <= set(killed) and len(killed) >= 4 and steps, (killed, steps)
@@ -200,10 +200,10 @@ def test_non_finite_gradients_are_skipped_and_counted_then_stop_with_the_last_go
     proc = start(runs, dataset, "--max_nonfinite=2", fault="inf_grad=1,3,4")
     assert proc.wait() == 1, proc.output()
     log = run_log(runs)
-    skips = re.findall(r"warning: update (\d+): non-finite loss or gradient \(ce (\S+), grad (\S+)\); skipped "
-                       r"\((\d) in a row\)", log)
-    assert [(int(u), n) for u, _, _, n in skips] == [(2, "1"), (4, "1"), (5, "2")]
-    assert all(float(ce) < 100 and not torch.isfinite(torch.tensor(float(g))) for _, ce, g, _ in skips)
+    skips = re.findall(r"warning: update (\d+): 1 update\(s\) with a non-finite loss or gradient skipped since the "
+                       r"last log line \((\d) in a row now; last ce (\S+), grad (\S+)\)", log)
+    assert [(int(u), n) for u, n, _, _ in skips] == [(2, "1"), (4, "1"), (5, "2")]   # log_every=1: every update
+    assert all(float(ce) < 100 and not torch.isfinite(torch.tensor(float(g))) for _, _, ce, g in skips)
     assert "error: 2 non-finite updates in a row (max_nonfinite=2)" in log
     assert status(runs) == "failed"
     ckpt = train.load_checkpoint(run_dir(runs) / "checkpoint.pt")  # the last good one: after epoch 2
