@@ -16,6 +16,7 @@ does no host sync (it checks code values only for CPU tensors).
 
 Sampling (generate.py and train.py's generate stage): `sample(lm, descriptions, n_frames, window=..., seeds=...)`.
 """
+import contextlib
 import functools
 import math
 import os
@@ -613,22 +614,26 @@ class MusicGenLM(nn.Module):
             P = cache.pos_table.shape[0] - (S - 1)
             pos = torch.full((1,), P + start - 1, dtype=torch.long, device=device)
             step = torch.full((1,), start, dtype=torch.long, device=device)
-            for s in range(start, S):
-                if s == start:
-                    nxt = pick_next(logits, step, seeds, *settings)                     # [B, K]
-                else:
-                    pos += 1
-                    step += 1
-                    tokens = sequence[..., s - 1:s]
-                    if compiled is not None:
-                        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are no longer read
-                        nxt = compiled(tokens, pos, cache, step, seeds, *settings)
+            # compile_decode asked for this step compiled: it runs so even where the caller forces compiled code
+            # eager (train.py's eval mode does, for its per-block compiled layers, which the prefill above ran)
+            stance = torch.compiler.set_stance("default") if compiled is not None else contextlib.nullcontext()
+            with stance:
+                for s in range(start, S):
+                    if s == start:
+                        nxt = pick_next(logits, step, seeds, *settings)                     # [B, K]
                     else:
-                        nxt = self.sample_step(tokens, pos, cache, step, seeds, *settings, n_keys=P + s)
-                # only unknown entries take the sample: prompt codes stay, steps without a code keep the special
-                sequence[..., s] = torch.where(sequence[..., s] == -1, nxt, sequence[..., s])
-                if on_step is not None:
-                    on_step()
+                        pos += 1
+                        step += 1
+                        tokens = sequence[..., s - 1:s]
+                        if compiled is not None:
+                            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are no longer read
+                            nxt = compiled(tokens, pos, cache, step, seeds, *settings)
+                        else:
+                            nxt = self.sample_step(tokens, pos, cache, step, seeds, *settings, n_keys=P + s)
+                    # only unknown entries take the sample: prompt codes stay, steps without a code keep the special
+                    sequence[..., s] = torch.where(sequence[..., s] == -1, nxt, sequence[..., s])
+                    if on_step is not None:
+                        on_step()
             codes = revert_sequence(sequence, tables, -1)
         return codes.clone()
 
