@@ -1,13 +1,12 @@
 """The frozen audio tokenizer: an EnCodec port (SEANet encoder/decoder with LSTM, residual vector quantizer).
 
-Loads the weights users hold: AudioCraft's `compression_state_dict.bin` (legacy `weight_g`/`weight_v` or
-`parametrizations.weight.original0/1` names, config from its `xp.cfg`) and Hugging Face EnCodec directories
-(`config.json` + `model.safetensors` or `pytorch_model.bin`), and computes what they compute. Weight norm is
-folded into plain weights at load time. `load_codec("debug")` is a tiny seeded codec for tests and CPU runs.
+Computes what AudioCraft's EnCodec and Hugging Face's EncodecModel compute, from plain weights (weight norm is folded
+away when formats.py loads them: AudioCraft's `compression_state_dict.bin`, Hugging Face EnCodec directories).
+`formats.load_codec("debug")` is a tiny seeded codec for tests and CPU runs.
 
-    python codec.py //reference/encodec_32khz                  # summary and identity of a codec
-    python codec.py debug in.wav out.wav                       # encode + decode a file
-    python codec.py PATH --export out/compression_state_dict.bin   # write AudioCraft's layout
+    python formats.py codec //reference/encodec_32khz          # summary and identity of a codec
+    python formats.py codec debug in.wav out.wav               # encode + decode a file
+    python formats.py codec PATH --export=out/                 # write AudioCraft's compression_state_dict.bin
 
 Long inputs are processed in time chunks (bounded memory) without changing the math: the convolutions before
 the LSTM have a finite receptive field, so chunks overlap by a margin that covers it; the LSTM runs over the
@@ -19,21 +18,15 @@ at a near-tie (none in the tests).
 import hashlib
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
-from env import UserError, cli, load_tensors, resolve_path, write_atomic
-
-AUDIOCRAFT_FILE = "compression_state_dict.bin"
-_EXPECTED = f"; expected an AudioCraft {AUDIOCRAFT_FILE} or a Hugging Face EnCodec directory"  # unreadable files
+from env import UserError
 
 
 @dataclass
@@ -390,273 +383,6 @@ class Codec(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Loading: AudioCraft and Hugging Face layouts -> our keys, weight norm folded
-
-def _our_key(key):
-    """Map an AudioCraft or HF key onto ours; None for state we do not keep (EMA statistics)."""
-    m = re.match(r"quantizer\.(?:vq\.)?layers\.(\d+)\._?codebook\.(\w+)$", key)
-    if m:
-        return f"codebooks.{m[1]}" if m[2] == "embed" else None
-    key = re.sub(r"^(encoder|decoder)\.(model|layers)\.", r"\1.", key)
-    key = key.replace("conv.conv.", "").replace("convtr.convtr.", "").replace("conv.", "")
-    return key.replace("parametrizations.weight.original0", "weight_g").replace(
-        "parametrizations.weight.original1", "weight_v")
-
-
-def _load_weights(codec, state, source):
-    """Fold weight norm (weight = g * v / |v|, norm over all dims but 0) and load into `codec`, strictly."""
-    named = {_our_key(k): v for k, v in state.items()}
-    ours, codebooks = {}, {}
-    for k, v in named.items():
-        if k is None or k.endswith(".weight_v"):
-            continue
-        if k == "codebooks":   # our own layout
-            codebooks.update(enumerate(v))
-        elif k.startswith("codebooks."):
-            codebooks[int(k.split(".")[1])] = v
-        elif k.endswith(".weight_g"):
-            if k[:-1] + "v" not in named:
-                raise UserError(f"{source}: has the weight-norm magnitude of {k[:-9]} but not its direction (_v)")
-            ours[k[:-2]] = torch._weight_norm(named[k[:-1] + "v"].float(), v.float(), 0)
-        else:
-            ours[k] = v
-    n_q = codec.cfg.n_q
-    if sorted(codebooks)[:n_q] != list(range(n_q)):
-        raise UserError(f"{source}: has codebooks {sorted(codebooks)}, the config needs {n_q}")
-    ours["codebooks"] = torch.stack([codebooks[q] for q in range(n_q)])
-    expected = codec.state_dict()
-    missing = sorted(set(expected) - set(ours))
-    unexpected = sorted(set(ours) - set(expected))
-    if missing or unexpected:
-        raise UserError(f"{source}: weights do not match the config (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
-    for k, v in ours.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            raise UserError(f"{source}: {k} has shape {tuple(v.shape)}, the config needs {tuple(expected[k].shape)}")
-    codec.load_state_dict({k: v.float() for k, v in ours.items()})
-    return codec
-
-
-def _resolve_interpolations(node, root):
-    """OmegaConf's `${a.b}` references, as an unresolved xp.cfg dump may hold them."""
-    if isinstance(node, dict):
-        return {k: _resolve_interpolations(v, root) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_resolve_interpolations(v, root) for v in node]
-    m = re.fullmatch(r"\$\{([\w.]+)\}", node) if isinstance(node, str) else None
-    if m:
-        target = root
-        for part in m[1].split("."):
-            target = target[part]
-        return _resolve_interpolations(target, root)
-    return node
-
-
-def config_from_audiocraft(xp_cfg, source):
-    """CodecConfig from an AudioCraft xp.cfg (YAML text or dict). Missing keys take SEANet's defaults."""
-    try:
-        cfg = yaml.safe_load(xp_cfg) if isinstance(xp_cfg, str) else dict(xp_cfg)
-        cfg = _resolve_interpolations(cfg, cfg)
-        enc, sea, rvq = cfg.get("encodec", {}), dict(cfg["seanet"]), cfg["rvq"]
-    except (KeyError, TypeError, ValueError, yaml.YAMLError) as e:
-        raise UserError(f"{source}: xp.cfg lacks the EnCodec settings ({type(e).__name__}: {e}): "
-                        f"not a compression model file") from None
-    if cfg.get("compression_model", "encodec") != "encodec" or enc.get("autoencoder", "seanet") != "seanet":
-        raise UserError(f"{source}: only EnCodec (seanet + rvq) compression models are supported")
-    if enc.get("renormalize", False):
-        raise UserError(f"{source}: renormalize=True codecs need per-item scales, which the LM cannot use")
-    dec = sea.pop("decoder", None) or {}
-    if sea.pop("encoder", None) or set(dec) - {"trim_right_ratio", "final_activation", "final_activation_params"}:
-        raise UserError(f"{source}: separate encoder/decoder seanet overrides are not supported")
-    if sea.get("activation", "ELU") != "ELU" or (sea.get("activation_params") or {}).get("alpha", 1.0) != 1.0 \
-            or dec.get("final_activation"):
-        raise UserError(f"{source}: only ELU(alpha=1) activations and no final activation are supported")
-    if sea.get("norm", "none") not in ("weight_norm", "none"):
-        raise UserError(f"{source}: norm {sea['norm']!r} is not supported (weight_norm or none)")
-    return CodecConfig(
-        sample_rate=int(enc.get("sample_rate", cfg.get("sample_rate", 32000))),
-        channels=int(sea.get("channels", enc.get("channels", cfg.get("channels", 1)))),
-        n_filters=sea.get("n_filters", 32), ratios=tuple(sea.get("ratios", (8, 5, 4, 2))),
-        dimension=sea.get("dimension", 128), n_residual_layers=sea.get("n_residual_layers", 3),
-        kernel_size=sea.get("kernel_size", 7), residual_kernel_size=sea.get("residual_kernel_size", 3),
-        last_kernel_size=sea.get("last_kernel_size", 7), dilation_base=sea.get("dilation_base", 2),
-        compress=sea.get("compress", 2), lstm=sea.get("lstm", 0), causal=bool(sea.get("causal", False)),
-        pad_mode=sea.get("pad_mode", "reflect"), true_skip=bool(sea.get("true_skip", True)),
-        norm=sea.get("norm", "none"), disable_norm_outer_blocks=sea.get("disable_norm_outer_blocks", 0),
-        trim_right_ratio=float(dec.get("trim_right_ratio", 1.0)), n_q=rvq.get("n_q", 8),
-        card=rvq.get("bins", 1024))
-
-
-def config_from_hf(c, source, n_codebooks):
-    """CodecConfig from a Hugging Face EncodecConfig dict. Missing keys take transformers' defaults."""
-    if c.get("normalize", False) or c.get("chunk_length_s") is not None:
-        raise UserError(f"{source}: normalize/chunk_length_s (e.g. encodec_48khz) are not supported")
-    if c.get("norm_type", "weight_norm") != "weight_norm":
-        raise UserError(f"{source}: norm_type {c['norm_type']!r} is not supported (weight_norm only)")
-    dim = c.get("hidden_size", 128)
-    if c.get("codebook_dim") not in (None, dim):
-        raise UserError(f"{source}: codebook_dim {c['codebook_dim']} != hidden_size {dim} is not supported")
-    return CodecConfig(
-        sample_rate=c.get("sampling_rate", 24000), channels=c.get("audio_channels", 1),
-        n_filters=c.get("num_filters", 32), ratios=tuple(c.get("upsampling_ratios", (8, 5, 4, 2))),
-        dimension=dim, n_residual_layers=c.get("num_residual_layers", 1),
-        kernel_size=c.get("kernel_size", 7), residual_kernel_size=c.get("residual_kernel_size", 3),
-        last_kernel_size=c.get("last_kernel_size", 7), dilation_base=c.get("dilation_growth_rate", 2),
-        compress=c.get("compress", 2), lstm=c.get("num_lstm_layers", 2), causal=c.get("use_causal_conv", True),
-        pad_mode=c.get("pad_mode", "reflect"), true_skip=not c.get("use_conv_shortcut", True),
-        trim_right_ratio=c.get("trim_right_ratio", 1.0), n_q=n_codebooks, card=c.get("codebook_size", 1024))
-
-
-def _read_audiocraft(path):
-    pkg = load_tensors(path, expected=_EXPECTED)
-    if not isinstance(pkg, dict):
-        raise UserError(f"{path}: not an AudioCraft {AUDIOCRAFT_FILE} (no best_state/xp.cfg)")
-    if "pretrained" in pkg:
-        raise UserError(f"{path}: points to the pretrained model {pkg['pretrained']!r} instead of holding weights; "
-                        f"download that Hugging Face directory and pass its path")
-    if "best_state" not in pkg or "xp.cfg" not in pkg:
-        raise UserError(f"{path}: not an AudioCraft {AUDIOCRAFT_FILE} (needs keys best_state and xp.cfg, "
-                        f"has {sorted(pkg)[:5]})")
-    state = pkg["best_state"]
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):   # a solver checkpoint's best_state
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise UserError(f"{path}: best_state is a {type(state).__name__}, not a state dict")
-    return config_from_audiocraft(pkg["xp.cfg"], path), state
-
-
-def _read_hf(directory):
-    try:
-        c = json.loads((directory / "config.json").read_text())
-    except ValueError as e:
-        raise UserError(f"{directory}/config.json: not valid JSON ({e})") from None
-    prefix = ""
-    if "audio_encoder" in c:   # a MusicGen directory: its EnCodec lives under audio_encoder.
-        c, prefix = c["audio_encoder"], "audio_encoder."
-    if c.get("model_type", "encodec") != "encodec":
-        raise UserError(f"{directory}/config.json: model_type {c.get('model_type')!r} is not EnCodec")
-    if (directory / "model.safetensors").exists():
-        from safetensors import safe_open
-        try:
-            with safe_open(str(directory / "model.safetensors"), "pt") as f:
-                state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-        except Exception as e:   # safetensors raises its own error types
-            raise UserError(f"{directory}/model.safetensors: cannot be read ({e})") from None
-    elif (directory / "pytorch_model.bin").exists():
-        weights = load_tensors(directory / "pytorch_model.bin", expected=_EXPECTED)
-        state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    else:
-        raise UserError(f"{directory}: has config.json but no model.safetensors or pytorch_model.bin")
-    n_codebooks = len({k for k in state if re.match(r"quantizer\.layers\.\d+\.codebook\.embed$", k)})
-    if not n_codebooks:
-        raise UserError(f"{directory}: its weights hold no quantizer.layers.N.codebook.embed: not an EnCodec")
-    return config_from_hf(c, directory, n_codebooks), state
-
-
-def load_codec(path, stereo=False, pad_mode=None, n_q=None):
-    """A frozen Codec (eval, no grad) from an AudioCraft file or directory holding one, a Hugging Face
-    directory, a //reference/... path, or "debug". pad_mode/n_q override the file's (AudioCraft inference used
-    constant padding where the HF config says reflect; n_q keeps the first codebooks)."""
-    if str(path) == "debug":
-        cfg, state = debug_codec_state()
-        source = "debug"
-    else:
-        p = resolve_path(path)
-        if not p.exists():
-            raise UserError(f"codec {path}: {p} does not exist")
-        if p.is_dir() and (p / AUDIOCRAFT_FILE).exists():
-            p = p / AUDIOCRAFT_FILE
-        elif p.name == "config.json" or p.suffix == ".safetensors":   # a file of an HF directory
-            p = p.parent
-        if p.is_dir() and (p / "config.json").exists():
-            cfg, state = _read_hf(p)
-        elif p.is_file():
-            cfg, state = _read_audiocraft(p)
-        else:
-            raise UserError(f"codec {path}: {p} holds neither {AUDIOCRAFT_FILE} nor a Hugging Face config.json")
-        source = str(p)
-    if pad_mode is not None:
-        if pad_mode not in ("reflect", "constant"):
-            raise UserError(f"pad_mode must be reflect or constant, got {pad_mode!r}")
-        cfg.pad_mode = pad_mode
-    if n_q is not None:
-        if not 1 <= n_q <= cfg.n_q:
-            raise UserError(f"codec {path}: n_q={n_q} but it has {cfg.n_q} codebooks")
-        cfg.n_q = n_q
-    codec = _load_weights(Codec(cfg, stereo=stereo), state, source)
-    return codec.eval().requires_grad_(False)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Export
-
-def audiocraft_xp_cfg(cfg):
-    """The parts of an AudioCraft xp.cfg that `builders.get_compression_model` reads."""
-    return {
-        "sample_rate": cfg.sample_rate, "channels": cfg.channels, "compression_model": "encodec",
-        "encodec": {"autoencoder": "seanet", "quantizer": "rvq", "sample_rate": cfg.sample_rate,
-                    "channels": cfg.channels, "causal": cfg.causal, "renormalize": False},
-        "seanet": {"dimension": cfg.dimension, "channels": cfg.channels, "causal": cfg.causal,
-                   "n_filters": cfg.n_filters, "n_residual_layers": cfg.n_residual_layers,
-                   "ratios": list(cfg.ratios), "activation": "ELU", "activation_params": {"alpha": 1.0},
-                   "norm": cfg.norm, "norm_params": {}, "kernel_size": cfg.kernel_size,
-                   "residual_kernel_size": cfg.residual_kernel_size, "last_kernel_size": cfg.last_kernel_size,
-                   "dilation_base": cfg.dilation_base, "pad_mode": cfg.pad_mode, "true_skip": cfg.true_skip,
-                   "compress": cfg.compress, "lstm": cfg.lstm,
-                   "disable_norm_outer_blocks": cfg.disable_norm_outer_blocks,
-                   "decoder": {"trim_right_ratio": cfg.trim_right_ratio, "final_activation": None,
-                               "final_activation_params": None},
-                   "encoder": {}},
-        "rvq": {"n_q": cfg.n_q, "q_dropout": False, "bins": cfg.card, "decay": 0.99, "kmeans_init": True,
-                "kmeans_iters": 50, "threshold_ema_dead_code": 2, "orthogonal_reg_weight": 0.0,
-                "orthogonal_reg_active_codes_only": False},
-        "device": "cpu", "dtype": "float32",
-    }
-
-
-def audiocraft_state(codec):
-    """Our weights in AudioCraft's EncodecModel layout, weight norm as legacy weight_g / weight_v."""
-    state = {}
-    for side in ("encoder", "decoder"):
-        for name, m in getattr(codec, side).named_modules():
-            if isinstance(m, LSTM):
-                for k, v in m.lstm.state_dict().items():
-                    state[f"{side}.model.{name}.lstm.{k}"] = v.detach().float().cpu().clone()
-            elif isinstance(m, (Conv, ConvTr)):
-                wrap = "convtr.convtr" if isinstance(m, ConvTr) else "conv.conv"
-                prefix = f"{side}.model.{name}.{wrap}."
-                w = m.weight.detach().float().cpu()
-                if m.normed:
-                    # g = |w| from the same kernel that folds it at load, so g / |v| is exactly 1 and a
-                    # round trip gives back the very same weights (and identity)
-                    state[prefix + "weight_g"] = torch._weight_norm_interface(w, w.new_ones(len(w), 1, 1), 0)[1]
-                    state[prefix + "weight_v"] = w.clone()
-                else:
-                    state[prefix + "weight"] = w.clone()
-                state[prefix + "bias"] = m.bias.detach().float().cpu().clone()
-    for q, embed in enumerate(codec.codebooks.detach().float().cpu()):
-        prefix = f"quantizer.vq.layers.{q}._codebook."
-        state[prefix + "inited"] = torch.ones(1)
-        state[prefix + "cluster_size"] = torch.ones(codec.card)
-        state[prefix + "embed"] = embed.clone()
-        state[prefix + "embed_avg"] = embed.clone()
-    return state
-
-
-def export_audiocraft_codec(codec, path):
-    """Write `codec` as AudioCraft's compression_state_dict.bin ({best_state, xp.cfg}); `path` is the file or
-    a directory for it. Written atomically."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / AUDIOCRAFT_FILE
-    pkg = {"best_state": audiocraft_state(codec), "xp.cfg": yaml.safe_dump(audiocraft_xp_cfg(codec.cfg)),
-           "version": "nanomusicgen", "exported": True}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda f: torch.save(pkg, f))
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The debug codec: seeded weights, codebooks fitted by k-means on a fixed synthetic signal
 
 def _hash_uniform(n, seed):
@@ -743,38 +469,3 @@ def debug_codec_state():
     """(CodecConfig, state dict) of the debug codec; built once per process (~1 s)."""
     cfg, state = _debug_state()
     return CodecConfig(**asdict(cfg)), state
-
-
-# ----------------------------------------------------------------------------------------------------------
-
-def main(argv):
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    if len(argv) not in (1, 3):
-        raise UserError("usage: python codec.py PATH [in.wav out.wav | --export OUT]")
-    codec = load_codec(argv[0])
-    c = codec.cfg
-    print(f"codec {argv[0]}: {c.sample_rate} Hz, {codec.channels} ch, hop {codec.hop}, {codec.frame_rate:g} frames/s, "
-          f"n_q {codec.n_q}, card {codec.card}, pad_mode {c.pad_mode}, "
-          f"{sum(p.numel() for p in codec.parameters()) / 1e6:.1f}M params, identity {codec.identity()}")
-    if len(argv) == 3 and argv[1] == "--export":
-        print(f"wrote {export_audiocraft_codec(codec, argv[2])}")
-    elif len(argv) == 3:
-        import soundfile as sf
-        try:
-            wav, sr = sf.read(argv[1], dtype="float32", always_2d=True)   # [S, C]
-        except Exception as e:
-            raise UserError(f"{argv[1]}: cannot read audio ({e})") from None
-        codec.check_rate(sr)
-        if wav.shape[1] == 2 and codec.channels == 1:
-            codec = load_codec(argv[0], stereo=True)
-        codes = codec.encode(torch.from_numpy(wav.T.copy())[None])
-        out = codec.decode(codes)[0, :, :wav.shape[0]].T.numpy()
-        sf.write(argv[2], out, sr)
-        print(f"{argv[1]}: {codes.shape[-1]} frames x {codes.shape[1]} codebooks -> {argv[2]}")
-    return 0
-
-
-if __name__ == "__main__":
-    cli(main)

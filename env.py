@@ -103,6 +103,44 @@ def load_error(path, e, hint="", expected=""):
             f"corrupt or another format{expected}")
 
 
+# A Hugging Face checkpoint directory keeps its weights in the first of these that exists
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+
+
+def read_weights(directory, wanted, what="directory", expected=""):
+    """{name: tensor} from a Hugging Face checkpoint directory (safetensors or torch .bin, one file or shards named
+    by an index), reading only the names `wanted` (a collection, or a test name -> bool): a T5 file also holds its
+    decoder, a MusicGen file its text encoder and codec. `what` names the directory in errors (e.g. "T5 directory");
+    `expected` goes after an unreadable .bin's message."""
+    keep = wanted if callable(wanted) else set(wanted).__contains__
+    directory = Path(directory)
+    file = next((directory / f for f in WEIGHT_FILES if (directory / f).is_file()), None)
+    if file is None:
+        raise UserError(f"{what} {directory}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
+    files = [file]
+    if file.name.endswith(".index.json"):  # sharded: {"weight_map": {name: shard file}}, only the shards needed
+        try:
+            weight_map = json.loads(file.read_text())["weight_map"]
+            files = [directory / shard for shard in dict.fromkeys(s for n, s in weight_map.items() if keep(n))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{file}: not a weights index ({type(e).__name__}: {e})") from None
+    out = {}
+    for path in files:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    out.update({n: f.get_tensor(n) for n in f.keys() if keep(n)})
+            except Exception as e:  # safetensors has its own error types
+                raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        else:
+            state = load_tensors(path, mmap=True, expected=expected)
+            if not isinstance(state, dict):
+                raise UserError(f"{path}: holds a {type(state).__name__}, not a state dict{expected}")
+            out.update({n: v for n, v in state.items() if keep(n)})
+    return out
+
+
 @dataclass
 class Environment:
     team: str

@@ -38,203 +38,32 @@ Export writes AudioCraft's layout, so `audiocraft.models.MusicGen.get_pretrained
 conditions released-style models on T5: a model trained here with conditioner=t5 means the same thing there. A
 model with our lookup-table conditioner (conditioner=lut) exports with that conditioner's weights and settings,
 which nanomusicgen reloads exactly; AudioCraft loads it only with lut_layers=0, and then tokenizes text its own
-way, so its text conditioning is meaningless there. AudioCraft's MusicGen asserts that its default extend_stride
-(18 s) is shorter than the context, so a context of 18 s or less is written as 30 s in xp.cfg (generate.py keeps
-the true one).
+way, so its text conditioning is meaningless there. A model trained with mask_memory=True (config/debug.py) masks
+padded text positions, which AudioCraft cannot: its logits there equal ours for one prompt at a time but differ on
+the padded rows of a batch of prompts of different lengths. Export prints each such difference in a `note:` line
+and records it in xp.cfg (nanomusicgen.audiocraft_differences). AudioCraft's MusicGen asserts that its default
+extend_stride (18 s) is shorter than the context, so a context of 18 s or less is written as 30 s in xp.cfg
+(generate.py keeps the true one). formats.py reads and writes these files.
 """
-import difflib
 import json
 import math
 import os
 import random
 import shlex
-import shutil
 import sys
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
-import yaml
 
-import codec as codec_lib
 import data
 import env
+import formats
 import model as lm_lib
-import text
-import train
 from env import UserError, resolve_path
+from formats import SAMPLING_DEFAULTS, MusicGen, load  # noqa: F401  (runs and exports are read in formats.py)
 
-# The run config's sampling settings, with train.py's defaults (AudioCraft's MusicGen.set_generation_params ones)
-SAMPLING_DEFAULTS = {k: getattr(train.Config, k) for k in ("cfg_coef", "top_k", "top_p", "temperature")}
-# The run config keys that rebuild the text conditioner, with train.py's defaults (for a config that lacks one)
-CONDITIONER_DEFAULTS = {k: getattr(train.Config, k) for k in ("conditioner", "t5_path", "t5_dtype", "text_max_length",
-                                                               "lut_tokenizer", "lut_dim", "lut_layers")}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class MusicGen:
-    """What sampling needs: the LM (its text conditioner inside), the codec, and what the weights came with."""
-    lm: lm_lib.MusicGenLM
-    lm_cfg: lm_lib.LMConfig
-    codec: codec_lib.Codec
-    max_duration: float     # seconds of one generation window: the segment duration the model was trained on
-    defaults: dict          # the sampling settings of the run or export (cfg_coef, top_k, top_p, temperature)
-    conditioner: dict       # the CONDITIONER_DEFAULTS keys: how to rebuild the text conditioner
-    source: Path            # the checkpoint.pt or state_dict.bin the weights came from
-    weights: str            # best_state | ema | model (a run without a valid stage yet) | export
-    codec_source: str
-    signature: str = ""
-
-    @property
-    def window(self):       # frames per generation window
-        return max(1, int(round(self.max_duration * self.codec.frame_rate)))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loading: runs (config.json + checkpoint.pt) and AudioCraft exports (state_dict.bin [+ compression_state_dict.bin])
-
-def find_run(run, runs_dir=None):
-    """--run -> the checkpoint.pt (or other checkpoint file) of a run, or the state_dict.bin of an export."""
-    name = str(run)
-    if name.startswith("//") or "/" in name or os.sep in name or Path(name).expanduser().exists():
-        path = resolve_path(name)
-        if not path.exists():
-            raise UserError(f"--run={name}: {path} does not exist")
-    else:
-        path = env.run_dir(name, runs_dir)
-        if not path.is_dir():
-            raise UserError(f"--run={name}: no run {name} in {path.parent} and no such path (give a run signature, "
-                            f"a run directory or an AudioCraft export directory; --runs_dir sets where runs live)")
-    if path.is_dir():
-        for file in ("state_dict.bin", "checkpoint.pt"):
-            if (path / file).is_file():
-                return path / file
-        raise UserError(f"--run={name}: {path} holds neither checkpoint.pt (a run) nor state_dict.bin (an AudioCraft "
-                        f"export)")
-    return path
-
-
-def _build_conditioner(settings, dim, with_t5=True):
-    """The text conditioner a run used, in eval mode. with_t5=False leaves a frozen T5 out (None): the projection
-    after it (model.ProjectedCondition) carries all its trained weights, which is all export needs."""
-    if settings["conditioner"] == "t5" and not with_t5:
-        return None
-    try:
-        return text.build_conditioner(
-            settings["conditioner"], dim, t5_path=settings["t5_path"], t5_dtype=settings["t5_dtype"],
-            text_max_length=settings["text_max_length"], lut_tokenizer=settings["lut_tokenizer"],
-            lut_dim=settings["lut_dim"], lut_layers=settings["lut_layers"]).eval()
-    except UserError as e:
-        hint = " (pass --t5=PATH to a Hugging Face T5 directory)" if settings["conditioner"] == "t5" else ""
-        raise UserError(f"{e}{hint}") from None
-
-
-def _load_codec(path, lm_cfg):
-    try:
-        codec = codec_lib.load_codec(path)
-    except UserError as e:
-        raise UserError(f"{e} (pass --codec=PATH to use another codec)") from None
-    if (codec.n_q, codec.card) != (lm_cfg.n_q, lm_cfg.card):
-        raise UserError(f"codec {path} has n_q={codec.n_q}, card={codec.card} but the LM has n_q={lm_cfg.n_q}, "
-                        f"card={lm_cfg.card}: pass the codec the model was trained with (--codec=PATH)")
-    return codec
-
-
-def load_run(ckpt_path, t5=None, codec=None, with_t5=True):
-    """A run's checkpoint -> MusicGen with its best EMA state (else its EMA, else its live weights)."""
-    ckpt = env.load_tensors(ckpt_path, mmap=True)   # mapped: the optimizer state is never read
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise UserError(f"{ckpt_path}: not a nanomusicgen checkpoint (no `model` state)")
-    config_file = ckpt_path.parent / "config.json"
-    cfg = json.loads(config_file.read_text()) if config_file.is_file() else ckpt.get("config")
-    if not isinstance(cfg, dict):
-        raise UserError(f"{ckpt_path}: no config.json beside it and no `config` inside")
-    lm_cfg = lm_lib.LMConfig(**{f.name: tuple(cfg[f.name]) if isinstance(cfg[f.name], list) else cfg[f.name]
-                                for f in fields(lm_lib.LMConfig) if f.name in cfg})
-    settings = {k: cfg.get(k, v) for k, v in CONDITIONER_DEFAULTS.items()}
-    settings["t5_path"] = t5 or settings["t5_path"]
-    conditioner = _build_conditioner(settings, lm_cfg.dim, with_t5)
-    state, weights = ckpt["model"], "model"
-    ema = (ckpt.get("ema") or {}).get("state")
-    if ckpt.get("best_state"):
-        state, weights = {**state, **ckpt["best_state"]}, "best_state"
-    elif ema:
-        state, weights = {**state, **ema}, "ema"
-    # build without initialising (the weights come from the file), then take the loaded tensors as parameters
-    with torch.device("meta"):
-        lm = lm_lib.MusicGenLM(lm_cfg, conditioner)
-    lm_lib.check_state_dict(lm, state, str(ckpt_path))
-    lm.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, assign=True)
-    codec_path = codec or cfg.get("codec", "//reference/encodec_32khz")
-    defaults = {k: cfg.get(k, v) for k, v in SAMPLING_DEFAULTS.items()}
-    return MusicGen(lm.eval(), lm_cfg, _load_codec(codec_path, lm_cfg), float(cfg.get("segment_duration", 30.0)),
-                    defaults, settings, ckpt_path, weights, str(codec_path), cfg.get("signature", ""))
-
-
-def _read_xp(path):
-    """xp.cfg of a state_dict.bin without reading its tensors twice (memory-mapped), as a dict."""
-    try:
-        xp = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("xp.cfg")
-    except Exception:   # an old (non-zip) file cannot be mapped: read it whole; read_audiocraft_lm names bad files
-        xp = lm_lib.read_audiocraft_lm(path)[0]["xp.cfg"]
-    xp = yaml.safe_load(xp) if isinstance(xp, str) else xp
-    if not isinstance(xp, dict):
-        raise UserError(f"{path}: xp.cfg is not a YAML mapping (not an AudioCraft state_dict.bin?)")
-    return xp
-
-
-def _dig(tree, key, default=None):
-    for part in key.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return default
-        tree = tree[part]
-    return tree
-
-
-def load_export(path, t5=None, codec=None):
-    """An AudioCraft state_dict.bin (released MusicGen or our export) -> MusicGen. The codec is the
-    compression_state_dict.bin beside it unless --codec says otherwise."""
-    xp = _read_xp(path)
-    kind = _dig(xp, "conditioners.description.model")
-    ours = _dig(xp, "nanomusicgen.conditioner") or {}
-    settings = dict(CONDITIONER_DEFAULTS, conditioner=kind)
-    if kind == "t5":
-        name = str(_dig(xp, "conditioners.description.t5.name", "t5-base")).split("/")[-1]
-        settings["t5_path"] = t5 or f"//reference/{name}"
-    elif kind == "lut" and ours:
-        settings.update({k: ours[k] for k in ("t5_dtype", "text_max_length", "lut_tokenizer", "lut_dim", "lut_layers")
-                         if k in ours})
-        tok = settings["lut_tokenizer"]
-        if text.tokenizer_file(tok) is not None:  # the export carries its tokenizer file beside state_dict.bin
-            prefix = "tiktoken:" if tok.startswith("tiktoken:") else ""
-            settings["lut_tokenizer"] = prefix + str(path.parent / tok[len(prefix):])
-    else:
-        raise UserError(f"{path}: text conditioner {kind!r} is not supported (T5, or the lookup table of a "
-                        f"nanomusicgen export)")
-    lm, lm_cfg = lm_lib.load_audiocraft_lm(path, _build_conditioner(settings, _dig(xp, "transformer_lm.dim")))
-    codec_path = codec or path.parent / codec_lib.AUDIOCRAFT_FILE
-    if codec is None and not codec_path.is_file():
-        raise UserError(f"{path.parent}: no {codec_lib.AUDIOCRAFT_FILE} beside state_dict.bin: pass --codec=PATH "
-                        f"(e.g. //reference/encodec_32khz)")
-    defaults = {"cfg_coef": _dig(xp, "classifier_free_guidance.inference_coef", 3.0),
-                "top_k": _dig(xp, "generate.lm.top_k", 250), "top_p": _dig(xp, "generate.lm.top_p", 0.0),
-                "temperature": _dig(xp, "generate.lm.temp", 1.0)}
-    return MusicGen(lm.eval(), lm_cfg, _load_codec(codec_path, lm_cfg),
-                    float(_dig(xp, "nanomusicgen.segment_duration") or _dig(xp, "dataset.segment_duration", 30.0)),
-                    defaults, settings, path, "export",
-                    str(codec_path), str(_dig(xp, "nanomusicgen.signature", "")))
-
-
-def load(run, runs_dir=None, t5=None, codec=None, device="cpu"):
-    """--run (signature, run directory, checkpoint file, export directory, //reference/...) -> MusicGen on device."""
-    path = find_run(run, runs_dir)
-    mg = load_export(path, t5, codec) if path.name == "state_dict.bin" else load_run(path, t5, codec)
-    mg.lm.to(device)
-    mg.codec.to(device)
-    return mg
+DTYPES = lm_lib.DTYPES      # the one table of precisions (--dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -374,56 +203,6 @@ def write_output(path, audio, sample_rate, meta, advice):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Export
-
-def export(run, out_dir, runs_dir=None, codec=None):
-    """A run's best EMA state -> out_dir/state_dict.bin (AudioCraft's layout with xp.cfg) and
-    out_dir/compression_state_dict.bin (its codec); a lookup-table conditioner's tokenizer file goes beside them.
-    Needs no T5: only the trained projection after it is part of the weights. -> (MusicGen, files written)."""
-    path = find_run(run, runs_dir)
-    if path.name == "state_dict.bin":
-        raise UserError(f"{path.parent} is already an AudioCraft export: nothing to export")
-    out = Path(os.path.expanduser(str(out_dir)))
-    if (out / "state_dict.bin").exists() or (out / codec_lib.AUDIOCRAFT_FILE).exists():
-        raise UserError(f"{out} already holds an export: pick another directory or remove it first")
-    mg = load_run(path, codec=codec, with_t5=False)
-    cond = dict(mg.conditioner)
-    extra = {
-        "sample_rate": mg.codec.sample_rate, "channels": mg.codec.channels,
-        # AudioCraft's max_duration (one generation window); its MusicGen asserts that its default extend_stride
-        # (18 s) is shorter, so shorter contexts say 30 s there and keep the true one for us
-        "dataset.segment_duration": mg.max_duration if mg.max_duration > 18 else 30.0,
-        "classifier_free_guidance.inference_coef": mg.defaults["cfg_coef"],
-        "generate.lm": {"use_sampling": True, "temp": mg.defaults["temperature"], "top_k": mg.defaults["top_k"],
-                        "top_p": mg.defaults["top_p"]},
-        "nanomusicgen": {"signature": mg.signature, "weights": mg.weights, "codec": mg.codec_source,
-                         "segment_duration": mg.max_duration},
-    }
-    tokenizer_file = None
-    if cond["conditioner"] == "t5":   # AudioCraft knows t5-* and google/flan-t5-* by name
-        name = Path(str(cond["t5_path"])).name
-        if name in lm_lib.T5_DIMS or name.startswith("flan-t5-"):
-            extra["conditioners.description.t5.name"] = ("google/" if name.startswith("flan") else "") + name
-    else:
-        lut = mg.lm.conditioner
-        extra["conditioners.description"] = {"model": "lut", "lut": {
-            "n_bins": lut.tokenizer.vocab_size, "dim": cond["lut_dim"], "tokenizer": "noop",
-            "pad_idx": lut.tokenizer.pad_id}}
-        spec = str(cond["lut_tokenizer"])
-        if text.tokenizer_file(spec) is not None:
-            prefix = "tiktoken:" if spec.startswith("tiktoken:") else ""
-            tokenizer_file = resolve_path(text.tokenizer_file(spec))
-            cond["lut_tokenizer"] = prefix + "lut_tokenizer" + tokenizer_file.suffix
-    extra["nanomusicgen"]["conditioner"] = cond
-    out.mkdir(parents=True, exist_ok=True)
-    written = [lm_lib.export_audiocraft_lm(mg.lm, mg.lm_cfg, out, extra)]
-    written.append(codec_lib.export_audiocraft_codec(mg.codec, out / codec_lib.AUDIOCRAFT_FILE))
-    if tokenizer_file is not None:
-        written.append(Path(shutil.copyfile(tokenizer_file, out / cond["lut_tokenizer"].split(":")[-1])))
-    return mg, written
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Command line
 
 OPTIONS = {  # env.parse_options' schema: key: default, or (type, None) for "of this type, default None"
@@ -433,13 +212,12 @@ OPTIONS = {  # env.parse_options' schema: key: default, or (type, None) for "of 
     "audio_prompt": (str, None), "prompt_duration": 3.0, "t5": (str, None), "codec": (str, None),
     "extend_stride": (float, None), "normalize": "loudness", "headroom_db": (float, None), "runs_dir": (str, None),
 }
-EXPORT_OPTIONS = ("runs_dir", "codec")
 USAGE = "python generate.py --run=RUN [--key=value ...] (python generate.py --help)"
 
 
-def parse_options(args, allowed=OPTIONS):
-    """--key=value pairs -> {key: typed value} (env.parse_options' wording), for the keys in `allowed`."""
-    return env.parse_options(args, {k: OPTIONS[k] for k in allowed}, usage=USAGE)[1]
+def parse_options(argv):
+    """--key=value pairs -> {key: typed value}: env.parse_options, the wording of every entry point."""
+    return env.parse_options(argv, OPTIONS, usage=USAGE)[1]
 
 
 def check_sampling(values, where="--"):
@@ -640,19 +418,17 @@ def generate_main(o):
     return 0
 
 
-def export_main(args):
-    positional = [a for a in args if not a.startswith("--")]
-    if len(positional) != 2:
-        raise UserError("usage: python generate.py export RUN OUT_DIR [--runs_dir=DIR] [--codec=PATH]")
-    o = parse_options([a for a in args if a.startswith("--")], EXPORT_OPTIONS)
-    mg, written = export(positional[0], positional[1], o["runs_dir"], o["codec"])
+def export_main(argv):
+    """python generate.py export RUN OUT_DIR: a run as AudioCraft's files (formats.export), and what AudioCraft computes
+    differently for this model, one line each."""
+    (run, out), o = env.parse_options(argv, formats.EXPORT_OPTIONS, positionals=(2, 2),
+                                      usage="python generate.py export RUN OUT_DIR [--runs_dir=DIR] [--codec=PATH]")
+    mg, written, differences = formats.export(run, out, o["runs_dir"], o["codec"])
     print(f"exported {mg.source} ({mg.weights} weights, {lm_lib.num_params(mg.lm) / 1e6:.2f}M parameters): "
           + ", ".join(str(p) for p in written))
-    print(f"load it with audiocraft.models.MusicGen.get_pretrained('{positional[1]}') or python generate.py "
-          f"--run={positional[1]}")
-    if mg.conditioner["conditioner"] != "t5":
-        print("note: this model conditions on a lookup-table text encoder; AudioCraft conditions released-style "
-              "models on T5 and tokenizes LUT text its own way, so only nanomusicgen follows its prompts")
+    print(f"load it with audiocraft.models.MusicGen.get_pretrained('{out}') or python generate.py --run={out}")
+    for line in differences:
+        print(f"note: {line}")
     return 0
 
 

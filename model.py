@@ -1,8 +1,9 @@
 """The MusicGen language model: codebook patterns, the transformer (AudioCraft's weights), CFG dropout, the loss,
-generation with a static KV cache and classifier-free guidance, and AudioCraft `state_dict.bin` import/export.
+generation with a static KV cache and classifier-free guidance, and build_lm, which turns settings into a model.
 
-    python model.py //reference/musicgen-small         # a state_dict.bin (dir or file): print its config and size
-    python model.py config                             # print the default LMConfig and its parameter count
+    python model.py                                     # the default LMConfig: parameters and training FLOPs
+    python model.py --dim=1536 --n_layers=48 --n_heads=24   # another size (any LMConfig field as --key=value)
+    python formats.py lm //reference/musicgen-small     # a released state_dict.bin (formats.py reads and writes files)
 
 Weight compatibility: parameter names and shapes are AudioCraft's `LMModel` (emb.{k}, transformer.layers.{i}.
 {self_attn,cross_attention}.in_proj_weight (fused Q|K|V), out_proj, linear1/2, norm1/norm_cross/norm2, out_norm,
@@ -19,21 +20,22 @@ Sampling (generate.py and train.py's generate stage): `sample(lm, descriptions, 
 import contextlib
 import functools
 import math
-import os
-import sys
+import re
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
-from env import UserError, load_tensors, resolve_path, write_atomic
+import text
+from env import UserError, cli, parse_options
+from text import sin_embedding  # AudioCraft's create_sin_embedding; the lookup-table text encoder shares it
 
 PATTERNS = ("delay", "parallel", "unroll", "coarse_first", "musiclm")
 FUSES = ("cross", "prepend", "sum")
+# The precisions a model computes in (autocast dtype, --dtype): train.py, generate.py and bench.py
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -184,15 +186,6 @@ def revert_logits(logits, tables):
 
 # ----------------------------------------------------------------------------------------------------------
 # The transformer
-
-def sin_embedding(positions, dim, max_period=10000.0):
-    """AudioCraft's create_sin_embedding: cat(cos, sin), frequency exponent i / (half - 1).
-    positions [...] -> [..., dim] float32"""
-    half = dim // 2
-    exponent = torch.arange(half, device=positions.device, dtype=torch.float32) / (half - 1)
-    phase = positions.float()[..., None] / (torch.full([], float(max_period), device=positions.device) ** exponent)
-    return torch.cat([torch.cos(phase), torch.sin(phase)], -1)
-
 
 def _pooled(cond, mask):
     """AudioCraft's sum fuse adds a condition of matching length; for text we add its masked mean to every step.
@@ -834,266 +827,63 @@ def flops_per_token(cfg: LMConfig, seq_len: int, cond_len: int) -> float:
     return 6.0 * (dense + heads + attn + text / seq_len)
 
 
-# Peak dense bf16 FLOP/s per device (torchtitan's table), for MFU; an unlisted device has none.
-PEAK_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
-              "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12, "B200": 2.25e15, "MI300X": 1300e12}
+# Peak dense bf16 FLOP/s per device (vendors' datasheets, torchtitan's table), for MFU; an unlisted device has none.
+# Matched as whole words of the device name, the longest name first: "L40S" before "L40" before "L4", "H100 NVL"
+# before "H100". GPUs without bf16 tensor cores (V100, T4) are not listed: train.py refuses bf16 there.
+PEAK_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+              "A100": 312e12, "A10G": 125e12, "A10": 125e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+              "B200": 2.25e15, "MI300X": 1300e12}
 
 
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+def peak_flops(device, name=None):
+    """Peak dense bf16 FLOP/s of a CUDA device (name: its torch.cuda.get_device_name), or None."""
+    if name is None:
+        if device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if re.search(rf"(?<![\w-]){re.escape(key)}(?!\w)", name):
+            return PEAK_FLOPS[key]
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# AudioCraft checkpoints: state_dict.bin = {'best_state': flat state dict, 'xp.cfg': YAML text}
+# Settings -> model: the one builder (train.py, generate.py, bench.py and formats.py's importers call it)
 
-T5_DIMS = {"t5-small": 512, "t5-base": 768, "t5-large": 1024, "t5-3b": 1024, "t5-11b": 1024}
-TEXT_DIM_T5 = {512: "t5-small", 768: "t5-base", 1024: "t5-large"}
-
-
-def _clean_state_dict(sd):
-    """Drop wrappers' prefixes (torch.compile's _orig_mod., DDP's module.)."""
-    out = {}
-    for key, value in sd.items():
-        key = key.replace("._orig_mod.", ".")
-        while key.startswith(("_orig_mod.", "module.")):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
+def lm_config(settings):
+    """LMConfig from a dict holding its fields (train.py's Config, a config.json: lists become tuples); a missing
+    field takes LMConfig's default, which is Config's."""
+    return LMConfig(**{f.name: tuple(settings[f.name]) if isinstance(settings[f.name], list) else settings[f.name]
+                       for f in fields(LMConfig) if f.name in settings})
 
 
-def xp_config(cfg: LMConfig, extra=None):
-    """The xp.cfg AudioCraft's builders read (get_lm_model, get_conditioner_provider, MusicGen.get_pretrained).
-    Keys we add that AudioCraft does not know live under `nanomusicgen` (its builders ignore them)."""
-    delays = list(pattern_delays(cfg.pattern, cfg.n_q, cfg.delays))
-    n_q = cfg.n_q
-    xp = {
-        "device": "cpu",
-        "dtype": "float32",
-        "autocast": False,
-        "sample_rate": 32000,
-        "channels": 1,
-        "compression_model_checkpoint": "//pretrained/facebook/encodec_32khz",
-        "efficient_attention_backend": "torch",
-        "lm_model": "transformer_lm",
-        "dataset": {"segment_duration": 30.0},
-        "codebooks_pattern": {
-            "modeling": cfg.pattern,
-            "delay": {"delays": delays if cfg.pattern == "delay" else list(range(n_q)),
-                      "flatten_first": 0, "empty_initial": 0},
-            "unroll": {"flattening": list(range(n_q)), "delays": delays if cfg.pattern == "unroll" else [0] * n_q},
-            "musiclm": {"group_by": 2},
-            "coarse_first": {"delays": delays if cfg.pattern == "coarse_first" else [0] * (n_q - 1)},
-        },
-        "transformer_lm": {
-            "dim": cfg.dim, "num_heads": cfg.n_heads, "num_layers": cfg.n_layers, "hidden_scale": cfg.hidden_scale,
-            "n_q": n_q, "card": cfg.card, "dropout": float(cfg.dropout), "emb_lr": None, "activation": "gelu",
-            "norm_first": True, "bias_ff": False, "bias_attn": False, "bias_proj": False, "past_context": None,
-            "causal": True, "custom": False, "memory_efficient": True, "attention_as_float32": False,
-            "layer_scale": None, "positional_embedding": "sin", "max_period": float(cfg.max_period), "xpos": False,
-            "checkpointing": "none", "weight_init": "gaussian", "depthwise_init": "current", "zero_bias_init": True,
-            "norm": "layer_norm", "cross_attention": cfg.fuse == "cross", "qk_layer_norm": False,
-            "qk_layer_norm_cross": False, "attention_dropout": None, "kv_repeat": 1, "two_step_cfg": False,
-        },
-        "classifier_free_guidance": {"training_dropout": float(cfg.cfg_dropout), "inference_coef": 3.0},
-        "attribute_dropout": {},
-        "fuser": {"cross_attention_pos_emb": False, "cross_attention_pos_emb_scale": 1,
-                  "sum": [], "prepend": [], "cross": [], "input_interpolate": []},
-        "conditioners": {"description": {"model": "t5", "t5": {
-            "name": TEXT_DIM_T5.get(cfg.text_dim, "t5-base"), "finetune": False, "word_dropout": 0.3,
-            "normalize_text": False}}},
-        "nanomusicgen": {"text_dim": cfg.text_dim, "mask_memory": cfg.mask_memory,
-                         "cfg_dropout_per_batch": cfg.cfg_dropout_per_batch},
-    }
-    xp["fuser"][cfg.fuse] = ["description"]
-    for key, value in (extra or {}).items():
-        _merge(xp, key, value)
-    return xp
+def build_lm(settings, *, with_t5=True, meta=False):
+    """The LM and its text conditioner from settings: a dict of train.py Config's keys (LMConfig's fields and the
+    conditioning keys of text.SETTINGS; other keys are ignored, a missing one takes Config's default).
+
+    with_t5=False leaves a frozen T5 out: conditioner=t5 then gets ProjectedCondition, the projection after T5 that
+    holds all of its trained weights (exports, importers, benchmarks on precomputed states). meta=True builds the
+    LM's parameters on the meta device, uninitialised, for weights loaded with load_state_dict(assign=True); the
+    conditioner is built for real either way (T5 reads its weights from disk, and is not part of a state dict)."""
+    cfg = lm_config(settings)
+    conditioner = None
+    if with_t5 or settings.get("conditioner", text.SETTINGS["conditioner"]) != "t5":
+        conditioner = text.build_conditioner(settings, cfg.dim)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return MusicGenLM(cfg, conditioner)
 
 
-def _merge(tree, key, value):
-    """Set dotted `key` in nested dict `tree`, merging dicts."""
-    *parents, last = key.split(".")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    if isinstance(value, dict) and isinstance(tree.get(last), dict):
-        for k, v in value.items():
-            _merge(tree[last], k, v)
-    else:
-        tree[last] = list(value) if isinstance(value, tuple) else value
+def summary(model):
+    """The model's config, parameters and training FLOPs per step (1500 steps, 64 text positions), two lines."""
+    return (f"{model.cfg}\nparameters: {num_params(model):,}; training FLOPs per step at 1500 steps, 64 text tokens: "
+            f"{flops_per_token(model.cfg, 1500, 64):.3e}")
 
 
-def export_audiocraft_lm(model, cfg: LMConfig, path, extra=None):
-    """Write <path>/state_dict.bin (or `path` itself when it names a .bin file) that AudioCraft's
-    MusicGen.get_pretrained / load_lm_model read. extra: keys to add or override in xp.cfg, dotted or nested
-    (e.g. {'conditioners.description.t5.name': 't5-large', 'dataset.segment_duration': 10}). Returns the file."""
-    path = Path(os.path.expanduser(str(path)))
-    if path.suffix != ".bin":
-        path.mkdir(parents=True, exist_ok=True)
-        path = path / "state_dict.bin"
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    state = {k: v.detach().cpu().contiguous() for k, v in _clean_state_dict(model.state_dict()).items()}
-    pkg = {"best_state": state, "xp.cfg": yaml.safe_dump(xp_config(cfg, extra), sort_keys=False),
-           "version": "nanomusicgen", "exported": True}
-    write_atomic(path, lambda f: torch.save(pkg, f))
-    return path
-
-
-def _lookup(xp, key, default=None):
-    """Dotted lookup in the parsed xp.cfg, following OmegaConf's ${a.b} interpolations."""
-    node = xp
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    if isinstance(node, str) and node.startswith("${") and node.endswith("}") and ":" not in node:
-        return _lookup(xp, node[2:-1], default)
-    return node
-
-
-def config_from_xp(xp, state=None, source="xp.cfg"):
-    """LMConfig from AudioCraft's xp.cfg; features our model does not implement are a UserError."""
-    if _lookup(xp, "lm_model", "transformer_lm") != "transformer_lm":
-        raise UserError(f"{source}: lm_model={_lookup(xp, 'lm_model')} is not supported (only transformer_lm)")
-    tl = _lookup(xp, "transformer_lm")
-    if not isinstance(tl, dict):
-        raise UserError(f"{source}: no transformer_lm section: not an AudioCraft LM checkpoint")
-    required = ("dim", "num_heads", "num_layers", "n_q", "card")
-    missing = [k for k in required if _lookup(xp, f"transformer_lm.{k}") is None]
-    if missing:
-        raise UserError(f"{source}: xp.cfg lacks transformer_lm.{', transformer_lm.'.join(missing)}")
-    expected = {"norm_first": True, "bias_ff": False, "bias_attn": False, "bias_proj": False, "causal": True,
-                "activation": "gelu", "norm": "layer_norm", "positional_embedding": "sin", "layer_scale": None,
-                "qk_layer_norm": False, "qk_layer_norm_cross": False, "kv_repeat": 1, "past_context": None}
-    for key, want in expected.items():
-        got = _lookup(xp, f"transformer_lm.{key}", want)
-        if got != want:
-            raise UserError(f"{source}: transformer_lm.{key}={got} is not supported (MusicGen's LM has {want})")
-    if _lookup(xp, "transformer_lm.positional_scale", 1.0) != 1.0:
-        raise UserError(f"{source}: transformer_lm.positional_scale is not supported")
-    conds = _lookup(xp, "conditioners") or {}
-    extra_conds = sorted(set(conds) - {"description", "args"})
-    if extra_conds or "description" not in conds:
-        raise UserError(f"{source}: conditioners {sorted(conds)} not supported: nanomusicgen conditions on a "
-                        f"text 'description' only (no melody/chroma, style or CLAP conditioners)")
-    fuse = [m for m in FUSES if "description" in (_lookup(xp, f"fuser.{m}") or [])]
-    if len(fuse) != 1:
-        raise UserError(f"{source}: fuser must put 'description' in exactly one of {', '.join(FUSES)}")
-    if _lookup(xp, "fuser.cross_attention_pos_emb", False):
-        raise UserError(f"{source}: fuser.cross_attention_pos_emb=true is not supported")
-    pattern = _lookup(xp, "codebooks_pattern.modeling", "parallel")
-    n_q = int(_lookup(xp, "transformer_lm.n_q"))
-    delays = ()
-    if pattern in ("delay", "unroll", "coarse_first"):
-        delays = tuple(_lookup(xp, f"codebooks_pattern.{pattern}.delays") or ())
-        if delays == pattern_delays(pattern, n_q, ()):
-            delays = ()        # the default, spelled as LMConfig's default
-    if pattern == "delay" and (_lookup(xp, "codebooks_pattern.delay.flatten_first", 0)
-                               or _lookup(xp, "codebooks_pattern.delay.empty_initial", 0)):
-        raise UserError(f"{source}: codebooks_pattern.delay flatten_first / empty_initial are not supported")
-    flattening = _lookup(xp, "codebooks_pattern.unroll.flattening")
-    if pattern == "unroll" and flattening is not None and list(flattening) != list(range(n_q)):
-        raise UserError(f"{source}: codebooks_pattern.unroll.flattening={flattening} not supported (only range(n_q))")
-    if pattern == "musiclm" and _lookup(xp, "codebooks_pattern.musiclm.group_by", 2) != 2:
-        raise UserError(f"{source}: codebooks_pattern.musiclm.group_by must be 2")
-    text_dim = _lookup(xp, "nanomusicgen.text_dim")
-    proj = (state or {}).get("condition_provider.conditioners.description.output_proj.weight")
-    if text_dim is None and proj is not None:
-        text_dim = proj.shape[1]
-    if text_dim is None:
-        model_type = _lookup(xp, "conditioners.description.model")
-        if model_type == "t5":
-            text_dim = T5_DIMS.get(str(_lookup(xp, "conditioners.description.t5.name")).split("/")[-1], 768)
-        else:
-            text_dim = _lookup(xp, f"conditioners.description.{model_type}.dim", 768)
-    cfg = LMConfig(
-        dim=int(_lookup(xp, "transformer_lm.dim")), n_layers=int(_lookup(xp, "transformer_lm.num_layers")),
-        n_heads=int(_lookup(xp, "transformer_lm.num_heads")),
-        hidden_scale=int(_lookup(xp, "transformer_lm.hidden_scale", 4)), n_q=n_q,
-        card=int(_lookup(xp, "transformer_lm.card")),
-        pattern=pattern, delays=delays, text_dim=int(text_dim), fuse=fuse[0],
-        mask_memory=bool(_lookup(xp, "nanomusicgen.mask_memory", False)),
-        dropout=float(_lookup(xp, "transformer_lm.dropout", 0.0) or 0.0),
-        cfg_dropout=float(_lookup(xp, "classifier_free_guidance.training_dropout", 0.3)),
-        cfg_dropout_per_batch=bool(_lookup(xp, "nanomusicgen.cfg_dropout_per_batch", False)),
-        max_period=float(_lookup(xp, "transformer_lm.max_period", 10000.0)))
-    if cfg.pattern not in PATTERNS:
-        raise UserError(f"{source}: codebooks_pattern.modeling={cfg.pattern} is not one of {', '.join(PATTERNS)}")
-    return cfg
-
-
-def check_state_dict(model, state, source):
-    """Strict-load check with a readable error: counts and first names of missing and unexpected keys, shapes."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        def first(names, sep=", "):
-            return sep.join(names[:3]) + (sep + "..." if len(names) > 3 else "")
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({first(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({first(unexpected)})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches ({first(shapes, '; ')})")
-        raise UserError(f"{source}: checkpoint does not fit the model built from its config: " + "; ".join(parts))
-
-
-def read_audiocraft_lm(path, map_location="cpu"):
-    """-> (package dict, file path). Accepts a directory holding state_dict.bin, a file, or //reference/..."""
-    path = resolve_path(path)
-    if path.is_dir():
-        path = path / "state_dict.bin"
-    if not path.is_file():
-        raise UserError(f"{path}: no such file (expected an AudioCraft LM state_dict.bin or a directory holding one)")
-    pkg = load_tensors(path, map_location=map_location)
-    if not isinstance(pkg, dict) or "best_state" not in pkg or "xp.cfg" not in pkg:
-        keys = sorted(pkg)[:6] if isinstance(pkg, dict) else type(pkg).__name__
-        raise UserError(f"{path}: not an AudioCraft LM state_dict.bin (needs 'best_state' and 'xp.cfg', has {keys})")
-    return pkg, path
-
-
-def load_audiocraft_lm(path, conditioner=None, map_location="cpu"):
-    """AudioCraft `state_dict.bin` (released MusicGen or our export) -> (model in eval mode, LMConfig).
-    conditioner: a text.py conditioner whose parameters (output_proj, ...) the checkpoint carries; None:
-    ProjectedCondition(text_dim, dim)."""
-    pkg, path = read_audiocraft_lm(path, map_location)
-    xp = pkg["xp.cfg"]
-    if isinstance(xp, str):
-        xp = yaml.safe_load(xp)
-    if not isinstance(xp, dict):
-        raise UserError(f"{path}: xp.cfg is not a YAML mapping")
-    state = _clean_state_dict(pkg["best_state"])
-    cfg = config_from_xp(xp, state, str(path))
-    # build without initialising (the weights come from the file), then take the loaded tensors as parameters
-    with torch.device("meta"):
-        model = MusicGenLM(cfg, conditioner)
-    check_state_dict(model, state, str(path))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval(), cfg
+def main(argv):
+    _, o = parse_options(argv, LMConfig, usage="python model.py [--key=value ...] (LMConfig's fields)")
+    print(summary(build_lm(o, with_t5=False, meta=True)))
+    return 0
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    try:
-        if args[:1] == ["config"] or not args:
-            cfg = LMConfig()
-            with torch.device("meta"):
-                model = MusicGenLM(cfg)
-        else:
-            model, cfg = load_audiocraft_lm(args[0])
-        print(cfg)
-        print(f"parameters: {num_params(model):,}; training FLOPs per step at 1500 steps, 64 text tokens: "
-              f"{flops_per_token(cfg, 1500, 64):.3e}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

@@ -29,11 +29,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import codec as codec_lib
 import data
 import env
+import formats
 import model as lm_lib
-import text
 from env import EXIT_REQUEUE, UserError
 
 
@@ -196,7 +195,8 @@ def validate(cfg, world_size=None):
     for key, (lo, hi) in RANGES.items():
         value = getattr(cfg, key)
         if not (math.isfinite(value) and (lo is None or value >= lo) and (hi is None or value <= hi)):
-            span = f"between {lo:g} and {hi:g}" if hi is not None else f"at least {lo:g}"
+            show = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
+            span = f"between {show(lo)} and {show(hi)}" if hi is not None else f"at least {show(lo)}"
             raise UserError(f"{key}={value} must be {span}")
     if len(cfg.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.betas):
         raise UserError(f"betas={list(cfg.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
@@ -235,7 +235,7 @@ def config_dict(cfg):
 
 
 def lm_config(cfg):
-    return lm_lib.LMConfig(**{f.name: getattr(cfg, f.name) for f in fields(lm_lib.LMConfig) if f.name in FIELDS})
+    return lm_lib.lm_config(dataclasses.asdict(cfg))
 
 
 def print_config(cfg):
@@ -367,11 +367,7 @@ def check_stop_everywhere(d):
 def build_model(cfg):
     """The LM with its text conditioner (AudioCraft's parameter names), seeded so every rank starts the same."""
     torch.manual_seed(cfg.seed)
-    conditioner = text.build_conditioner(
-        cfg.conditioner, cfg.dim, t5_path=cfg.t5_path, t5_dtype=cfg.t5_dtype, word_dropout=cfg.word_dropout,
-        text_max_length=cfg.text_max_length, lut_tokenizer=cfg.lut_tokenizer, lut_dim=cfg.lut_dim,
-        lut_layers=cfg.lut_layers)
-    return lm_lib.MusicGenLM(lm_config(cfg), conditioner)
+    return lm_lib.build_lm(dataclasses.asdict(cfg))
 
 
 class TrainStep(torch.nn.Module):
@@ -516,18 +512,10 @@ def save_atomic(obj, path):
     write_run_file(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path, trust=False, hint=""):
-    """Tensors and plain containers only, memory-mapped: a pickled object is refused, never run. trust=True
-    unpickles anything (AudioCraft's training checkpoint.th pickles its config), for files from a trusted source."""
-    if not trust:
-        return env.load_tensors(path, mmap=True, hint=hint)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except ModuleNotFoundError as e:  # the pickle names a class from a package not installed
-        raise UserError(f"{path}: unpickling it needs the module {e.name!r}: pip install "
-                        f"{str(e.name).split('.')[0]}") from None
-    except Exception as e:
-        raise UserError(env.load_error(path, e)) from None
+def load_checkpoint(path):
+    """Tensors and plain containers only, memory-mapped: a pickled object is refused, never run (continue_from's
+    trusted unpickling of AudioCraft's checkpoint.th is formats.read_lm_state's)."""
+    return env.load_tensors(path, mmap=True)
 
 
 def finished(path, epochs):
@@ -838,8 +826,8 @@ def _si(x):
 
 
 def open_splits(cfg, codec, d):
-    """The four splits. Every rank opens them at once: the demo set and token caches are built under their own file
-    locks (data.py), so ranks wait for each other without a collective that could time out."""
+    """The four splits. Every rank opens them at once and encodes its share of a missing token cache; ranks wait for
+    each other by watching the cache files (data.py), never in a collective that could time out."""
     dataset, runs = cfg.dataset, Path(cfg.runs_dir or env.get_env().runs_dir)
     if dataset == "demo":
         dataset = str(runs / "data" / "demo")
@@ -848,34 +836,8 @@ def open_splits(cfg, codec, d):
                   cache_dir=cfg.cache_dir or str(runs / "cache"), min_segment_ratio=cfg.min_segment_ratio,
                   sample_on_weight=cfg.sample_on_weight, sample_on_duration=cfg.sample_on_duration,
                   merge_text_p=cfg.merge_text_p, drop_desc_p=cfg.drop_desc_p, keep_field_p=cfg.keep_field_p,
-                  max_skip_fraction=cfg.max_skip_fraction)
+                  max_skip_fraction=cfg.max_skip_fraction, rank=d.rank, world_size=d.world_size)
     return {s: data.open_split(dataset, s, train=s == "train", **common) for s in data.SPLITS}
-
-
-def read_continue_from(cfg):
-    """Weights only, from an AudioCraft state_dict.bin, one of our checkpoints, or another run (by SIG)."""
-    source = cfg.continue_from
-    if len(source) == 8 and all(c in "0123456789abcdef" for c in source) and not Path(source).exists():
-        path = env.run_dir(source, cfg.runs_dir or None) / "checkpoint.pt"
-    else:
-        path = env.resolve_path(source)
-    if path.is_dir():
-        path = next((path / n for n in ("checkpoint.pt", "state_dict.bin") if (path / n).is_file()),
-                    path / "state_dict.bin")
-    if not path.is_file():
-        raise UserError(f"continue_from={source}: {path} not found")
-    pkg = load_checkpoint(path, trust=cfg.trust_checkpoint,
-                          hint="; AudioCraft's training checkpoint.th pickles its config: if you trust this file, "
-                               "add --trust_checkpoint=True (or use its exported state_dict.bin)")
-    pkg = pkg if isinstance(pkg, dict) else {}
-    state = pkg.get("fsdp_best_state") or pkg.get("best_state") or pkg.get("model")
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # AudioCraft training checkpoints nest the LM as best_state.model
-    if isinstance(state, dict) and isinstance(pkg.get("model"), dict) and state is not pkg["model"]:
-        state = {**pkg["model"], **state}  # one of ours: the best state holds what trains, the model the rest
-    if not isinstance(state, dict):
-        raise UserError(f"continue_from={source}: {path} holds neither `best_state` nor `model`")
-    return state, path
 
 
 @contextlib.contextmanager
@@ -931,7 +893,7 @@ def train(cfg, d):
     fsdp = cfg.parallel == "fsdp" and d.world_size > 1
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    codec = codec_lib.load_codec(cfg.codec).to(d.device)   # bad paths fail before anything is written
+    codec = formats.load_codec(cfg.codec).to(d.device)   # bad paths fail before anything is written
     if (codec.n_q, codec.card) != (cfg.n_q, cfg.card):
         raise UserError(f"codec {cfg.codec} has n_q={codec.n_q}, card={codec.card} but the config says "
                         f"n_q={cfg.n_q}, card={cfg.card}: set them to match")
@@ -941,9 +903,6 @@ def train(cfg, d):
     params = trainable(lm)
     optimizer = make_optimizer(lm, cfg)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.dtype == "float16")   # a no-op unless float16
-    if fsdp and scaler.is_enabled():
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-        scaler = ShardedGradScaler(d.device.type)  # agrees on overflow across ranks, which see only their shards
     autocast = cfg.dtype != "float32"
     ema = EMA(lm, cfg.ema_decay) if cfg.ema else None
     best = None   # this rank's parts of the best weights (lowest valid ce), on the host
@@ -1043,8 +1002,8 @@ def train(cfg, d):
     with run_directory(cfg, d, out, sig):
         log.file = out / "log.txt"
         if not resume() and cfg.continue_from:
-            source, path = read_continue_from(cfg)
-            lm_lib.check_state_dict(lm, source, str(path))
+            source, path = formats.read_lm_state(cfg.continue_from, cfg.runs_dir or None, cfg.trust_checkpoint)
+            formats.check_state_dict(lm, source, str(path))
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
             set_model_state_dict(lm, source, options=StateDictOptions(full_state_dict=True))
             ema = EMA(lm, cfg.ema_decay) if cfg.ema else None
@@ -1121,6 +1080,9 @@ def train(cfg, d):
                     ce_q_sum += ce_q / cfg.grad_accum
                     frames_log += n
                 scaler.unscale_(optimizer)
+                if fsdp and scaler.is_enabled():   # each rank saw only its shards' gradients: agree on overflow
+                    for found_inf in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
+                        dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
                 grad = torch.nn.utils.clip_grad_norm_(lm.parameters(), cfg.max_norm if cfg.max_norm > 0 else math.inf)
                 grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
                 if scaler.is_enabled():   # float16: the scaler skips overflowing updates and lowers its scale

@@ -1,6 +1,6 @@
 """Bad input at every entry point: each row of tests/BAD_INPUTS.md is a test here.
 
-Every case runs the real command line (train.py, data.py, generate.py, python -m grids, env.py, model.py, text.py)
+Every case runs the real command line (train.py, data.py, generate.py, python -m grids, env.py, formats.py, text.py)
 in a process forked from a warm zygote (tests/_faults_util.py) and checks: the exit status; that the message names
 the thing that is wrong and says what to do (one line); that nothing was written where nothing should be; and that
 the message is the one the table shows. After changing a message on purpose, rewrite the table:
@@ -13,6 +13,7 @@ read only with --trust_checkpoint=True; paths in a manifest are only ever read.
 import argparse
 import builtins
 import json
+import os
 import re
 import sys
 import tempfile
@@ -172,6 +173,14 @@ def _other_model_checkpoint(ctx):
     return ctx.train(f"--continue_from={ctx.tmp / 'other.pt'}")
 
 
+def _run_with_config(ctx, config):
+    d = ctx.tmp / "run"
+    d.mkdir()
+    torch.save({"model": {}, "config": {}}, d / "checkpoint.pt")
+    write(d / "config.json", config)
+    return d
+
+
 def _grid(ctx, body):
     return "-m grids", [str(write(ctx.tmp / "mygrid.py", body))]
 
@@ -216,6 +225,29 @@ CASES = [
          lambda c: c.train("--from_sig=deadbeef"), ("--from_sig=deadbeef", "<tmp>/runs/xps/deadbeef/config.json")),
     Case("config-codec-shape", "train.py", "n_q that the codec does not have", lambda c: c.train("--n_q=8"),
          ("codec debug has n_q=4", "n_q=8", "set them to match")),
+    Case("config-zero-heads", "train.py", "zero attention heads", lambda c: c.train("--n_heads=0"),
+         ("n_heads=0", "must be at least 1")),
+    Case("config-zero-hidden", "train.py", "a feed-forward width of zero", lambda c: c.train("--hidden_scale=0"),
+         ("hidden_scale=0", "must be at least 1")),
+    Case("config-dropout", "train.py", "a dropout probability of 2", lambda c: c.train("--dropout=2"),
+         ("dropout=2.0", "between 0 and 0.99")),
+    Case("config-betas", "train.py", "one Adam beta instead of two", lambda c: c.train("--betas=[0.9]"),
+         ("betas=[0.9]", "two numbers")),
+    Case("config-huge-seed", "train.py", "a seed past 2**32", lambda c: c.train("--seed=99999999999999999999999"),
+         ("seed=99999999999999999999999", "between 0 and 4294967295")),
+    Case("config-inf-duration", "train.py", "an infinite segment", lambda c: c.train("--segment_duration=1e999"),
+         ("segment_duration=inf", "between 0.01 and 3600")),
+    Case("config-negative-workers", "train.py", "a negative number of loader workers",
+         lambda c: c.train("--num_workers=-1"), ("num_workers=-1", "at least 0")),
+    Case("config-negative-valid", "train.py", "a negative number of valid batches",
+         lambda c: c.train("--valid_batches=-1"), ("valid_batches=-1", "at least 0")),
+    Case("config-negative-save", "train.py", "a negative checkpoint interval", lambda c: c.train("--save_every=-1"),
+         ("save_every=-1", "at least 0")),
+    Case("config-zero-samples", "train.py", "a generate stage with no samples",
+         lambda c: c.train("--generate_count=0"), ("generate_count=0", "at least 1")),
+    Case("config-from-sig-corrupt", "train.py", "--from_sig of a run whose config.json is corrupt",
+         lambda c: (write(c.tmp / "runs/xps/deadbeef/config.json", "{cut sh"), c.train("--from_sig=deadbeef"))[1],
+         ("<tmp>/runs/xps/deadbeef/config.json", "not a readable run config"), writes=True),
     # -- codec paths and directories
     Case("codec-missing", "train.py --codec", "a codec file that does not exist",
          lambda c: c.train(f"--codec={c.tmp / 'nope.bin'}"), ("<tmp>/nope.bin", "does not exist")),
@@ -230,7 +262,7 @@ CASES = [
     Case("codec-hf-bad-json", "train.py --codec", "a Hugging Face directory whose config.json is not JSON",
          lambda c: _hf_codec(c, "{oops"), ("<tmp>/hf_codec/config.json", "not valid JSON")),
     Case("codec-hf-no-weights", "train.py --codec", "a Hugging Face directory without weights",
-         lambda c: _hf_codec(c, '{"model_type": "encodec"}'), ("<tmp>/hf_codec", "no model.safetensors")),
+         lambda c: _hf_codec(c, '{"model_type": "encodec"}'), ("<tmp>/hf_codec", "no weights", "model.safetensors")),
     Case("codec-hf-other-model", "train.py --codec", "a Hugging Face directory of another model",
          lambda c: _hf_codec(c, '{"model_type": "t5"}', "model.safetensors"), ("<tmp>/hf_codec", "is not EnCodec")),
     Case("codec-empty-dir", "train.py --codec", "a directory holding no codec",
@@ -257,7 +289,7 @@ CASES = [
          _t5_pickle, ("<tmp>/t5/pytorch_model.bin", "refused", "nothing was run"), never=("PWNED",)),
     Case("lut-tokenizer-missing", "train.py --lut_tokenizer", "a sentencepiece model that does not exist",
          lambda c: c.train(f"--lut_tokenizer={c.tmp / 'nope.model'}"),
-         ("<tmp>/nope.model", "not found", "python text.py tokenizer")),
+         ("<tmp>/nope.model", "not found", "python data.py tokenizer")),
     Case("lut-tiktoken-bad", "train.py --lut_tokenizer", "a tiktoken file with a bad line",
          lambda c: c.train("--lut_tokenizer=tiktoken:" + str(write(c.tmp / "bpe.tiktoken", "QQ== 0\nnot base64\n"))),
          ("<tmp>/bpe.tiktoken:2", "expected '<base64 token> <rank>'")),
@@ -306,7 +338,7 @@ CASES = [
          _resume_corrupt, ("<tmp>/runs/xps/<sig>/checkpoint.pt", "cannot resume from it", "--clear=True"),
          writes=True, varies=((r"xps/[0-9a-f]{8}/", "xps/<sig>/"),)),
     Case("continue-missing-sig", "train.py --continue_from", "a run signature that does not exist",
-         lambda c: c.train("--continue_from=deadbeef"), ("continue_from=deadbeef", "checkpoint.pt not found"),
+         lambda c: c.train("--continue_from=deadbeef"), ("continue_from=deadbeef", "no run deadbeef in <tmp>/runs/xps"),
          writes=True),
     Case("continue-truncated", "train.py --continue_from", "a checkpoint cut short",
          lambda c: c.train(f"--continue_from={truncated_checkpoint(c.tmp / 'cut.pt')}"),
@@ -349,6 +381,31 @@ CASES = [
     Case("audio-nan", "data.py tokenize", "a float file with NaN samples",
          lambda c: _tokenize(c, [_row(c, "a.wav")], lambda c: wav(c.tmp / "audio" / "a.wav", nan=True)),
          ("<tmp>/audio/a.wav", "NaN or infinite samples"), code=0, line="  skipped", writes=True),
+    Case("sidecar-description-dict", "data.py tokenize", "a sidecar description that is not text",
+         lambda c: _tokenize(c, [_row(c, "a.wav")], lambda c: (wav(c.tmp / "audio" / "a.wav"), write(
+             c.tmp / "audio" / "a.json", '{"description": {"en": "calm piano"}}'))),
+         ("<tmp>/audio/a.wav", '"description" is dict', "expected a string or a list of strings"),
+         code=0, line="  skipped", writes=True),
+    Case("audio-fifo", "data.py manifest", "a FIFO named *.wav (reading it would block forever)",
+         lambda c: ("data.py", ["manifest", str((wav(c.tmp / "audio" / "ok.wav"), os.mkfifo(c.tmp / "audio" / "p.wav"),
+                                                 c.tmp / "audio")[2]), str(c.tmp / "m.jsonl")]),
+         ("<tmp>/audio/p.wav", "not a regular file (a FIFO)"), code=0, line="  skipped", writes=True),
+    Case("tokenize-no-codec", "data.py tokenize", "no --codec",
+         lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache")]), ("--codec is required",)),
+    Case("tokenize-cuda-missing", "data.py tokenize", "--device=cuda on a machine without CUDA",
+         lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache"), "--codec=debug", "--device=cuda"],
+                    {"CUDA_VISIBLE_DEVICES": ""}), ("--device=cuda", "CUDA is not available", "--device=cpu")),
+    Case("tokenize-num-workers", "data.py tokenize", "a negative --num_workers",
+         lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache"), "--codec=debug",
+                                "--num_workers=-1"]), ("--num_workers=-1", "must not be negative")),
+    Case("tokenize-chunk-seconds", "data.py tokenize", "an infinite --chunk_seconds",
+         lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache"), "--codec=debug",
+                                "--chunk_seconds=1e999"]), ("--chunk_seconds=inf", "positive number of seconds")),
+    Case("data-unknown-option", "data.py manifest", "a misspelt option",
+         lambda c: ("data.py", ["manifest", str(c.tmp), str(c.tmp / "m.jsonl"), "--worker=4"]),
+         ('unknown key "worker"', 'did you mean "workers"')),
+    Case("data-unknown-command", "data.py", "a command that does not exist",
+         lambda c: ("data.py", ["tokenise", str(c.tmp)]), ("unknown command 'tokenise'", "python data.py --help")),
     Case("tokenize-codec-missing", "data.py tokenize", "a codec path that does not exist",
          lambda c: ("data.py", ["tokenize", str(dataset(c, manifest_lines(_row(c, "a.wav"))) / "train"),
                                 str(c.tmp / "cache"), f"--codec={c.tmp / 'nope'}"]), ("<tmp>/nope", "does not exist")),
@@ -446,17 +503,25 @@ CASES = [
     Case("run-info-missing", "env.py info", "a run signature that does not exist",
          lambda c: ("env.py", ["info", "deadbeef"], {"AUDIOCRAFT_DORA_DIR": str(c.tmp / "runs")}),
          ("deadbeef", "<tmp>/runs/xps/deadbeef/config.json not found")),
-    # -- model.py and text.py
-    Case("lm-missing", "model.py", "an LM file that does not exist",
-         lambda c: ("model.py", [str(c.tmp / "state_dict.bin")]), ("<tmp>/state_dict.bin", "no such file")),
-    Case("lm-wrong-keys", "model.py", "a torch file that is not an AudioCraft LM",
-         lambda c: (torch.save({"foo": 1}, c.tmp / "x.bin"), ("model.py", [str(c.tmp / "x.bin")]))[1],
+    # -- formats.py, generate.py export, data.py tokenizer, text.py
+    Case("lm-missing", "formats.py lm", "an LM file that does not exist",
+         lambda c: ("formats.py", ["lm", str(c.tmp / "state_dict.bin")]), ("<tmp>/state_dict.bin", "no such file")),
+    Case("lm-wrong-keys", "formats.py lm", "a torch file that is not an AudioCraft LM",
+         lambda c: (torch.save({"foo": 1}, c.tmp / "x.bin"), ("formats.py", ["lm", str(c.tmp / "x.bin")]))[1],
          ("<tmp>/x.bin", "needs 'best_state' and 'xp.cfg'")),
-    Case("lm-pickle", "model.py", "an LM file with pickled code", lambda c: ("model.py", [str(_evil(c))]),
-         ("<tmp>/evil.bin", "refused", "nothing was run"), never=("PWNED",)),
-    Case("tokenizer-vocab", "text.py tokenizer", "a vocabulary size that is not a number",
-         lambda c: ("text.py", ["tokenizer", "m.jsonl", "out.model", "--vocab_size=many"]),
-         ("--vocab_size='many'", "expected an integer")),
+    Case("lm-pickle", "formats.py lm", "an LM file with pickled code",
+         lambda c: ("formats.py", ["lm", str(_evil(c))]), ("<tmp>/evil.bin", "refused", "nothing was run"),
+         never=("PWNED",)),
+    Case("export-bad-config", "generate.py export", "a run whose config.json is not JSON",
+         lambda c: ("generate.py", ["export", str(_run_with_config(c, "{oops")), str(c.tmp / "out")]),
+         ("<tmp>/run/config.json", "not readable JSON", "remove it")),
+    Case("export-unknown-option", "generate.py export", "a misspelt option",
+         lambda c: ("generate.py", ["export", "RUN", "OUT", "--codc=x"]), ('unknown key "codc"', '"codec"')),
+    Case("tokenizer-vocab", "data.py tokenizer", "a vocabulary size that is not a number",
+         lambda c: ("data.py", ["tokenizer", "m.jsonl", "out.model", "--vocab_size=many"]),
+         ("vocab_size='many'", "is not an int")),
+    Case("tokenizer-moved", "text.py tokenizer", "the command that moved to data.py",
+         lambda c: ("text.py", ["tokenizer", "m.jsonl", "out.model"]), ("moved", "python data.py tokenizer")),
 ]
 
 
@@ -554,16 +619,12 @@ def test_every_row_of_the_table_is_a_case():
 
 def test_trusted_audiocraft_checkpoint_th_continues_from_its_weights(tmp_path, shared_data):
     import model as lm_lib
-    import text
     import train
     ctx = Ctx(tmp_path, shared_data)
     target, argv = ctx.train("--lr=0", "--trust_checkpoint=True")
     cfg = train.parse_args(argv)
-    lm_cfg = lm_lib.LMConfig(**{f: getattr(cfg, f) for f in lm_lib.LMConfig.__dataclass_fields__ if f in train.FIELDS})
     torch.manual_seed(3)
-    cond = text.build_conditioner("lut", cfg.dim, lut_tokenizer=cfg.lut_tokenizer, lut_dim=cfg.lut_dim,
-                                  lut_layers=cfg.lut_layers)
-    source = {k: v.half() for k, v in lm_lib.MusicGenLM(lm_cfg, cond).state_dict().items()}  # AudioCraft keeps fp16
+    source = {k: v.half() for k, v in lm_lib.build_lm(train.config_dict(cfg)).state_dict().items()}  # AudioCraft: fp16
     # AudioCraft's solver checkpoint: its config pickled as an object (a DictConfig there; any class will do)
     torch.save({"best_state": {"model": source}, "xp.cfg": argparse.Namespace(lr=1e-4), "model": {}, "history": []},
                tmp_path / "checkpoint.th")

@@ -194,13 +194,34 @@ def test_keep_freed_memory_keeps_a_freed_block_mapped():
 
 
 @pytest.mark.parametrize("entry", [["train.py"], ["generate.py"], ["bench.py"], ["env.py"], ["text.py"],
-                                   ["codec.py"], ["data.py"], ["data.py", "tokenize"], ["-m", "grids"]])
+                                   ["model.py"], ["formats.py"], ["data.py"], ["data.py", "tokenize"],
+                                   ["data.py", "tokenizer"], ["-m", "grids"]])
 def test_every_entry_point_answers_help(entry):
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, *entry, "--help"], cwd=root, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(root)))
     assert r.returncode == 0 and len(r.stdout.splitlines()) >= 3 and not r.stderr.strip(), r.stderr
     assert "usage" in r.stdout.lower() or "python " in r.stdout
+
+
+def test_read_weights_reads_only_the_shards_it_needs(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    save_file({"a.weight": torch.ones(2), "b.weight": torch.zeros(3)}, tmp_path / "model-1.safetensors")
+    (tmp_path / "model-2.safetensors").write_bytes(b"\0" * 64)            # a broken shard
+    index = {"weight_map": {"a.weight": "model-1.safetensors", "b.weight": "model-1.safetensors",
+                            "c.weight": "model-2.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    got = env.read_weights(tmp_path, ["a.weight", "missing"])
+    assert list(got) == ["a.weight"] and torch.equal(got["a.weight"], torch.ones(2))   # the broken shard unread
+    assert list(env.read_weights(tmp_path, lambda name: name.startswith("b."))) == ["b.weight"]
+    with pytest.raises(UserError, match="model-2.safetensors: not a readable safetensors file"):
+        env.read_weights(tmp_path, ["c.weight"])
+    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(UserError, match="not a weights index"):
+        env.read_weights(tmp_path, ["a.weight"])
+    with pytest.raises(UserError, match=r"T5 directory .*: no weights \(expected one of model.safetensors.index.json"):
+        env.read_weights(tmp_path / "nothing", ["a.weight"], "T5 directory")
 
 
 def test_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

@@ -219,9 +219,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def start_two(runs, dataset, *extra):
+def start_two(runs, dataset, *extra, fault=None):
     port = str(_free_port())
-    return [start(runs, dataset, *extra, extra_env={"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+    return [start(runs, dataset, *extra, fault=fault, extra_env={"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
                                                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
             for r in (0, 1)]
 
@@ -284,3 +284,40 @@ def test_files_that_go_bad_mid_training_are_skipped_then_past_the_limit_abort(tm
                       r"fix or remove the files named in the warnings above, or raise max_skip_fraction", proc.output())
     assert found and int(found[1]) > 5, proc.output()
     assert status(runs) == "failed"
+
+
+def test_compiled_layers_record_few_graphs_through_every_stage(tmp_path, dataset):
+    """compile=True with the valid, generate and evaluate stages: evaluation and sampling run eager, so the training
+    graphs are all dynamo records (static, then with the text length dynamic) and it never reaches its recompile
+    limit, which would fall back to eager with a warning."""
+    runs = tmp_path / "runs"
+    proc = start(runs, dataset, "--compile=True", "--generate_every=1", "--evaluate_every=1", "--epochs=2",
+                 "--generate_duration=0.3", fault="compile_eager=1", extra_env={"TORCH_LOGS": "recompiles"})
+    assert proc.wait(timeout=300) == 0, proc.output()
+    out = proc.output()
+    graphs = int(re.search(r"dynamo: (\d+) graphs", out).group(1))
+    assert 1 <= graphs <= 2, out
+    assert "recompile_limit" not in out and "cache_size_limit" not in out, out
+    assert [row["stage"] for row in train.load_checkpoint(run_dir(runs) / "checkpoint.pt")["history"]] == \
+        ["train", "valid", "generate", "evaluate"] * 2
+
+
+def test_float16_overflows_are_the_scalers_business_not_divergence(tmp_path, dataset):
+    """With float16 the gradient scaler skips overflowing updates and lowers its scale; they are not counted as
+    non-finite updates (ten early overflows used to abort a run)."""
+    runs = tmp_path / "runs"
+    proc = start(runs, dataset, "--dtype=float16", "--max_nonfinite=2", fault="inf_grad=0,1,2")
+    assert proc.wait() == 0, proc.output()
+    ckpt = train.load_checkpoint(run_dir(runs) / "checkpoint.pt")
+    assert ckpt["nonfinite_total"] == 0 and ckpt["scaler"]["scale"] == 2.0 ** 13   # 2**16 halved three times
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+def test_fsdp_float16_ranks_agree_on_an_overflow_only_one_of_them_sees(tmp_path, dataset):
+    """Under FSDP each rank checks only its shards of the gradients: an overflow on rank 1 alone must make both ranks
+    skip the update and halve their scale (else their shards would drift apart)."""
+    runs = tmp_path / "runs"
+    procs = start_two(runs, dataset, "--parallel=fsdp", "--dtype=float16", "--epochs=1", fault="inf_grad=1@1")
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], [p.output()[-2000:] for p in procs]
+    ckpt = train.load_checkpoint(run_dir(runs) / "checkpoint.pt")   # written by rank 0
+    assert ckpt["scaler"]["scale"] == 2.0 ** 15 and ckpt["step"] == 2

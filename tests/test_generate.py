@@ -16,9 +16,9 @@ import soundfile as sf
 import torch
 import yaml
 
-import codec as codec_lib
 import data
 import env
+import formats
 import generate
 import model as lm_lib
 import text
@@ -160,7 +160,7 @@ def test_long_pieces_slide_a_window_with_extend_stride(mg, monkeypatch):
     assert torch.equal(calls[1][1], codes[..., 15:25]) and torch.equal(codes[..., 15:], calls[1][2])
 
 
-def test_export_loads_back_with_identical_logits(run_dir, mg, tmp_path):
+def test_export_loads_back_with_identical_logits(run_dir, mg, tmp_path, capsys):
     out = tmp_path / "export"
     generate.main(["export", str(run_dir), str(out)])
     pkg = torch.load(out / "state_dict.bin", weights_only=True)
@@ -168,11 +168,14 @@ def test_export_loads_back_with_identical_logits(run_dir, mg, tmp_path):
     xp = yaml.safe_load(pkg["xp.cfg"])
     # AudioCraft's MusicGen needs a context over its default extend_stride of 18 s; ours stays 0.5 s
     assert xp["dataset"]["segment_duration"] == 30.0 and xp["conditioners"]["description"]["model"] == "lut"
-    run_cfg = train.parse_args(TINY)  # the conditioner the run was trained with
-    cond = text.build_conditioner("lut", 32, lut_tokenizer=run_cfg.lut_tokenizer, lut_dim=32,
-                                  lut_layers=run_cfg.lut_layers).eval()
-    lm, cfg = lm_lib.load_audiocraft_lm(out, cond)
-    assert cfg == mg.lm_cfg
+    # config/debug.py trains with mask_memory=True and a lookup-table conditioner: AudioCraft differs on both, and
+    # the export says so in one line each and records it
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert [n.split(":")[1].strip() for n in notes] == ["mask_memory=True", "conditioner=lut"]
+    assert "padded rows of a batch of prompts of different lengths" in notes[0]
+    assert xp["nanomusicgen"]["audiocraft_differences"] == [n[len("note: "):] for n in notes]
+    lm, cfg = formats.load_audiocraft_lm(out)   # the conditioner the run was trained with, from the export's settings
+    assert cfg == mg.lm_cfg and type(lm.conditioner) is type(mg.lm.conditioner)
     sequence = torch.randint(0, 257, (2, 4, 12), generator=torch.Generator().manual_seed(0))
     texts = ["slow calm strings", None]
     with torch.no_grad():
@@ -188,8 +191,8 @@ def test_export_loads_back_with_identical_logits(run_dir, mg, tmp_path):
 def t5_export(root):
     """An AudioCraft-style export of a T5-conditioned model (no T5 weights needed to write it)."""
     cfg = lm_lib.LMConfig(dim=32, n_layers=1, n_heads=2, n_q=4, card=256, text_dim=16)
-    lm_lib.export_audiocraft_lm(lm_lib.MusicGenLM(cfg), cfg, root)
-    codec_lib.export_audiocraft_codec(codec_lib.load_codec("debug"), root / "compression_state_dict.bin")
+    formats.export_audiocraft_lm(lm_lib.MusicGenLM(cfg), cfg, root)
+    formats.export_audiocraft_codec(formats.load_codec("debug"), root / "compression_state_dict.bin")
     return root
 
 
@@ -330,8 +333,8 @@ def test_compiled_decode_gives_the_eager_tokens():
     """compile_decode (fullgraph: a graph break would raise) against the eager step: the same greedy tokens and the
     same keyed-noise samples, through two windows with a prompt, CFG and progress callbacks between steps."""
     torch.manual_seed(0)
-    cond = text.build_conditioner("lut", 32, lut_tokenizer="bytes", lut_dim=32, lut_layers=0)
-    lm = lm_lib.MusicGenLM(lm_lib.LMConfig(dim=32, n_layers=1, n_heads=2, n_q=4, card=32), cond).eval()
+    lm = lm_lib.build_lm(dict(dim=32, n_layers=1, n_heads=2, n_q=4, card=32, conditioner="lut", lut_tokenizer="bytes",
+                              lut_dim=32, lut_layers=0)).eval()
     prompt = torch.randint(0, 32, (2, 4, 3))
     kw = dict(cfg_coef=3.0, top_k=8, top_p=0.0, temperature=1.0)
 
