@@ -27,7 +27,7 @@ files, and a complete set is made afresh with a new random seed.
 
 Options (--key=value): --duration (s, 10) --out (a .wav/.flac file, or a directory) --cfg_coef --top_k --top_p
 --temperature (default: the run's settings) --seed (default: random, printed and saved; 0 to 2**63-1)
---batch_size (8) --device (cuda when there is one) --dtype (float32 | bfloat16 | float16 autocast; bfloat16 on
+--batch_size (8) --device (cuda, then mps, then cpu) --dtype (float32 | bfloat16 | float16 autocast; bfloat16 on
 CUDA) --compile (the decode-and-sample step compiled, CUDA graphs on a GPU; default: on CUDA only, as compiling
 costs a CPU ~20-45 s) --audio_prompt=FILE --prompt_duration (s of it, 3; resampled to the codec's rate)
 --extend_stride (s, 0.6 x the context) --normalize (loudness: -headroom_db LUFS, 14 | peak: -headroom_db dBFS, 1 |
@@ -60,6 +60,7 @@ import data
 import env
 import formats
 import model as lm_lib
+import train
 from env import UserError, resolve_path
 from formats import SAMPLING_DEFAULTS, MusicGen, load  # noqa: F401  (runs and exports are read in formats.py)
 
@@ -231,28 +232,6 @@ def check_sampling(values, where="--"):
             raise UserError(f"{where}{key}={values[key]}: {rule}")
 
 
-def compute_device(name):
-    """--device -> a torch.device that computes here (cuda when there is one): meta and devices this machine lacks
-    are refused."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device={name}: not a torch device (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device={name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise UserError(f"--device={name}: MPS is not available on this machine")
-    elif device.type != "cpu":
-        raise UserError(f"--device={name}: not a device generate.py computes on (cpu, cuda, cuda:1, mps)")
-    return device
-
-
 def check_options(o):
     """Everything that can be checked before loading a model."""
     if not o["run"]:
@@ -281,7 +260,7 @@ def check_options(o):
     suffix = Path(o["out"]).suffix.lower()
     if suffix and suffix not in (".wav", ".flac"):
         raise UserError(f"--out={o['out']}: write a .wav or .flac file, or name a directory")
-    compute_device(o["device"])
+    train.resolve_device(o["device"])   # the one place a device is picked and checked (meta, a missing GPU)
 
 
 def read_prompts(o):
@@ -331,7 +310,7 @@ def generate_main(o):
                         f"most {lm_lib.MAX_SEED - n + 1}")
     paths = output_paths(o["out"], n)
     check_outputs(o["out"], paths)
-    device = compute_device(o["device"])
+    device = train.resolve_device(o["device"])
     dtype = o["dtype"] or ("bfloat16" if device.type == "cuda" else "float32")
     compiled = o["compile"] if o["compile"] is not None else device.type == "cuda"
     if device.type == "cpu":

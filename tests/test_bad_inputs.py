@@ -464,7 +464,7 @@ CASES = [
     Case("generate-headroom-inf", "generate.py", "an infinite headroom_db",
          lambda c: ("generate.py", ["--run=x", "--headroom_db=-1e999"]), ("--headroom_db=-inf", "finite number of dB")),
     Case("generate-device-meta", "generate.py", "a device that does not compute",
-         lambda c: ("generate.py", ["--run=x", "--device=meta"]), ("--device=meta", "cpu, cuda")),
+         lambda c: ("generate.py", ["--run=x", "--device=meta"]), ('device="meta"', "cpu, cuda or mps")),
     Case("generate-duration-memory", "generate.py", "a duration whose audio cannot fit in memory",
          lambda c: ("generate.py", [f"--run={make_run(c.tmp / 'runs')}", "--duration=1e7", f"--out={c.tmp / 'o.wav'}"]),
          ("--duration=1e+07 s", "GiB of host memory", "lower --duration"),
