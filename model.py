@@ -20,6 +20,7 @@ Sampling (generate.py and train.py's generate stage): `sample(lm, descriptions, 
 import contextlib
 import functools
 import math
+import numbers
 import re
 from dataclasses import dataclass, fields
 
@@ -741,9 +742,9 @@ def check_seeds(seeds, n):
     if len(seeds) != n:
         raise UserError(f"seeds: {len(seeds)} for {n} descriptions: one seed per row")
     for seed in seeds:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
             raise UserError(f"seed {seed!r}: must be an integer between 0 and {MAX_SEED}")
-    return torch.tensor(seeds, dtype=torch.int64)
+    return torch.tensor([int(seed) for seed in seeds], dtype=torch.int64)
 
 
 @torch.no_grad()

@@ -111,6 +111,10 @@ def test_keyed_noise_is_exponential_per_row_and_samples_by_the_probabilities():
     assert not torch.equal(lm_lib.mix_seeds(high, 1), lm_lib.mix_seeds(seeds[:5], 1))
     assert torch.equal(lm_lib._fold(seeds), seeds)
     assert torch.isfinite(lm_lib.keyed_noise(torch.tensor([lm_lib.MAX_SEED]), 5, index[:1])).all()
+    for bad in ([-1], [2 ** 63], [1.5], [True]):
+        with pytest.raises(UserError, match="must be an integer between 0 and 9223372036854775807"):
+            lm_lib.check_seeds(bad, 1)
+    assert lm_lib.check_seeds([np.int64(3), lm_lib.MAX_SEED], 2).tolist() == [3, lm_lib.MAX_SEED]
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(20000, 2, 4)
     for kw, expected in [({}, probs), ({"top_k": 3}, probs[:3] / 0.95), ({"top_p": 0.7}, probs[:2] / 0.8)]:
