@@ -5,6 +5,7 @@ AudioCraft users' team files load unchanged), cached, and `reset()` for tests.
 
     python env.py              # print the resolved environment
     python env.py info SIG     # print a run's config and status
+    python env.py plot SIG [SIG ...] --out=curves.png   # training curves of runs (needs matplotlib; loggers.py)
 
 Variables (AudioCraft's names): AUDIOCRAFT_TEAM (default "default"), AUDIOCRAFT_CLUSTER (else detected:
 slurm, darwin, aws, default), AUDIOCRAFT_CONFIG (team file, else config/teams/<team>.yaml),
@@ -296,20 +297,25 @@ def git_commit():
     return (commit or None), (bool(status) if commit else None)
 
 
+def read_history(path):
+    """The rows of a history.jsonl ([] when there is none yet)."""
+    rows = []
+    if Path(path).is_file():
+        for line in Path(path).read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line cut by a crash says nothing we need
+    return rows
+
+
 def run_status(path):
     """What a run directory says about its run: status, epoch, last train/valid ce, best valid ce."""
     path = Path(path)
     info = {"status": "not started", "epoch": 0, "train_ce": None, "valid_ce": None, "best_ce": None}
     if not path.is_dir():
         return info
-    history = []
-    hist_file = path / "history.jsonl"
-    if hist_file.is_file():
-        for line in hist_file.read_text().splitlines():
-            try:
-                history.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass  # a line cut by a crash says nothing we need
+    history = read_history(path / "history.jsonl")
     for row in history:
         info["epoch"] = max(info["epoch"], row.get("epoch", 0))
         ce = row.get("ce")
@@ -430,8 +436,8 @@ def coerce(key, value, kind, where, nullable=False):
                 return False
             raise bad
         try:
-            if kind in (tuple, list) and text[:1] not in "[(":
-                value = [ast.literal_eval(x) for x in text.split(",") if x.strip()]
+            if kind in (tuple, list) and text[:1] not in "[(":   # 0,1,2 or fad,kld: items that are no literal are words
+                value = [_literal_or_word(x.strip()) for x in text.split(",") if x.strip()]
             else:
                 value = ast.literal_eval(text)
         except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -459,6 +465,15 @@ def coerce(key, value, kind, where, nullable=False):
     if not isinstance(value, str):
         raise bad
     return value
+
+
+def _literal_or_word(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if re.fullmatch(r"[A-Za-z_][\w.-]*", text):
+            return text
+        raise
 
 
 def split_args(argv, types, where="command line"):
@@ -695,8 +710,16 @@ def main(argv):
         print((path / "config.json").read_text().rstrip())
         print(json.dumps(run_status(path)))
         return 0
-    raise UserError(f"usage: python env.py [info SIG] (got {' '.join(argv)!r})")
+    if argv[0] == "plot":
+        import loggers
+        sigs, o = parse_options(argv[1:], {"out": "curves.png"}, positionals=(1, sys.maxsize),
+                                usage="python env.py plot SIG [SIG ...] [--out=curves.png]")
+        loggers.plot_runs([s if Path(s).is_dir() else run_dir(s) for s in sigs], o["out"])
+        print(f"wrote {o['out']}")
+        return 0
+    raise UserError(f"usage: python env.py [info SIG | plot SIG [SIG ...] [--out=curves.png]] (got {' '.join(argv)!r})")
 
 
 if __name__ == "__main__":
-    cli(main)
+    import env  # run as a script this file is __main__; modules it calls (loggers) raise env's UserError
+    env.cli(env.main)

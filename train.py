@@ -32,6 +32,8 @@ import torch.distributed as dist
 import data
 import env
 import formats
+import loggers
+import metrics
 import model as lm_lib
 from env import EXIT_REQUEUE, UserError
 
@@ -122,8 +124,20 @@ class Config:
     top_k: int = 250                  # sample among the k most likely codes; 0: all
     top_p: float = 0.0                # nucleus sampling; wins over top_k when > 0
     temperature: float = 1.0          # 0: greedy
+    evaluate_samples: int = 64        # evaluate-split items generated for fd and the metrics; 0: all
+    metrics: tuple = ()               # evaluate stage: fad, kld, clap, chroma_cos (metrics.py; weights below)
+    vggish_path: str = "//reference/fad/vggish-10086976.pth"   # fad: torchvggish's VGGish weights
+    passt_path: str = "//reference/kld/passt-s-f128-20sec-p16-s10-ap.474-swa.pt"   # kld: PaSST tagger weights
+    clap_path: str = "//reference/clap/larger_clap_music"      # clap: a Hugging Face CLAP directory
     # logging and distributed
     log_every: int = 10               # updates between log lines (and between checks for a stop signal)
+    tensorboard: bool = False         # event files in <run dir>/tensorboard (pip install tensorboard)
+    wandb: bool = False               # a Weights & Biases run whose id is the signature (pip install wandb)
+    wandb_project: str = "nanomusicgen"
+    wandb_entity: str = ""            # empty: your default entity
+    wandb_group: str = ""             # e.g. a grid's name
+    wandb_name: str = ""              # empty: the signature
+    wandb_mode: str = "online"        # online | offline (wandb sync <run dir>/wandb/offline-run-* later)
     dist_timeout: int = 600           # seconds before a collective gives up (a dead rank must not hang the rest)
 
 
@@ -131,7 +145,9 @@ class Config:
 # on another machine, with other workers or compiled, lands in the same run directory.
 INFRA_KEYS = {"runs_dir", "clear", "from_sig", "print_config", "num_workers", "device", "compile", "checkpointing",
               "parallel", "grad_accum", "log_every", "dist_timeout", "cache_dir", "generate_every", "evaluate_every",
-              "save_every", "trust_checkpoint"}
+              "save_every", "trust_checkpoint", "evaluate_samples", "metrics", "vggish_path", "passt_path",
+              "clap_path", "tensorboard", "wandb", "wandb_project", "wandb_entity", "wandb_group", "wandb_name",
+              "wandb_mode"}
 
 FIELDS = {f.name: f for f in fields(Config)}
 CHOICES = {"pattern": lm_lib.PATTERNS, "fuse": lm_lib.FUSES, "conditioner": ("t5", "lut"),
@@ -143,6 +159,7 @@ RANGES = {
                                "dim", "n_layers", "n_heads", "hidden_scale", "n_q", "card", "text_dim", "lut_dim",
                                "generate_count", "max_nonfinite", "dist_timeout")},
     **{k: (0, None) for k in ("warmup", "valid_batches", "num_workers", "save_every", "generate_every",
+                               "evaluate_samples",
                                "evaluate_every", "top_k", "lut_layers", "text_max_length", "lr", "eps",
                                "weight_decay", "max_norm", "temperature", "lr_min_ratio")},
     **{k: (0.0, 1.0) for k in ("cfg_dropout", "word_dropout", "merge_text_p", "drop_desc_p", "keep_field_p",
@@ -213,6 +230,9 @@ def validate(cfg, world_size=None):
     if cfg.delays and len(cfg.delays) != cfg.n_q:
         raise UserError(f"delays={list(cfg.delays)} has {len(cfg.delays)} entries but n_q={cfg.n_q}")
     lm_lib.check_config(lm_config(cfg))
+    if cfg.metrics:
+        metrics.parse_names(cfg.metrics)
+    loggers.check(config_dict(cfg))
 
 
 def config_delta(cfg):
@@ -741,45 +761,56 @@ def generate_stage(step, lm, splits, cfg, codec, d, epoch, out, autocast, weight
     return {"samples": total, "seconds": time.time() - t0}
 
 
-def frechet_distance(a, b):
-    """Fréchet distance between Gaussians fitted to two sets of embeddings [N, D] (FAD's formula)."""
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    # tr sqrt(A B) from the eigenvalues of sqrt(A) B sqrt(A), which is symmetric: no scipy needed
-    vals, vecs = torch.linalg.eigh(cov_a)
-    root_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
-    return float((mu_a - mu_b).square().sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross)
-
-
-def evaluate_stage(step, lm, splits, cfg, codec, d, epoch, micro_batch, autocast):
-    """ce/ppl on the evaluate split, and a Fréchet distance between codec embeddings (the quantized latents the
-    decoder starts from) of generated and reference segments for the same descriptions; items strided across
-    ranks. -> the history row."""
+def evaluate_stage(step, lm, splits, cfg, codec, d, epoch, micro_batch, autocast, evaluator=None):
+    """ce/ppl on the evaluate split; then, for its first evaluate_samples items (strided across ranks, a batch at a
+    time), music generated from their descriptions: `fd`, a Fréchet distance between codec embeddings (the quantized
+    latents the decoder starts from) of generated and reference segments, and the chosen metrics (fad, kld, clap,
+    chroma_cos) against the reference audio. -> the history row."""
     split = splits["evaluate"]
     with eval_mode(step):
         row = evaluate_ce(step, split, cfg, codec, d, micro_batch, autocast)
-    mine = list(range(d.rank, min(len(split), max(cfg.generate_count, 8)), d.world_size))
-    items = [split[i] for i in mine]
-
-    def embed(codes):   # [B, K, T] -> [B * T, D] float32 on the host
-        return codec.decode_latent(codes).transpose(1, 2).flatten(0, 1).float().cpu()
-    ref = gen = torch.zeros(0, codec.cfg.dimension)
-    if items:
-        with torch.no_grad():
-            reference = torch.stack([it["codes"] if "codes" in it else codec.encode(it["wav"][None].to(d.device))[0]
-                                     for it in items]).to(d.device)                 # [B, K, T]
-        with eval_mode(step, sampling=True):
-            generated = sample_codes(lm, cfg, [it["description"] for it in items], reference.shape[-1],
-                                     [cfg.seed + i for i in mine], d.device, autocast)
-        ref, gen = embed(reference), embed(generated)
+    n = min(len(split), cfg.evaluate_samples or len(split))
+    mine = list(range(d.rank, n, d.world_size))
+    turns = math.ceil(math.ceil(n / d.world_size) / micro_batch)   # the same on every rank: collective stop checks
+    if evaluator is not None:
+        evaluator.reset()
+    latents = {"reference": [], "generated": []}                    # [frames, D] float32 on the host
+    for turn in range(turns):
+        chunk = mine[turn * micro_batch:(turn + 1) * micro_batch]
+        items = [split[i] for i in chunk]
+        if items:
+            with torch.no_grad():
+                reference = torch.stack([it["codes"] if "codes" in it else codec.encode(it["wav"][None].to(d.device))[0]
+                                         for it in items]).to(d.device)                    # [B, K, T]
+            with eval_mode(step, sampling=True):
+                generated = sample_codes(lm, cfg, [it["description"] for it in items], reference.shape[-1],
+                                         [cfg.seed + i for i in chunk], d.device, autocast)
+            with torch.no_grad():
+                for side, codes in (("reference", reference), ("generated", generated)):
+                    latents[side].append(codec.decode_latent(codes).transpose(1, 2).flatten(0, 1).float().cpu())
+                if evaluator is not None:
+                    T = reference.shape[-1] * codec.hop
+                    audio = torch.zeros(len(items), codec.channels, T)                   # [B, C, S]: the real audio
+                    for b, it in enumerate(items):
+                        x = data.read_audio(it["path"], 0.0, cfg.segment_duration, sample_rate=codec.sample_rate,
+                                            channels=codec.channels)[:, :T]
+                        audio[b, :, :x.shape[1]] = torch.from_numpy(x)
+                    lengths = [int(it["valid"].sum()) * codec.hop for it in items]
+                    wav = codec.decode(generated).float().cpu()[..., :T]
+                    evaluator.add(generated=wav, reference=audio, descriptions=[it["description"] for it in items],
+                                  melodies=audio if "chroma_cos" in evaluator.names else None, lengths=lengths)
+        check_stop_everywhere(d)
+    ref, gen = (torch.cat(latents[side]) if latents[side] else torch.zeros(0, codec.cfg.dimension)
+                for side in ("reference", "generated"))
     if d.world_size > 1:
         gathered = [None] * d.world_size
         dist.all_gather_object(gathered, (ref.numpy(), gen.numpy()))
         ref = torch.cat([torch.from_numpy(r) for r, _ in gathered])
         gen = torch.cat([torch.from_numpy(g) for _, g in gathered])
-    row["fd"] = frechet_distance(gen, ref)
+    row["fd"] = metrics.frechet_distance(gen, ref)
+    if evaluator is not None:
+        evaluator.reduce(lambda x: all_sum(d, list(x)))
+        row.update(evaluator.result())
     return row
 
 
@@ -811,7 +842,8 @@ def set_status(out, d, word):
 
 
 def format_row(row):
-    keys = [k for k in ("ce", "ppl", "ce_uncond", "grad", "fd", "skipped") if row.get(k) is not None]
+    keys = [k for k in ("ce", "ppl", "ce_uncond", "grad", "fd", *metrics.METRICS, "skipped")
+            if row.get(k) is not None]
     keys += ["bad_reads"] if row.get("bad_reads") else []  # audio reads that failed, shown when there were some
     tail = " | ".join(f"{k} {row[k]:.4g}" for k in keys)
     if row.get("error"):
@@ -909,6 +941,10 @@ def train(cfg, d):
     micro_batch = cfg.batch_size // d.world_size // cfg.grad_accum
     frames = int(round(cfg.segment_duration * codec.frame_rate))
     total = cfg.epochs * cfg.updates_per_epoch
+    # the metrics' models load now: a missing weights file stops the run before it trains
+    evaluator = metrics.Evaluator(cfg.metrics, codec.sample_rate, vggish=cfg.vggish_path, passt=cfg.passt_path,
+                                  clap=cfg.clap_path, device=d.device, seed=cfg.seed, option_suffix="_path") \
+        if cfg.metrics and cfg.evaluate_every else None
     rng = rng_state(d.device)
     splits = open_splits(cfg, codec, d)  # a bad dataset or manifest fails before the run directory exists
     set_rng_state(rng, d.device)         # building a cache may draw random numbers; a run must not depend on it
@@ -917,11 +953,18 @@ def train(cfg, d):
     # still owes (valid, generate, evaluate).
     state = {"epoch": 1, "step": 0, "samples": 0, "best_ce": float("inf"), "history": [], "pending": [],
              "nonfinite_total": 0}
+    tracker = loggers.Loggers()   # TensorBoard / W&B once the run directory is ours (loggers.py); until then none
+
+    def add_row(row):
+        state["history"].append(row)
+        log(format_row(row))
+        tracker.row(row)
 
     def save(keep=False):
         ckpt = checkpoint_state(lm, optimizer, scaler, ema, best, state, cfg, d)
         if not d.main:
             return
+        tracker.flush()   # what the checkpoint's history holds reaches the trackers' files first
         save_atomic(ckpt, out / "checkpoint.pt")
         history = "".join(json.dumps(row) + "\n" for row in state["history"]).encode()
         write_run_file(out / "history.jsonl", lambda f: f.write(history))  # rewritten whole: no duplicate rows
@@ -969,9 +1012,8 @@ def train(cfg, d):
                 if row["ce"] < state["best_ce"]:
                     state["best_ce"] = row["ce"]
                     best = {k: local(p).detach().to("cpu", copy=True) for k, p in params.items()}
-            state["history"].append(row)
+            add_row(row)
             state["pending"].remove("valid")
-            log(format_row(row))
             save(keep=bool(cfg.save_every) and epoch % cfg.save_every == 0)   # the stages cannot lose it
         weights = best if best is not None else ema.state if ema else None
         for stage in list(state["pending"]):
@@ -982,24 +1024,26 @@ def train(cfg, d):
                         row = generate_stage(step, lm, splits, cfg, codec, d, epoch, out, autocast,
                                              "best" if best is not None else "ema")
                     else:
-                        row = evaluate_stage(step, lm, splits, cfg, codec, d, epoch, micro_batch, autocast)
+                        row = evaluate_stage(step, lm, splits, cfg, codec, d, epoch, micro_batch, autocast,
+                                             evaluator)
             except env.Stopped:
                 raise
             except Exception as e:  # a stage's failure (full disk, a bad sample) must not end the run
                 failed = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
             if all_sum(d, [failed is not None])[0]:
                 row = {"error": (failed or "failed on another rank").splitlines()[0][:300]}
-            row = {"epoch": epoch, "stage": stage, **row, "seconds": round(time.time() - t0, 2)}
-            state["history"].append(row)
+            row = {"epoch": epoch, "stage": stage, "step": state["step"], **row, "seconds": round(time.time() - t0, 2)}
+            add_row(row)
             state["pending"].remove(stage)
-            log(format_row(row))
+            if stage == "generate" and failed is None and d.main:
+                tracker.samples(out / "samples" / str(epoch), state["step"])
             if failed is not None:
                 log(f"warning: the {stage} stage of epoch {epoch} failed; training goes on (its checkpoint is saved)")
         if d.main:
             history = "".join(json.dumps(r) + "\n" for r in state["history"]).encode()
             write_run_file(out / "history.jsonl", lambda f: f.write(history))
 
-    with run_directory(cfg, d, out, sig):
+    with run_directory(cfg, d, out, sig), contextlib.ExitStack() as cleanup:
         log.file = out / "log.txt"
         if not resume() and cfg.continue_from:
             source, path = formats.read_lm_state(cfg.continue_from, cfg.runs_dir or None, cfg.trust_checkpoint)
@@ -1018,6 +1062,11 @@ def train(cfg, d):
             f" training) | codec {cfg.codec} ({codec.n_q}x{codec.card}, {codec.frame_rate:g} frames/s) | segment "
             f"{frames} frames | batch {cfg.batch_size} = {d.world_size} x {cfg.grad_accum} x {micro_batch}")
         log("config: " + json.dumps(config_delta(cfg), sort_keys=True))
+        tracker = loggers.open_loggers(
+            config_dict(cfg), out, sig, {"git_commit": commit, "git_dirty": dirty, "world_size": d.world_size,
+                                         "device": dev, "torch": torch.__version__},
+            resume_step=state["step"], history=state["history"], main=d.main, warn=log)
+        cleanup.callback(tracker.close)
         if d.device.type == "cuda":
             fixed, per_sample = memory_estimate(cfg, codec, d.world_size if fsdp else 1)
             have = torch.cuda.mem_get_info(d.device)[1]
@@ -1059,6 +1108,7 @@ def train(cfg, d):
             counted, skipped = zero(), zero()
             bad_reads = splits["train"].stats()["skipped"]     # this process and its loader workers, cumulative
             t_log, t_data, frames_log, steps_log, stop = time.time(), 0.0, zero(), 0, None
+            t_epoch, frames_epoch = time.time(), 0.0   # the epoch's train throughput, for its history row
             while state["step"] < epoch * cfg.updates_per_epoch:
                 lr = lr_at(cfg, state["step"], total)
                 for group in optimizer.param_groups:
@@ -1120,6 +1170,12 @@ def train(cfg, d):
                     log(f"epoch {epoch} step {in_epoch}/{cfg.updates_per_epoch} | ce {ce_now:.3f} | "
                         f"ppl {math.exp(min(ce_now, 50)):.1f} | lr {lr:.1e} | grad {float(grad):.2f} | "
                         f"frames/s {_si(frames_all / dt)}{mfu}{mem} | data {100 * t_data / max(1e-9, dt):.1f}%")
+                    tracker.scalars(state["step"], {
+                        "ce": ce_now, "ppl": math.exp(min(ce_now, 50)), "lr": lr, "grad": float(grad),
+                        "frames_per_s": frames_all / dt, "data_wait": 100 * t_data / max(1e-9, dt),
+                        "mfu": 100 * flops * computed / (peak * d.world_size) if peak else None,
+                        "mem_gib": torch.cuda.max_memory_allocated(d.device) / 2 ** 30
+                        if d.device.type == "cuda" else None})
                     count = int(count / d.world_size)
                     if count > state["nonfinite_total"]:
                         log(f"warning: update {state['step']}: {count - state['nonfinite_total']} update(s) with a "
@@ -1131,6 +1187,7 @@ def train(cfg, d):
                             f"{cfg.max_nonfinite}); the last good checkpoint is {out / 'checkpoint.pt'}")
                         set_status(out, d, "failed")
                         return 1
+                    frames_epoch += frames_all
                     t_log, t_data, frames_log, steps_log = time.time(), 0.0, zero(), 0
                     if stops and in_epoch < cfg.updates_per_epoch:  # at the epoch's end, valid stops instead
                         stop = env.stop_requested() or "a signal on another rank"
@@ -1146,11 +1203,11 @@ def train(cfg, d):
             good = max(good / d.world_size, 1)
             ce = totals[0] / d.world_size / good
             row = {"epoch": epoch, "stage": "train", "step": state["step"], "lr": lr, "ce": ce,
+                   "frames_per_s": frames_epoch / max(time.time() - t_epoch, 1e-9),
                    "ppl": math.exp(min(ce, 50)), "grad": totals[1] / d.world_size / good,
                    "skipped": int(skipped / d.world_size), "bad_reads": int(bad_reads),
                    **{f"ce_q{k + 1}": v / d.world_size / good for k, v in enumerate(totals[2:])}}
-            state["history"].append(row)
-            log(format_row(row))
+            add_row(row)
             state["pending"] = ["valid"] + [s for s, every in (("generate", cfg.generate_every),
                                                                ("evaluate", cfg.evaluate_every))
                                             if every and (epoch % every == 0 or epoch == cfg.epochs)]

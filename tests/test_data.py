@@ -445,8 +445,8 @@ class Crashing:
 def test_codes_do_not_depend_on_batching_sharding_or_resuming(tmp_path):
     """A real codec (convolutions see the padding, an LSTM rounds by batch shape): a file's codes are the same
     whatever it was batched with, whichever rank encoded it, and however a crashed build was resumed."""
-    import codec as codec_lib
-    codec = codec_lib.load_codec("debug")
+    import formats
+    codec = formats.load_codec("debug")
     split = tmp_path / "ds" / "train"
     rows = []
     for k, seconds in enumerate([0.37, 1.3, 2.15, 0.8, 1.74, 0.52]):

@@ -185,8 +185,8 @@ def test_tokenize_cli_under_torchrun_ranks_equals_one_process(tmp_path):
     out = Path(ranks[0].output().strip().splitlines()[-1])  # rank 0 prints the cache when every shard is in
     assert out.parent.parent == tmp_path / "two" and sorted(p.name for p in out.glob("index.*")) == \
         ["index.0.jsonl", "index.1.jsonl"]
-    import codec as codec_lib
-    K = codec_lib.load_codec("debug").n_q
+    import formats
+    K = formats.load_codec("debug").n_q
     assert_same_cache(out, Path(one.output().strip().splitlines()[-1]), split, K)
 
 
@@ -213,8 +213,8 @@ def test_tokenize_stops_on_sigterm_within_seconds_and_resumes(tmp_path):
     assert again.wait() == 0, again.output()
     assert f"wrote {12 - done} files" in again.output()
     out = Path(again.output().strip().splitlines()[-1])
-    import codec as codec_lib
-    codec = codec_lib.load_codec("debug")
+    import formats
+    codec = formats.load_codec("debug")
     assert_same_cache(out, clean_build(split, tmp_path / "clean", codec), split, codec.n_q)
 
 
@@ -256,8 +256,8 @@ def test_a_full_disk_while_tokenizing_is_one_line_and_the_cache_recovers(tmp_pat
     again = fu.Training(argv, tmp_path / "out.1.txt", target="data.py")
     assert again.wait() == 0, again.output()
     assert "wrote 4 files" in again.output()
-    import codec as codec_lib
-    codec = codec_lib.load_codec("debug")
+    import formats
+    codec = formats.load_codec("debug")
     assert_same_cache(out, clean_build(split, tmp_path / "clean", codec), split, codec.n_q)
 
 

@@ -321,3 +321,21 @@ def test_fsdp_float16_ranks_agree_on_an_overflow_only_one_of_them_sees(tmp_path,
     assert [p.wait(timeout=300) for p in procs] == [0, 0], [p.output()[-2000:] for p in procs]
     ckpt = train.load_checkpoint(run_dir(runs) / "checkpoint.pt")   # written by rank 0
     assert ckpt["scaler"]["scale"] == 2.0 ** 15 and ckpt["step"] == 2
+
+
+def test_kill_9_then_resume_shows_each_tensorboard_step_once(tmp_path, dataset):
+    """TensorBoard on: a run killed after logging updates past its checkpoint, then resumed, shows each update's
+    scalars once (read back with tensorboard's own reader), and each history row once."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    runs = tmp_path / "runs"
+    proc = start(runs, dataset, "--tensorboard=True", fault="slow_save=0.2")
+    fu.wait_until(lambda: "epoch 2 step 1/2" in run_log(runs), proc, what="update 3")   # past the epoch 1 checkpoint
+    proc.signal(signal.SIGKILL)
+    proc.wait()
+    proc = start(runs, dataset, "--tensorboard=True")
+    assert proc.wait() == 0, proc.output()
+    acc = EventAccumulator(str(run_dir(runs) / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/ce")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in acc.Scalars("valid/ce")] == [2, 4, 6]
+    assert "train_epoch/ce" in acc.Tags()["scalars"]
