@@ -194,6 +194,10 @@ def resume(previous, wanted, seed, n):
 def write_output(path, audio, sample_rate, meta, advice):
     """The wav (or flac) and its .json, each written atomically; a .json that cannot be written takes its wav
     with it, so an output is both files or neither."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"could not create {path.parent}: {e.strerror or e}{advice}") from None
     env.write_atomic(path, lambda f: f.write(data.audio_bytes(audio, sample_rate, path.suffix)), advice)
     try:
         env.write_atomic(path.with_suffix(".json"),
@@ -379,7 +383,6 @@ def generate_main(o):
             seconds = time.time() - t0
             for j, i in enumerate(items):
                 audio, gain_db = data.normalize(wav[j], mg.codec.sample_rate, o["normalize"], o["headroom_db"])
-                paths[i].parent.mkdir(parents=True, exist_ok=True)
                 meta = {**resolved, **common, "prompt": descriptions[i], "index": i, "row_seed": seed + i,
                         "batch": b, "file": paths[i].name, "signature": mg.signature,
                         "text_conditioner": mg.conditioner["conditioner"], "max_duration": mg.max_duration,
