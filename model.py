@@ -199,13 +199,18 @@ def _dropout(x, p):
 
 
 class Attention(nn.Module):
-    """Only the parameters (AudioCraft's names); the attention itself lives in Layer.forward."""
+    """The parameters (AudioCraft's names) and the fused projection; the attention itself lives in Layer.forward."""
 
     def __init__(self, dim):
         super().__init__()
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))   # rows Q | K | V, heads contiguous
         self.out_proj = nn.Linear(dim, dim, bias=False)
         nn.init.kaiming_uniform_(self.in_proj_weight, a=math.sqrt(5))    # nn.Linear's default, as AudioCraft keeps it
+
+    def project(self, x, rows=slice(None), weight=None):
+        """x [..., dim] -> x W[rows]^T for the fused W = in_proj_weight (rows Q | K | V, or a part of them); weight:
+        W[rows] when the caller already split it. The one place W is applied: adapters.py adds its update here."""
+        return F.linear(x, self.in_proj_weight[rows] if weight is None else weight)
 
 
 class Layer(nn.Module):
@@ -240,7 +245,7 @@ class Layer(nn.Module):
         `positions` [T] and read whole under self_mask. cross_kv: precomputed cross-attention (k, v) [B, H, L, D]."""
         p = self.dropout if self.training else 0.0
         d = x.shape[-1]
-        q, k, v = F.linear(self.norm1(x), self.self_attn.in_proj_weight).chunk(3, -1)
+        q, k, v = self.self_attn.project(self.norm1(x)).chunk(3, -1)
         q, k, v = self._split(q), self._split(k), self._split(v)
         if kv is not None:
             kv[0].index_copy_(2, positions, k.to(kv[0].dtype))
@@ -252,10 +257,11 @@ class Layer(nn.Module):
         x = x + _dropout(self.self_attn.out_proj(self._merge(a)), p)
         if self.cross_attention is not None:
             # one split, not two slices: the backward then writes one [3 dim, dim] gradient, not two zero-filled ones
-            w_q, w_kv = self.cross_attention.in_proj_weight.split([d, 2 * d])
-            q = self._split(F.linear(self.norm_cross(x), w_q))
+            attn = self.cross_attention
+            w_q, w_kv = attn.in_proj_weight.split([d, 2 * d])
+            q = self._split(attn.project(self.norm_cross(x), slice(0, d), w_q))
             if cross_kv is None:
-                k, v = (self._split(t) for t in F.linear(memory, w_kv).chunk(2, -1))
+                k, v = (self._split(t) for t in attn.project(memory, slice(d, None), w_kv).chunk(2, -1))
             else:
                 k, v = cross_kv
             a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=cross_mask, dropout_p=p)
@@ -373,8 +379,13 @@ class MusicGenLM(nn.Module):
     def _embed(self, sequence):  # [B, K, S] -> [B, S, dim]
         return sum(self.emb[k](sequence[:, k]) for k in range(self.cfg.n_q))
 
+    def head_weight(self):
+        """The output layers' weights as one [K * card, dim] matrix (one matmul for every codebook); adapters.py adds
+        its update here."""
+        return torch.cat([linear.weight for linear in self.linears], 0)
+
     def _heads(self, h, w=None):  # [B, S, dim] -> [B, S, K, card]: one matmul for all codebooks
-        w = torch.cat([linear.weight for linear in self.linears], 0) if w is None else w
+        w = self.head_weight() if w is None else w
         return F.linear(h, w).unflatten(-1, (self.cfg.n_q, self.cfg.card))
 
     def _fuse(self, x, condition, mask):
@@ -518,7 +529,7 @@ class MusicGenLM(nn.Module):
         cross_kv = [None] * cfg.n_layers
         if memory is not None:
             for i, layer in enumerate(self.transformer.layers):
-                kv = F.linear(memory, layer.cross_attention.in_proj_weight[cfg.dim:])
+                kv = layer.cross_attention.project(memory, slice(cfg.dim, None))
                 cross_kv[i] = tuple(layer._split(t) for t in kv.chunk(2, -1))
         key_valid = None
         if cfg.fuse == "prepend" and cfg.mask_memory:
@@ -527,7 +538,7 @@ class MusicGenLM(nn.Module):
         if cfg.fuse == "sum":
             fuse_add = _pooled(condition * mask[..., None].to(condition.dtype), mask.bool())
         pos_table = sin_embedding(torch.arange(n_max, device=device), cfg.dim, cfg.max_period)
-        heads = torch.cat([linear.weight for linear in self.linears], 0)
+        heads = self.head_weight()
         cache = DecodeCache(k, v, cross_kv, cross_mask, key_valid, fuse_add, pos_table, heads)
         if device.type == "cuda":
             # a CUDA graph of decode_step must neither copy these in at every replay nor skip the graph because
