@@ -89,6 +89,11 @@ class Config:
     lut_layers: int = 0
     cfg_dropout: float = 0.3          # drop the whole description with this probability (classifier-free guidance)
     cfg_dropout_per_batch: bool = False   # AudioCraft: one coin for the whole batch
+    attributes: tuple[str, ...] = ()  # more text conditions from the sidecars: NAME or NAME:FUSE (genre, moods:prepend)
+    chroma_fuse: str = ""             # the melody (chroma) condition self_wav: "" none | prepend | cross (melody.py)
+    chroma_stems: str = ""            # Demucs weights that remove drums and bass before the chroma; "": the full mix
+    attribute_dropout: tuple[str, ...] = ()   # NAME:P drops condition NAME with probability P, e.g. self_wav:0.5
+    attribute_dropout_per_batch: bool = False   # AudioCraft: one coin per attribute for the whole batch
     # fine-tuning: low-rank adapters (adapters.py) on a base from continue_from
     lora_rank: int = 0                # adapters of this rank on lora_targets; 0: every weight trains
     lora_alpha: float = 16.0          # the adapters' update is scaled by lora_alpha / lora_rank
@@ -166,7 +171,8 @@ FIELDS = {f.name: f for f in fields(Config)}
 TYPES = env.option_types(Config)
 CHOICES = {"pattern": lm_lib.PATTERNS, "fuse": lm_lib.FUSES, "conditioner": ("t5", "lut"),
            "dtype": ("bfloat16", "float16", "float32"), "lr_schedule": ("cosine", "linear", "constant"),
-           "parallel": ("ddp", "fsdp"), "t5_dtype": ("float32", "bfloat16"), "ema_device": ("", "cpu")}
+           "parallel": ("ddp", "fsdp"), "t5_dtype": ("float32", "bfloat16"), "ema_device": ("", "cpu"),
+           "chroma_fuse": ("", *lm_lib.CHROMA_FUSES)}
 # Ranges every value must be in (inclusive; None: unbounded), checked when the config is parsed.
 RANGES = {
     **{k: (1, None) for k in ("epochs", "updates_per_epoch", "batch_size", "grad_accum", "ema_every", "log_every",
@@ -415,8 +421,13 @@ class TrainStep(torch.nn.Module):
         self.lm = lm
         self.cond_len = 0
 
-    def forward(self, codes, descriptions, valid):
+    def forward(self, codes, descriptions, valid, attributes=None):
         lm = self.lm
+        if attributes:   # a model with several conditions: {name: per-row values} (data.collate's, chroma classes)
+            values = {"description": descriptions, **attributes}
+            conditions = lm.condition(lm.drop_conditions(values) if self.training else values)
+            self.cond_len = sum(mask.shape[-1] for _, mask in conditions.values())
+            return lm.compute_loss(codes, conditions, None, valid)
         if self.training:
             descriptions = lm.cfg_dropout(descriptions)
         condition, mask = lm.conditioner(descriptions)
