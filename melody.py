@@ -229,7 +229,11 @@ class ChromaEncoder:
         return f"chroma{N_FFT}-" + (f"stems-{Path(str(self.stems)).stem}" if self.stems else "mix")
 
     def encode(self, wav):
-        return chroma_classes(wav[:, 0], CHROMA_RATE, self.stems)[:, None]
+        return self.classes(wav[:, 0], CHROMA_RATE)[:, None]
+
+    def classes(self, wav, sample_rate):
+        """wav [B, S] at sample_rate -> classes [B, frames] (chroma_classes with this cache's stems)."""
+        return chroma_classes(wav, sample_rate, self.stems)
 
 
 def read_melody(path, option="--melody"):
