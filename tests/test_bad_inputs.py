@@ -401,7 +401,7 @@ CASES = [
          lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache")]), ("--codec is required",)),
     Case("tokenize-cuda-missing", "data.py tokenize", "--device=cuda on a machine without CUDA",
          lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache"), "--codec=debug", "--device=cuda"],
-                    {"CUDA_VISIBLE_DEVICES": ""}), ("--device=cuda", "CUDA is not available", "--device=cpu")),
+                    {"CUDA_VISIBLE_DEVICES": ""}), ('device="cuda"', "CUDA is not available", "--device=cpu")),
     Case("tokenize-num-workers", "data.py tokenize", "a negative --num_workers",
          lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache"), "--codec=debug",
                                 "--num_workers=-1"]), ("--num_workers=-1", "must not be negative")),
