@@ -1,12 +1,12 @@
 """Foreign formats: the files users hold and the files we hand them, read and written in one place.
 
 Owns AudioCraft's LM `state_dict.bin` ({best_state, xp.cfg}: the released MusicGen files and our exports) and the
-mapping of its xp.cfg onto our settings; Hugging Face transformers' MusicGen directories (MusicgenForConditionalGeneration
-and the decoder alone, MusicgenForCausalLM), read and written, and their config.json mapped onto our settings; the
-codec's `compression_state_dict.bin` and Hugging Face EnCodec directories; our runs (config.json + checkpoint.pt) as
-sources of weights for sampling (generate.py --run), for export and for continue_from. model.py and codec.py
-compute, text.py reads T5 directories (a transformers MusicGen's text encoder too); everything else on disk in a
-foreign layout is read and written here.
+mapping of its xp.cfg onto our settings; Hugging Face transformers' MusicGen directories (MusicgenForConditional-
+Generation, and the decoder alone: MusicgenForCausalLM), read and written, their config.json mapped onto our
+settings; the codec's `compression_state_dict.bin` and Hugging Face EnCodec directories; our runs (config.json +
+checkpoint.pt) as sources of weights for sampling (generate.py --run), for export and for continue_from. model.py
+and codec.py compute, text.py reads T5 directories (a transformers MusicGen's text encoder too); everything else on
+disk in a foreign layout is read and written here.
 
     python formats.py lm //reference/musicgen-small           # an LM file or directory (AudioCraft or transformers)
     python formats.py codec //reference/encodec_32khz         # a codec: summary and identity
@@ -482,7 +482,7 @@ def read_hf_lm(directory, t5=None):
     return settings, state, config
 
 
-def hf_differences(cfg):
+def hf_differences(cfg, text_max_length=0):
     """What transformers' MusicGen computes differently from us for a model with these settings (export prints them
     and records them in config.json's nanomusicgen section)."""
     out = []
@@ -490,10 +490,13 @@ def hf_differences(cfg):
         out.append("mask_memory=False: transformers' MusicGen masks padded text positions, which this model never "
                    "did: its logits equal ours for one prompt at a time (or prompts of one length) but differ on the "
                    "padded rows of a batch of prompts of different lengths")
+    if text_max_length:
+        out.append(f"text_max_length={text_max_length}: nanomusicgen truncates longer descriptions, transformers' "
+                   f"processor only when called with truncation=True (tokenizer_config.json's model_max_length)")
     return out
 
 
-def _hf_refusal(mg, t5_raw):
+def _hf_refusal(mg):
     """Why this model cannot be written as a transformers MusicGen, or None."""
     cfg, codec, cond = mg.lm_cfg, mg.codec, mg.conditioner
     if cond["conditioner"] != "t5":
@@ -509,9 +512,6 @@ def _hf_refusal(mg, t5_raw):
     if codec.stereo or codec.cfg.lstm == 0 or codec.card & (codec.card - 1):
         return (f"codec {mg.codec_source} (stereo={codec.stereo}, lstm={codec.cfg.lstm}, card={codec.card}): "
                 f"transformers' EnCodec needs a mono codec with an LSTM and a power-of-two codebook size")
-    d_model = int(t5_raw.get("d_model", 512))
-    if d_model != cfg.text_dim:
-        return f"the T5 has d_model={d_model} but the model's text projection takes text_dim={cfg.text_dim}"
     proj = mg.lm.conditioner.output_proj
     if cfg.text_dim == cfg.dim and not (torch.equal(proj.weight, torch.eye(cfg.dim)) and not proj.bias.any()):
         return (f"text_dim equals dim ({cfg.dim}): transformers' MusicGen then has no text projection "
@@ -540,14 +540,16 @@ def export_hf(mg, out, t5=None):
     out = Path(os.path.expanduser(str(out)))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not an empty directory: pick another directory or remove it")
-    t5_path = t5 or mg.conditioner["t5_path"]
-    if mg.conditioner["conditioner"] == "t5":
-        _check_t5({"conditioner": "t5", "t5_path": t5_path}, True)
-        t5_raw, _ = text.t5_config(t5_path)
-    reason = _hf_refusal(mg, t5_raw if mg.conditioner["conditioner"] == "t5" else {})
+    reason = _hf_refusal(mg)
     if reason:
         raise UserError(f"{mg.source}: cannot be written as a transformers MusicGen: {reason}")
     cfg, codec, lm = mg.lm_cfg, mg.codec, mg.lm
+    t5_path = t5 or mg.conditioner["t5_path"]
+    _check_t5({"conditioner": "t5", "t5_path": t5_path}, True)
+    t5_raw, _ = text.t5_config(t5_path)
+    if int(t5_raw.get("d_model", 512)) != cfg.text_dim:
+        raise UserError(f"T5 {t5_path}: d_model={t5_raw.get('d_model', 512)}, but the model's text projection takes "
+                        f"text_dim={cfg.text_dim}: pass the T5 it was trained with (--t5=PATH)")
     t5_model, _ = text.load_t5(t5_path)
     frames = mg.window
     tensors = {"decoder." + k: v for k, v in to_transformers_state_dict(lm.state_dict()).items()}
@@ -556,7 +558,7 @@ def export_hf(mg, out, t5=None):
     for name, v in t5_model.state_dict().items():   # the input embedding is T5's `shared`, tied to embed_tokens
         tensors["text_encoder." + ("shared.weight" if name == "embed_tokens.weight" else text.hf_key(name))] = v
     tensors.update({"audio_encoder." + k: v for k, v in codec_hf_state(codec).items()})
-    differences = hf_differences(cfg)
+    differences = hf_differences(cfg, mg.conditioner["text_max_length"])
     decoder = {"model_type": "musicgen_decoder", "vocab_size": cfg.card, "num_codebooks": cfg.n_q,
                "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
                "ffn_dim": cfg.hidden_scale * cfg.dim, "activation_function": "gelu", "dropout": cfg.dropout,
@@ -589,7 +591,8 @@ def export_hf(mg, out, t5=None):
              **_hf_tokenizer_files(text.t5_directory(t5_path), mg.conditioner["text_max_length"])}
     from safetensors.torch import save_file
     stage = out.parent / f".{out.name}.partial-{os.getpid()}"
-    stage.mkdir(parents=True, exist_ok=False)
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
     try:
         save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(stage / HF_WEIGHTS),
                   metadata={"format": "pt"})
@@ -1059,9 +1062,10 @@ def load_hf(directory, t5=None, codec=None, with_t5=True):
     codec_path = codec or directory
     # transformers' EnCodec holds the codebooks of its highest bandwidth; the decoder uses its first num_codebooks
     codec_model = _codec_for(codec_path, lm.cfg, None if codec else lm.cfg.n_q)
-    defaults = {"cfg_coef": generation.get("guidance_scale") or SAMPLING_DEFAULTS["cfg_coef"],
+    guidance, top_p = generation.get("guidance_scale"), generation.get("top_p", 1.0)
+    defaults = {"cfg_coef": SAMPLING_DEFAULTS["cfg_coef"] if guidance is None else guidance,
                 "top_k": generation.get("top_k", SAMPLING_DEFAULTS["top_k"]),
-                "top_p": generation.get("top_p", 1.0) % 1.0,        # transformers' 1.0 is off, as our 0.0
+                "top_p": 0.0 if top_p >= 1.0 else top_p,           # transformers' off is 1.0, ours 0.0
                 "temperature": generation.get("temperature", 1.0) if generation.get("do_sample", True) else 0.0}
     ours = config.get("nanomusicgen") if isinstance(config.get("nanomusicgen"), dict) else {}
     seconds = ours.get("segment_duration") or (

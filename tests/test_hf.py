@@ -187,6 +187,17 @@ def test_sharded_and_decoder_only_directories_hold_the_same_weights(hf_dir, tmp_
         formats.load(str(tmp_path / "decoder"), t5=str(d), codec=str(d))
 
 
+def test_musicgen_directory_exports_to_audiocraft_files(hf_dir, tmp_path, capsys):
+    d, _ = hf_dir
+    assert generate.main(["export", str(d), str(tmp_path / "audiocraft")]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert [n.split(":")[1].strip() for n in notes] == ["mask_memory=True"]   # AudioCraft attends to padding
+    lm, cfg = formats.load_audiocraft_lm(tmp_path / "audiocraft")
+    state, _ = formats.read_lm_state(str(d))
+    assert cfg.mask_memory and all(torch.equal(lm.state_dict()[k], v) for k, v in state.items())
+    assert formats.load_codec(tmp_path / "audiocraft").identity() == formats.load_codec(d).identity()
+
+
 # ---- export: a run as a transformers MusicGen directory
 
 def make_run(runs, t5_path, mask_memory=True, seed=0, **overrides):
@@ -226,7 +237,8 @@ def greedy_tokens(hf, processor, texts, frames):
 
 
 @pytest.mark.parametrize("mask_memory", [True, False])
-def test_export_hf_loads_in_transformers_and_its_pipeline_with_our_logits_and_greedy_tokens(hf_dir, tmp_path, capsys, mask_memory):
+def test_export_hf_loads_in_transformers_and_its_pipeline_with_our_logits_and_greedy_tokens(hf_dir, tmp_path, capsys,
+                                                                                             mask_memory):
     from transformers import AutoProcessor, MusicgenForConditionalGeneration
     d, _ = hf_dir
     run = make_run(tmp_path / "runs", d, mask_memory)
@@ -256,19 +268,41 @@ def test_export_hf_loads_in_transformers_and_its_pipeline_with_our_logits_and_gr
     # transformers' text-to-audio pipeline runs it too: greedy, one prompt, 12 new steps (frames + delays)
     if mask_memory:
         from transformers import pipeline
-        got = pipeline("text-to-audio", model=str(out))(PROMPTS[1], forward_params={"do_sample": False,
-                                                                                     "max_new_tokens": 12})
+        piped = pipeline("text-to-audio", model=str(out))(PROMPTS[1], forward_params={"do_sample": False,
+                                                                                       "max_new_tokens": 12})
         with torch.no_grad():
-            want = mg.codec.decode(mg.lm.generate(*mg.lm.conditioner(PROMPTS[1:]), 12 + 1 - K, cfg_coef=3.0,
-                                                  greedy=True))[0, 0]
-        assert got["sampling_rate"] == 32000 and got["audio"].shape[-1] == want.shape[-1]
-        assert (torch.from_numpy(got["audio"]).reshape(-1) - want).abs().max() <= 1e-4 * want.abs().max()
+            codes = mg.lm.generate(*mg.lm.conditioner(PROMPTS[1:]), 12 + 1 - K, cfg_coef=3.0, greedy=True)
+            wav = mg.codec.decode(codes)[0, 0]
+        assert piped["sampling_rate"] == 32000 and piped["audio"].shape[-1] == wav.shape[-1]
+        assert (torch.from_numpy(piped["audio"]).reshape(-1) - wav).abs().max() <= 1e-4 * wav.abs().max()
     # and it comes back into nanomusicgen as it went out
     back = formats.load(str(out))
     training_only = {k: getattr(mg.lm_cfg, k) for k in ("mask_memory", "cfg_dropout", "cfg_dropout_per_batch")}
     assert dataclasses.replace(back.lm_cfg, **training_only) == mg.lm_cfg and back.lm_cfg.mask_memory
     assert back.max_duration == mg.max_duration and back.signature == mg.signature and back.defaults == mg.defaults
     assert (ours_logits(back, texts, sequence) - got).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"pattern": "parallel"}, "pattern=parallel .*knows only the delay pattern"),
+    ({"delays": "[0,0,1,1]"}, r"delays \[0, 0, 1, 1\]\): .*delays 0..3"),
+    ({"fuse": "prepend"}, "fuse=prepend: .*cross-attention only"),
+    ({"text_dim": DIM}, "text_dim equals dim .*no text projection"),
+    ({"text_dim": 48}, "d_model=32, but the model's text projection takes text_dim=48: pass the T5 .*--t5=PATH"),
+])
+def test_export_hf_refuses_what_transformers_cannot_express_in_one_line(hf_dir, tmp_path, overrides, message):
+    run = make_run(tmp_path / "runs", hf_dir[0], **overrides)
+    with pytest.raises(UserError, match=message) as e:
+        formats.export(str(run), tmp_path / "out", format="hf")
+    assert "\n" not in str(e.value) and not list(tmp_path.glob("*out*"))
+
+
+def test_export_hf_needs_an_empty_directory(hf_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="out already exists and is not an empty directory"):
+        formats.export(str(make_run(tmp_path / "runs", hf_dir[0])), tmp_path / "out", format="hf")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
 
 
 # ---- the round trip: transformers -> fine-tune here -> AudioCraft -> transformers
