@@ -404,11 +404,8 @@ def to_transformers_state_dict(state):
 def read_hf_config(directory):
     """config.json of a transformers MusicGen directory -> (model_type: musicgen | musicgen_decoder, the config)."""
     file = Path(directory) / HF_CONFIG
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{file}: not readable JSON ({e})") from None
-    kind = config.get("model_type") if isinstance(config, dict) else None
+    config = _read_json(file, "a transformers config")
+    kind = config.get("model_type")
     if kind == "musicgen_melody":
         raise UserError(f"{file}: MusicGen-melody (chroma conditioning) is not supported: nanomusicgen conditions "
                         f"on text only")
@@ -973,6 +970,18 @@ def _codec_for(path, lm_cfg, n_q=None):
     return codec
 
 
+def _read_json(file, what="a JSON object", advice=""):
+    """A JSON file holding an object -> dict; one line naming the file otherwise (then `advice`)."""
+    advice = f": {advice}" if advice else ""
+    try:
+        value = json.loads(Path(file).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{file}: not readable JSON ({e}){advice}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{file}: holds a {type(value).__name__}, not {what}{advice}")
+    return value
+
+
 def _run_config(ckpt_path, ckpt):
     """The run's settings: config.json beside the checkpoint, else the copy inside it."""
     config_file, inside = ckpt_path.parent / "config.json", ckpt.get("config")
@@ -982,13 +991,7 @@ def _run_config(ckpt_path, ckpt):
         return inside
     advice = f"restore it, or remove it to use the copy inside {ckpt_path.name}" if isinstance(inside, dict) else \
         "restore it"
-    try:
-        cfg = json.loads(config_file.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{config_file}: not readable JSON ({e}): {advice}") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{config_file}: holds a {type(cfg).__name__}, not a run config: {advice}")
-    return cfg
+    return _read_json(config_file, "a run config", advice)
 
 
 def load_run(ckpt_path, t5=None, codec=None, with_t5=True):
@@ -1027,16 +1030,6 @@ def load_export(path, t5=None, codec=None, with_t5=True):
                     float(lookup(xp, "nanomusicgen.segment_duration") or lookup(xp, "dataset.segment_duration", 30.0)),
                     defaults, text.conditioning(settings), path, "export", str(codec_path),
                     str(lookup(xp, "nanomusicgen.signature", "")))
-
-
-def _read_json(file):
-    try:
-        value = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{file}: not readable JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{file}: holds a {type(value).__name__}, not a JSON object")
-    return value
 
 
 def load_hf(directory, t5=None, codec=None, with_t5=True):

@@ -20,8 +20,8 @@ import formats
 import generate
 import model as lm_lib
 import text
-import train
 from env import UserError
+from test_generate import make_run as make_generate_run
 from test_text import train_spiece
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,14 +30,6 @@ PROMPTS = ["rock guitar with drums and bass", "calm piano"]   # different length
 TOL = 1e-5
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 def musicgen_config(spiece_size):
@@ -201,25 +193,11 @@ def test_musicgen_directory_exports_to_audiocraft_files(hf_dir, tmp_path, capsys
 # ---- export: a run as a transformers MusicGen directory
 
 def make_run(runs, t5_path, mask_memory=True, seed=0, **overrides):
-    """A run as train.py leaves it (config.json, checkpoint.pt), T5-conditioned, with random weights."""
+    """A run as train.py leaves it (test_generate.make_run: random weights, norms included), T5-conditioned."""
     args = ["config/debug.py", f"--dim={DIM}", "--n_layers=2", "--n_heads=4", f"--n_q={K}", f"--card={CARD}",
             "--conditioner=t5", f"--t5_path={t5_path}", f"--text_dim={TEXT_DIM}", f"--mask_memory={mask_memory}",
             f"--codec={t5_path}", "--segment_duration=0.4", "--top_k=250"]
-    args += [f"--{k}={v}" for k, v in overrides.items()]
-    cfg = train.parse_args(args)
-    sig = train.config_signature(cfg)
-    d = runs / "xps" / sig
-    d.mkdir(parents=True)
-    config = {**train.config_dict(cfg), "signature": sig}
-    (d / "config.json").write_text(json.dumps(config))
-    torch.manual_seed(seed)
-    model = lm_lib.build_lm(config, with_t5=False)
-    with torch.no_grad():   # random norms and projection bias: a missing or misplaced one cannot pass
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.3 * torch.randn_like(p))
-    torch.save({"model": model.state_dict(), "config": config}, d / "checkpoint.pt")
-    return d
+    return make_generate_run(runs, args + [f"--{k}={v}" for k, v in overrides.items()], seed)
 
 
 @torch.no_grad()
