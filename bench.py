@@ -449,9 +449,9 @@ def generate_calls(a, ours, cfg, ref=None):
     with torch.no_grad():
         condition, condition_mask = ours.conditioner(states, mask)                           # [B, L, dim]
     if a["compile"]:
-        # static shapes in decode_step; on CUDA "reduce-overhead" replays it as a CUDA graph
-        mode = "reduce-overhead" if device.type == "cuda" else "default"
-        ours.decode_step = torch.compile(ours.decode_step, mode=mode, fullgraph=True)
+        # the decode-and-sample step with static shapes, as generate.py compiles it; on CUDA "reduce-overhead"
+        # replays it as a CUDA graph
+        lm.compile_decode(ours)
     out = {}
 
     def gen_ours():
@@ -500,8 +500,10 @@ def bench_generate(a):
              f"parameters); {shape_note(a, 'generate')} = {n} frames, {steps} decode steps, text {L} positions; "
              f"{str(a['dtype']).split('.')[-1]} weights; CFG coef 3 (conditional and null rows batched: {2 * B} rows), "
              "top-k 250 sampling",
-             "ours: " + ("decode_step compiled" + (" (reduce-overhead: CUDA graphs)" if device.type == "cuda" else "")
-                         if a["compile"] else "eager") + ", static KV cache; transformers: eager, its dynamic cache",
+             "ours: " + ("decode and sampling step compiled (model.compile_decode" +
+                         (", reduce-overhead: CUDA graphs)" if device.type == "cuda" else ")")
+                         if a["compile"] else "eager") + ", static KV cache, keyed-noise sampling; transformers: "
+             "eager, its dynamic cache",
              f"real time = audio seconds generated per second; weights B/s = weight bytes read per step x "
              f"steps/s (measured copy bandwidth {_si(bandwidth)}B/s)"] + common_notes(a, load_start)
     print_table(f"bench generate: {a['size']}", notes,

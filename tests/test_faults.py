@@ -73,7 +73,9 @@ def assert_same_training(a, b):
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
     for k in a["ema"]["state"]:
         assert torch.equal(a["ema"]["state"][k], b["ema"]["state"][k]), f"ema.{k} differs"
-    assert a["history"] == b["history"]
+    timing = ("frames_per_s", "seconds")   # how fast the machine was, not what was trained
+    strip = lambda rows: [{k: v for k, v in row.items() if k not in timing} for row in rows]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
 
 
 @pytest.fixture(scope="module")

@@ -216,6 +216,20 @@ def test_ema_is_unbiased():
     assert torch.allclose(ema.state["weight"], torch.full((1, 2), 1.0))
 
 
+def test_a_deferred_ema_equals_the_direct_one():
+    """EMA on the host (ema_device=cpu) folds each copy in at the next update or read: the same averages."""
+    m = torch.nn.Linear(3, 2)
+    direct, deferred = train.EMA(m, 0.7), train.EMA(m, 0.7, deferred=True)
+    for i in range(4):
+        with torch.no_grad():
+            m.weight.mul_(0.5).add_(i)
+        direct.update(m)
+        deferred.update(m)
+        if i == 1:
+            assert deferred.pending and torch.equal(deferred.flush()["weight"], direct.state["weight"])
+    assert torch.equal(deferred.flush()["weight"], direct.state["weight"]) and deferred.count == direct.count
+
+
 def test_first_slurm_host():
     assert train.first_slurm_host("gpu[012-015,020],cpu1") == "gpu012"
     assert train.first_slurm_host("node7,node8") == "node7"
