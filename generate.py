@@ -60,7 +60,6 @@ import data
 import env
 import formats
 import model as lm_lib
-import train
 from env import UserError, resolve_path
 from formats import SAMPLING_DEFAULTS, MusicGen, load  # noqa: F401  (runs and exports are read in formats.py)
 
@@ -264,7 +263,7 @@ def check_options(o):
     suffix = Path(o["out"]).suffix.lower()
     if suffix and suffix not in (".wav", ".flac"):
         raise UserError(f"--out={o['out']}: write a .wav or .flac file, or name a directory")
-    train.resolve_device(o["device"])   # the one place a device is picked and checked (meta, a missing GPU)
+    env.resolve_device(o["device"])   # the one place a device is picked and checked (meta, a missing GPU)
 
 
 def read_prompts(o):
@@ -314,7 +313,7 @@ def generate_main(o):
                         f"most {lm_lib.MAX_SEED - n + 1}")
     paths = output_paths(o["out"], n)
     check_outputs(o["out"], paths)
-    device = train.resolve_device(o["device"])
+    device = env.resolve_device(o["device"])
     dtype = o["dtype"] or ("bfloat16" if device.type == "cuda" else "float32")
     compiled = o["compile"] if o["compile"] is not None else device.type == "cuda"
     if device.type == "cpu":

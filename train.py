@@ -334,37 +334,10 @@ def process_env():
     return 0, 1, 0, 1
 
 
-def resolve_device(name, local_rank=0, local_world=1):
-    """The one place a process picks its device. Empty: cuda, then mps, then cpu. `cuda` without an index is the
-    local rank's GPU (modulo the GPUs this process sees: under srun with one GPU per task that is cuda:0)."""
-    if not name:
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f'device="{name}" is not a torch device (cpu, cuda, cuda:1, mps)') from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f'device="{name}": CUDA is not available on this machine (use --device=cpu)')
-        count = torch.cuda.device_count()
-        if device.index is None:
-            device = torch.device("cuda", local_rank % count)
-        elif local_world > 1 and count > 1:
-            raise UserError(f'device="{name}" names one GPU, but {local_world} processes run on this node and '
-                            f'would all use it: use --device=cuda (each process takes its local rank\'s GPU)')
-        elif device.index >= count:
-            raise UserError(f'device="{name}": this process sees {count} GPU(s)')
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f'device="{name}": MPS is not available on this machine')
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f'device="{name}" cannot train (use cpu, cuda or mps)')
-    return device
-
-
 def setup_distributed(cfg):
     """torchrun (RANK, LOCAL_RANK, WORLD_SIZE), srun without torchrun (SLURM_*), or one process."""
     rank, world, local, local_world = process_env()
-    device = resolve_device(cfg.device, local, local_world)
+    device = env.resolve_device(cfg.device, local, local_world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True   # float32 matmuls on tensor cores (nanoGPT does the same)
@@ -757,19 +730,20 @@ def eval_mode(step, sampling=False):
     inference mode, past dynamo's recompile limit), and under FSDP with every layer gathered for sampling: each
     decode step then runs without an all-gather."""
     step.eval()
-    fsdp_layers = [m for m in step.modules() if hasattr(m, "unshard")] if sampling else []
-    if fsdp_layers:
+    fsdp_units = [m for m in step.modules() if hasattr(m, "unshard")] if sampling else []
+    if fsdp_units:
         step._get_fsdp_state()._lazy_init()  # a root that has not run forward yet (a resumed pending stage)
-        for m in fsdp_layers:
-            m.set_reshard_after_forward(False)
+        step.set_reshard_after_forward(False)   # every unit (the root's own default is already False)
+        for m in fsdp_units:
             m.unshard()
     try:
         with torch.compiler.set_stance("force_eager"):
             yield
     finally:
-        for m in fsdp_layers:
+        for m in fsdp_units:
             m.reshard()
-            m.set_reshard_after_forward(True)
+            if m is not step:
+                m.set_reshard_after_forward(True, recurse=False)
         step.train()
 
 
@@ -805,24 +779,26 @@ def evaluate_ce(step, split, cfg, codec, d, micro_batch, autocast, max_batches=0
             **{f"ce_q{k + 1}": v / count for k, v in enumerate(totals[2:])}}
 
 
-def sample_codes(lm, cfg, descriptions, n_frames, seeds, device, autocast):
-    """Codes [B, K, n_frames] for descriptions (None: unconditional), each row drawn from its own seed, with the
-    config's sampling settings."""
+def sample_codes(lm, cfg, descriptions, n_frames, seeds, device, autocast, window):
+    """Codes [B, K, n_frames] for descriptions (None: unconditional) with the config's sampling settings: model.py's
+    one sampler (generate.py's), row b drawn from seeds[b] alone, windows of the model's context sliding past it."""
     with torch.autocast(device.type, dtype=getattr(torch, cfg.dtype), enabled=autocast):
-        condition, mask = lm.conditioner(list(descriptions))
-        return lm.generate(condition, mask, n_frames, cfg_coef=cfg.cfg_coef, temperature=cfg.temperature,
-                           top_k=cfg.top_k, top_p=cfg.top_p, seeds=seeds)
+        return lm_lib.sample(lm, list(descriptions), n_frames, window=window, seeds=seeds, cfg_coef=cfg.cfg_coef,
+                             top_k=cfg.top_k, top_p=cfg.top_p, temperature=cfg.temperature)
 
 
 def generate_stage(step, lm, splits, cfg, codec, d, epoch, out, autocast, weights):
-    """Samples for the generate split's descriptions and their unconditional twins, decoded to wav: prompts
-    strided across ranks, each rank writes its own files. -> the history row."""
+    """Samples for the generate split's descriptions and their unconditional twins, decoded to wav and
+    loudness-normalised as generate.py does; row seed cfg.seed + epoch + i, so `python generate.py --run=SIG
+    --prompt=P --seed=ROW_SEED` remakes sample i from the same weights. Prompts are strided across ranks; each rank
+    writes its own files, each wav with its .json atomically. -> the history row."""
     split = splits["generate"]
     count = min(cfg.generate_count, len(split))
     mine = list(range(d.rank, count, d.world_size))
     descriptions = [split[i]["description"] for i in mine]
     seeds = [cfg.seed + epoch + i for i in mine]
     n_frames = max(1, int(round(cfg.generate_duration * codec.frame_rate)))
+    window = max(1, int(round(cfg.segment_duration * codec.frame_rate)))
     folder = out / "samples" / str(epoch)
     folder.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(cfg, k) for k in ("cfg_coef", "top_k", "top_p", "temperature", "generate_duration")}
@@ -830,13 +806,14 @@ def generate_stage(step, lm, splits, cfg, codec, d, epoch, out, autocast, weight
     with eval_mode(step, sampling=True):
         for name, texts in (("", descriptions), ("_uncond", [None] * len(descriptions))):
             if texts:
-                codes = sample_codes(lm, cfg, texts, n_frames, seeds, d.device, autocast)
-                wav = codec.decode(codes).float().cpu()
+                wav = codec.decode(sample_codes(lm, cfg, texts, n_frames, seeds, d.device, autocast, window))
             for j, i in enumerate(mine):
                 path = folder / f"{i:03d}{name}.wav"
-                data.save_audio(path, wav[j], codec.sample_rate)
-                meta = {"description": texts[j], "epoch": epoch, "row_seed": seeds[j], "weights": weights, **settings}
-                path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+                audio, gain_db = data.normalize(wav[j].float().cpu(), codec.sample_rate)
+                meta = {"prompt": texts[j], "epoch": epoch, "row_seed": seeds[j], "weights": weights,
+                        "gain_db": round(gain_db, 2), **settings}
+                env.write_atomic(path, lambda f: f.write(data.audio_bytes(audio, codec.sample_rate, path.suffix)))
+                env.write_atomic(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
             check_stop_everywhere(d)
     total = int(all_sum(d, [2 * len(mine)])[0])
     return {"samples": total, "seconds": time.time() - t0}
@@ -865,7 +842,7 @@ def evaluate_stage(step, lm, splits, cfg, codec, d, epoch, micro_batch, autocast
                                          for it in items]).to(d.device)                    # [B, K, T]
             with eval_mode(step, sampling=True):
                 generated = sample_codes(lm, cfg, [it["description"] for it in items], reference.shape[-1],
-                                         [cfg.seed + i for i in chunk], d.device, autocast)
+                                         [cfg.seed + i for i in chunk], d.device, autocast, reference.shape[-1])
             with torch.no_grad():
                 for side, codes in (("reference", reference), ("generated", generated)):
                     latents[side].append(codec.decode_latent(codes).transpose(1, 2).flatten(0, 1).float().cpu())
@@ -1015,6 +992,8 @@ def train(cfg, d):
     init_hash = adapters.state_hash(lm.state_dict()) if adapter_run and not cfg.continue_from else None
     step = TrainStep(lm)
     model = parallelize(step, cfg, d)       # what the loop calls: the step, or DDP around it; FSDP shards it in place
+    if cfg.compile and not fsdp:            # the stages' decode step too (fullgraph cannot trace FSDP's hooks)
+        lm_lib.compile_decode(lm)
     params = trainable(lm)
     optimizer = make_optimizer(lm, cfg)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.dtype == "float16")   # a no-op unless float16
