@@ -400,14 +400,20 @@ def generate_main(o):
 
 
 def export_main(argv):
-    """python generate.py export RUN OUT_DIR: a run as AudioCraft's files (formats.export), and what AudioCraft computes
-    differently for this model, one line each."""
+    """python generate.py export [--format=audiocraft|hf] RUN OUT_DIR: a run (or a model in the other format) as
+    AudioCraft's files or as a transformers MusicGen directory (formats.export), and what AudioCraft / transformers
+    compute differently for this model, one line each."""
     (run, out), o = env.parse_options(argv, formats.EXPORT_OPTIONS, positionals=(2, 2),
-                                      usage="python generate.py export RUN OUT_DIR [--runs_dir=DIR] [--codec=PATH]")
-    mg, written, differences = formats.export(run, out, o["runs_dir"], o["codec"])
+                                      usage="python generate.py export RUN OUT_DIR [--format=audiocraft|hf] "
+                                            "[--runs_dir=DIR] [--codec=PATH] [--t5=PATH]")
+    mg, written, differences = formats.export(run, out, o["runs_dir"], o["codec"], o["format"], o["t5"])
     print(f"exported {mg.source} ({mg.weights} weights, {lm_lib.num_params(mg.lm) / 1e6:.2f}M parameters): "
           + ", ".join(str(p) for p in written))
-    print(f"load it with audiocraft.models.MusicGen.get_pretrained('{out}') or python generate.py --run={out}")
+    if o["format"] == "hf":
+        print(f"load it with transformers.MusicgenForConditionalGeneration.from_pretrained('{out}') (and "
+              f"AutoProcessor), or python generate.py --run={out}")
+    else:
+        print(f"load it with audiocraft.models.MusicGen.get_pretrained('{out}') or python generate.py --run={out}")
     for line in differences:
         print(f"note: {line}")
     return 0
