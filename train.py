@@ -342,37 +342,10 @@ def process_env():
     return 0, 1, 0, 1
 
 
-def resolve_device(name, local_rank=0, local_world=1):
-    """The one place a process picks its device. Empty: cuda, then mps, then cpu. `cuda` without an index is the
-    local rank's GPU (modulo the GPUs this process sees: under srun with one GPU per task that is cuda:0)."""
-    if not name:
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f'device="{name}" is not a torch device (cpu, cuda, cuda:1, mps)') from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f'device="{name}": CUDA is not available on this machine (use --device=cpu)')
-        count = torch.cuda.device_count()
-        if device.index is None:
-            device = torch.device("cuda", local_rank % count)
-        elif local_world > 1 and count > 1:
-            raise UserError(f'device="{name}" names one GPU, but {local_world} processes run on this node and '
-                            f'would all use it: use --device=cuda (each process takes its local rank\'s GPU)')
-        elif device.index >= count:
-            raise UserError(f'device="{name}": this process sees {count} GPU(s)')
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f'device="{name}": MPS is not available on this machine')
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f'device="{name}" cannot train (use cpu, cuda or mps)')
-    return device
-
-
 def setup_distributed(cfg):
     """torchrun (RANK, LOCAL_RANK, WORLD_SIZE), srun without torchrun (SLURM_*), or one process."""
     rank, world, local, local_world = process_env()
-    device = resolve_device(cfg.device, local, local_world)
+    device = env.resolve_device(cfg.device, local, local_world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True   # float32 matmuls on tensor cores (nanoGPT does the same)
