@@ -276,3 +276,134 @@ def test_text_attributes_round_trip_through_xp_cfg(tmp_path):
     codes = torch.randint(0, CARD, (2, K, 6), generator=g)
     assert torch.equal(lm.compute_predictions(codes, conditions)[0].nan_to_num(),
                        again.compute_predictions(codes, conditions)[0].nan_to_num())
+
+
+# ---- the chroma condition, dropout
+
+def tiny_melody_lm(duration=SECONDS, **overrides):
+    cfg = dict(dim=32, n_layers=2, n_heads=2, n_q=2, card=24, fuse="prepend", chroma_fuse="prepend", cfg_dropout=0.0,
+               attribute_dropout=("self_wav:0.5",))
+    cfg.update(overrides)
+    import text
+    torch.manual_seed(0)
+    return lm_lib.MusicGenLM(lm_lib.LMConfig(**cfg), {"description": text.LUTConditioner("words:64", cfg["dim"], 16)},
+                             duration=duration)
+
+
+def test_chroma_condition_masks_for_the_loss_and_loops_for_sampling():
+    c = melody.ChromaConditioner(8, duration=SECONDS)
+    assert c.frames == FRAMES == 1 + 64000 // 4096
+    classes = torch.tensor([[3, 3, 7, -1, -1], [-1] * 5])
+    cond, mask = c(classes)
+    assert mask.tolist() == [[True, True, True, False, False], [False] * 5]
+    assert not cond[~mask].any() and torch.allclose(cond[0, 2], c.output_proj.weight[:, 7] + c.output_proj.bias)
+    cond, mask = c(classes, sampling=True)      # looped to one segment, silence (-1) reads as C, nothing masked
+    assert cond.shape == (2, FRAMES, 8) and mask.all()
+    assert torch.allclose(cond[0, 5], cond[0, 0]) and torch.allclose(cond[0, 3], c.output_proj.bias + c.output_proj.weight[:, 0])
+    assert torch.allclose(c.null(2, "cpu")[0], cond[1:].expand(2, -1, -1))
+    assert c(torch.arange(FRAMES + 5)[None] % 12, sampling=True)[0].shape[1] == FRAMES    # trimmed
+    # windows of a long piece: each melody repeats periodically from the window's start time
+    tune = torch.arange(10)
+    assert melody.window_classes([tune, None], 0.0, 4).tolist() == [[0, 1, 2, 3], [-1] * 4]
+    assert melody.window_classes([tune], 1.0, 4).tolist() == [[7, 8, 9, 0]]        # 1 s = 7.8 frames: from frame 7
+
+
+def test_attribute_dropout_drops_what_it_should_at_its_rate():
+    lm = tiny_melody_lm(attributes=("genre",), attribute_dropout=("self_wav:0.5", "genre:0.2"), cfg_dropout=0.1).train()
+    n, rounds = 64, 40
+    values = {"description": ["calm piano"] * n, "genre": ["jazz"] * n, "self_wav": torch.zeros(n, 5, dtype=torch.long)}
+    drops = {name: 0 for name in values}
+    torch.manual_seed(0)
+    for _ in range(rounds):
+        out = lm.drop_conditions(values)
+        desc = torch.tensor([d is None for d in out["description"]])
+        genre = torch.tensor([g is None for g in out["genre"]])
+        tune = (out["self_wav"] == -1).all(1)
+        assert torch.equal((out["self_wav"] == -1).any(1), tune)        # a row's melody goes whole, or stays
+        drops["description"] += int(desc.sum())
+        drops["genre"] += int(genre.sum())
+        drops["self_wav"] += int(tune.sum())
+        assert bool((genre & tune)[desc].all())                       # CFG dropout nulls every attribute of its rows
+    total = n * rounds
+    # description only by CFG (0.1); genre 1 - 0.9 * 0.8 = 0.28; the melody 1 - 0.9 * 0.5 = 0.55
+    for name, p in (("description", 0.1), ("genre", 0.28), ("self_wav", 0.55)):
+        assert abs(drops[name] / total - p) < 4 * math.sqrt(p * (1 - p) / total), name
+    kept = lm.eval().drop_conditions(values)                          # eval: nothing dropped
+    assert torch.equal(kept["self_wav"], values["self_wav"]) and kept["genre"] == values["genre"]
+    # AudioCraft's option: one coin per attribute for the whole batch
+    batch = tiny_melody_lm(attribute_dropout=("self_wav:0.5",), attribute_dropout_per_batch=True).train()
+    kinds = {tuple((batch.drop_conditions(values)["self_wav"] == -1).all(1).tolist()) for _ in range(30)}
+    assert kinds == {(True,) * n, (False,) * n}
+    with pytest.raises(UserError, match=r"attribute_dropout=\['mood:0.5'\]: 'mood:0.5' must be NAME:P"):
+        tiny_melody_lm(attribute_dropout=("mood:0.5",))
+    with pytest.raises(UserError, match="must be NAME:P"):
+        tiny_melody_lm(attribute_dropout=("self_wav:1.5",))
+
+
+def test_a_dropped_melody_is_no_melody_to_the_loss():
+    """The loss of a batch whose melody was dropped equals the loss without melody values at all; a real melody
+    gives another loss (the condition reaches the model)."""
+    lm = tiny_melody_lm().eval()
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 24, (3, 2, 20), generator=g)
+    classes = torch.randint(0, 12, (3, FRAMES), generator=g)
+    none = lm.compute_loss(codes, lm.condition({"description": ["a", "b", "c"]}))[0]
+    dropped = lm.compute_loss(codes, lm.condition({"description": ["a", "b", "c"], "self_wav": classes * 0 - 1}))[0]
+    real = lm.compute_loss(codes, lm.condition({"description": ["a", "b", "c"], "self_wav": classes}))[0]
+    assert torch.equal(none, dropped) and (real - none).abs() > 1e-4
+
+
+# ---- a melody model learns to follow the chroma
+
+CODES_PER_CHROMA = 4      # code frames per chroma frame in the synthetic task: 31.25 code frames per second
+STEPS = 150
+
+
+def synthetic_batch(g, B, frames):
+    """Melodies of two held notes (chroma classes [B, frames]) and codes [B, 2, 4 * frames] that play them:
+    codebook 0 holds the pitch class (+ 12 at random: two timbres), codebook 1 noise. A stand-in for audio whose
+    codec keeps pitch (the debug codec's decoder does not: its output's chroma is one class whatever the codes)."""
+    notes = torch.randint(0, 12, (B, 2), generator=g)
+    classes = notes.repeat_interleave(math.ceil(frames / 2), 1)[:, :frames]            # [B, frames]
+    q0 = classes.repeat_interleave(CODES_PER_CHROMA, 1) + 12 * torch.randint(0, 2, (B, 1), generator=g)
+    q1 = torch.randint(0, 24, q0.shape, generator=g)
+    return torch.stack([q0, q1], 1), classes                                            # [B, 2, T], [B, frames]
+
+
+def codes_chroma(codes):
+    """The pitch class of each chroma frame of generated codes [B, 2, T]: the most common of its code frames."""
+    pitch = (codes[:, 0] % 12).unflatten(1, (-1, CODES_PER_CHROMA))                     # [B, frames, 4]
+    return torch.nn.functional.one_hot(pitch, 12).sum(2).argmax(-1)                    # [B, frames]
+
+
+def chroma_cos(a, b):
+    """AudioCraft's chroma cosine on argmax chroma: the mean cosine of one-hot frames (1 where the classes agree)."""
+    return float(torch.nn.functional.cosine_similarity(
+        torch.nn.functional.one_hot(a, 12).float(), torch.nn.functional.one_hot(b, 12).float(), dim=-1).mean())
+
+
+def test_melody_model_follows_the_given_chroma_better_than_without_it():
+    """Trained the way train.py trains (TrainStep: CFG and attribute dropout, the conditions, the loss), sampled the way
+    generate.py samples (model.sample with melodies): the generated pitch classes follow the given melody; the same
+    model without a melody plays the notes of no melody in particular."""
+    lm = tiny_melody_lm(duration=1.0, dim=64, n_heads=4, cfg_dropout=0.1, attribute_dropout=("self_wav:0.3",))
+    frames = lm.melody.frames                                                            # 8 chroma frames: 1 s
+    step = train.TrainStep(lm).train()
+    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    for _ in range(STEPS):
+        codes, classes = synthetic_batch(g, 16, frames)
+        ce, _ = step(codes, [None] * 16, None, {"self_wav": classes})
+        opt.zero_grad()
+        ce.backward()
+        opt.step()
+    lm.eval()
+    _, tunes = synthetic_batch(torch.Generator().manual_seed(99), 16, frames)
+    T = frames * CODES_PER_CHROMA
+    common = dict(window=T, cfg_coef=3.0, top_k=0, top_p=0.0, temperature=1.0, seeds=list(range(16)))
+    with_tune = lm_lib.sample(lm, [None] * 16, T, melodies=list(tunes), frame_rate=T, **common)
+    without = lm_lib.sample(lm, [None] * 16, T, **common)
+    following, baseline = chroma_cos(codes_chroma(with_tune), tunes), chroma_cos(codes_chroma(without), tunes)
+    print(f"chroma cosine to the given melody: {following:.3f} with it, {baseline:.3f} without")
+    assert following > 0.7 and baseline < 0.3
