@@ -113,13 +113,11 @@ def chroma_classes(wav, sample_rate, stems=""):
 # ----------------------------------------------------------------------------------------------------------
 # Stem removal (Demucs, optional)
 
-@functools.lru_cache(maxsize=2)
-def load_demucs(stems):
-    """The Demucs separator named by chroma_stems (a checkpoint file, or a directory holding htdemucs.yaml and its
-    weights), in eval mode on the CPU."""
+def check_stems(stems):
+    """chroma_stems names weights on disk and Demucs is installed (one line each, before any work): -> their path."""
     where = f"chroma_stems={stems}"
     try:
-        from demucs import pretrained, states
+        import demucs  # noqa: F401
     except ImportError:
         raise env.UserError(f"{where}: removing drums and bass needs Demucs: pip install demucs==4.1.0 (or "
                             f"chroma_stems='' for the chroma of the full mix)") from None
@@ -127,6 +125,16 @@ def load_demucs(stems):
     if not path.exists():
         raise env.UserError(f"{where}: {path} does not exist (Demucs weights, e.g. htdemucs' 955717e8-8726e21a.th "
                             f"under //reference/demucs/; chroma_stems='' takes the chroma of the full mix)")
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def load_demucs(stems):
+    """The Demucs separator named by chroma_stems (a checkpoint file, or a directory holding htdemucs.yaml and its
+    weights), in eval mode on the CPU."""
+    where = f"chroma_stems={stems}"
+    path = check_stems(stems)
+    from demucs import pretrained, states
     try:
         model = states.load_model(path) if path.is_file() else pretrained.get_model("htdemucs", repo=path)
     except Exception as e:  # a pickle of another version, a truncated file, a repo without htdemucs
@@ -244,10 +252,9 @@ def read_melody(path, option="--melody"):
     try:
         wav = data.read_audio(env.resolve_path(path), sample_rate=CHROMA_RATE, channels=1)[0]
         rate = sf.info(str(env.resolve_path(path))).samplerate
-    except data.BadFile as e:
-        raise env.UserError(f"{option}={path}: {e}") from None
-    except Exception as e:
-        raise env.UserError(f"{option}={path}: unreadable ({str(e).splitlines()[0][:120]})") from None
+    except (data.BadFile, RuntimeError) as e:   # soundfile's RuntimeError: a file it cannot open
+        raise env.UserError(f"{option}={path}: {str(e).splitlines()[0][:160]} (a melody is an audio file: wav, flac, "
+                            f"ogg, mp3)") from None
     if rate < MIN_MELODY_RATE:
         raise env.UserError(f"{option}={path}: sample rate {rate} Hz is too low for a melody (its chroma needs pitches "
                             f"up to ~4 kHz): give a file of at least {MIN_MELODY_RATE} Hz")

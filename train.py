@@ -252,6 +252,8 @@ def validate(cfg, world_size=None):
         raise UserError(f"delays={list(cfg.delays)} has {len(cfg.delays)} entries but n_q={cfg.n_q}")
     lm_lib.check_config(lm_config(cfg))
     data.check_attributes(cfg.attributes)
+    if cfg.chroma_fuse and cfg.chroma_stems:
+        melody.check_stems(cfg.chroma_stems)
     if cfg.metrics:
         metrics.parse_names(cfg.metrics)
     if cfg.lora_rank and (set(cfg.lora_targets) - set(adapters.TARGETS) or not cfg.lora_targets):

@@ -407,3 +407,83 @@ def test_melody_model_follows_the_given_chroma_better_than_without_it():
     following, baseline = chroma_cos(codes_chroma(with_tune), tunes), chroma_cos(codes_chroma(without), tunes)
     print(f"chroma cosine to the given melody: {following:.3f} with it, {baseline:.3f} without")
     assert following > 0.7 and baseline < 0.3
+
+
+# ---- the chroma cache beside the token cache, text attributes from the sidecars
+
+NOTES = (261.63, 329.63, 392.0)      # C4, E4, G4: one second each
+
+
+def notes_file(path, rate=32000, seconds=3.0, sidecar=None):
+    t = np.arange(int(seconds * rate)) / rate
+    hz = np.array(NOTES)[np.minimum((t // 1.0).astype(int), len(NOTES) - 1)]
+    x = sum(a * np.sin(2 * np.pi * hz * k * t) for k, a in ((1, 0.5), (2, 0.2), (3, 0.1)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, x.astype(np.float32), rate)
+    path.with_suffix(".json").write_text(json.dumps(sidecar or {}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def notes_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("notes")
+    for split in ("train", "valid"):
+        for k, seconds in enumerate((3.0, 2.2, 1.3)):
+            notes_file(root / "audio" / split / f"{k}.wav", seconds=seconds,
+                       sidecar={"description": f"clip {k}", "genre": "Jazz", "moods": ["calm", "warm"], "bpm": 90 + k})
+        (root / split).mkdir()
+        data.build_manifest(root / "audio" / split, root / split / "data.jsonl")
+    return root
+
+
+def test_chroma_cache_is_made_once_beside_the_token_cache_and_aligned_with_segments(notes_set, tmp_path, monkeypatch):
+    from test_data import FakeCodec
+    calls = []
+    encode = melody.ChromaEncoder.encode
+    monkeypatch.setattr(melody.ChromaEncoder, "encode", lambda self, wav: calls.append(len(wav)) or encode(self, wav))
+    kw = dict(codec=FakeCodec(), segment_duration=1.0, token_cache=True, cache_dir=str(tmp_path), seed=1,
+              attributes=("genre", "moods:prepend"), chroma=melody.ChromaEncoder())
+    # two ranks fill the chroma cache as they fill the token cache: each its shard (data.tokenize)
+    file = data.manifest_file(notes_set / "train")
+    out = data.cache_path(tmp_path, melody.ChromaEncoder(), file, data.read_manifest(file))
+    for rank in (1, 0):
+        data.tokenize(file, out, melody.ChromaEncoder(), rank=rank, world_size=2, verbose=False)
+    assert out.parent.name == "chroma16384-mix" and out.parent.parent == tmp_path
+    assert {r["shard"] for r in data._cache_rows(out).values()} == {0, 1}
+    n = len(calls)
+    train_split = data.open_split(str(notes_set), "train", train=True, **kw)
+    assert len(calls) == n and (tmp_path / "fake-1").is_dir()      # the finished chroma cache is only read
+    valid = data.open_split(str(notes_set), "valid", train=False, **kw)
+    assert len(calls) > n
+    made = len(calls)
+    data.open_split(str(notes_set), "valid", train=False, **kw)
+    assert len(calls) == made                                       # made once: opening again encodes nothing
+    whole = {}
+    for ds in (train_split, valid):
+        for i in range(12 if ds is train_split else len(ds)):
+            item = ds[i]
+            path = item["path"]
+            if path not in whole:
+                wav, rate = sf.read(path, dtype="float32")
+                whole[path] = melody.chroma_classes(torch.from_numpy(wav)[None], rate)[0]
+            real = int(item["valid"].sum())
+            assert item["chroma"].shape == (melody.chroma_frames(32000),)
+            got = item["chroma"][item["chroma"] >= 0]
+            assert torch.equal(item["chroma"][:len(got)], got)       # frames past the segment's audio are -1
+            assert len(got) <= min(math.ceil(real / 50 * melody.FRAME_RATE - 1e-9), 8)
+            # the segment's chroma is the file's, from the frame at its start time on (the file start: frame 0)
+            offsets = [s for s in range(len(whole[path]) - len(got) + 1)
+                       if torch.equal(whole[path][s:s + len(got)], got)]
+            assert (0 in offsets and len(got) == min(math.ceil(real / 50 * melody.FRAME_RATE), 8)) if not ds.train \
+                else offsets, path
+            assert item["attributes"] == {"genre": "jazz", "moods": "calm warm"}
+    # reading audio instead of the cache: the chroma of each segment's audio, the same at the file starts
+    audio = data.open_split(str(notes_set), "valid", train=False, **{**kw, "token_cache": False})
+    for i in range(len(valid)):
+        a, b = valid[i]["chroma"], audio[i]["chroma"]
+        assert torch.equal(a >= 0, b >= 0) and (a == b).float().mean() >= 0.75
+    batch = data.collate([valid[0], valid[1]])
+    assert batch["chroma"].shape == (2, 8) and batch["attributes"]["genre"] == ["jazz", "jazz"]
+    null = data.unconditioned(batch)
+    assert (null["chroma"] == -1).all() and null["attributes"]["moods"] == [None, None] and null["descriptions"] == [
+        None, None]
