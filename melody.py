@@ -121,7 +121,10 @@ def check_stems(stems):
     except ImportError:
         raise env.UserError(f"{where}: removing drums and bass needs Demucs: pip install demucs==4.1.0 (or "
                             f"chroma_stems='' for the chroma of the full mix)") from None
-    path = env.resolve_path(stems)
+    try:
+        path = env.resolve_path(stems)
+    except env.UserError as e:  # a //reference path whose directory or file is missing: name the key too
+        raise env.UserError(f"{where}: {str(e).removeprefix(f'{stems}: ')}") from None
     if not path.exists():
         raise env.UserError(f"{where}: {path} does not exist (Demucs weights, e.g. htdemucs' 955717e8-8726e21a.th "
                             f"under //reference/demucs/; chroma_stems='' takes the chroma of the full mix)")
