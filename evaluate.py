@@ -4,7 +4,8 @@
     python evaluate.py --run=//reference/musicgen-small --t5=//reference/t5-base --manifest=my/test.jsonl \
         --metrics=fad,kld,clap --duration=10 --seed=0 --batch_size=16 --device=cuda --out=eval/musicgen-small
     python evaluate.py --run=runs/xps/SIG --dataset=demo --metrics=chroma_cos --duration=1 --out=eval/debug
-    torchrun --nproc_per_node=8 evaluate.py --run=SIG --dataset=DIR --out=eval/SIG   # items sharded across ranks
+    torchrun --nproc_per_node=8 -- evaluate.py --run=SIG --dataset=DIR --out=eval/SIG   # items across ranks ("--":
+                                                                # else torchrun takes --run for its --run-path)
 
 --run is what generate.py takes: a run signature or directory (its best EMA state), a checkpoint file, an AudioCraft
 export directory (e.g. the released musicgen-small under //reference/). The items are the split's manifest
@@ -184,13 +185,13 @@ def append_row(folder, row):
 
 def generate_missing(d, o, mg, items, paths, todo, settings, resolved, common, n_frames, stride, device, dtype):
     """model.sample for the items at positions `todo` (this rank's share), batch by batch; each wav + .json written
-    whole (generate.write_output). -> (files written, seconds)."""
+    whole (generate.write_output). -> (files written, seconds, this process's CPU seconds)."""
     rate, sr = mg.codec.frame_rate, mg.codec.sample_rate
     B = o["batch_size"]
     mine = todo[d.rank::d.world_size]
     turns = math.ceil(math.ceil(len(todo) / d.world_size) / B)   # the same on every rank: collective stop checks
     advice = "; free some space and run the same command again: finished files are kept"
-    t0, written = time.time(), 0
+    t0, cpu0, written = time.time(), time.process_time(), 0
     for turn in range(turns):
         stop_point(d)
         chunk = mine[turn * B:(turn + 1) * B]
@@ -225,7 +226,7 @@ def generate_missing(d, o, mg, items, paths, todo, settings, resolved, common, n
         if meter is not None:
             print(meter.line().rstrip(), flush=True)
         say(d, eta_line("generated", min(written * d.world_size, len(todo)), len(todo), t0))
-    return written, time.time() - t0
+    return written, time.time() - t0, time.process_time() - cpu0
 
 
 def read_pair(gen_path, ref_path, seconds, codec):
@@ -351,8 +352,8 @@ def evaluate(d, o):
         f"making {len(todo)} files in {out / 'samples'}")
     if compiled and todo:
         lm_lib.compile_decode(mg.lm)
-    written, gen_seconds = generate_missing(d, o, mg, items, paths, todo, settings, resolved, common, n_frames,
-                                            stride, device, dtype) if todo else (0, 0.0)
+    written, gen_seconds, gen_cpu = generate_missing(d, o, mg, items, paths, todo, settings, resolved, common,
+                                                     n_frames, stride, device, dtype) if todo else (0, 0.0, 0.0)
     written = int(train.all_sum(d, [written])[0]) if d.world_size > 1 else written   # also: every rank's files exist
     t_metrics = time.time()
     result, counts = score(d, o, ev, mg, items, paths)
@@ -372,6 +373,8 @@ def evaluate(d, o):
                      "processes": d.world_size},
         "timing": {"load_s": round(load_seconds, 2), "generate_s": round(gen_seconds, 2),
                    "seconds_per_item": round(gen_seconds / written, 3) if written else None,
+                   # this process's CPU time (all its threads): on a shared machine, what the work itself took
+                   "cpu_seconds_per_item": round(gen_cpu / written * d.world_size, 3) if written else None,
                    "metrics_s": round(metric_seconds, 2), "total_s": round(time.time() - t_start, 2)},
         "torch": torch.__version__, "git_commit": env.git_commit()[0],
         "command": o["command"],
