@@ -59,7 +59,7 @@ from env import UserError
 REPORT = "report.json"
 STAGE = "evaluate_only"
 # the sampling and file options are generate.py's (one schema, one set of checks); the rest are evaluate's own
-SHARED = ("run", "duration", "cfg_coef", "top_k", "top_p", "temperature", "batch_size", "device", "dtype", "compile",
+SHARED = ("run", "cfg_coef", "top_k", "top_p", "temperature", "batch_size", "device", "dtype", "compile",
           "t5", "codec", "extend_stride", "normalize", "headroom_db", "runs_dir")
 OPTIONS = {**{k: generate.OPTIONS[k] for k in SHARED}, "duration": train.Config.generate_duration, "seed": 0,
            "out": "evaluation", "dataset": (str, None), "manifest": (str, None), "split": "evaluate", "samples": 0,
@@ -112,8 +112,9 @@ def read_items(file, limit, needs_text):
         raise UserError(f"{file}: none of its {len(metas[:limit or None])} items is readable (see the warnings above)")
     silent = [it for it in items if it.description is None]
     if needs_text and silent:
-        raise UserError(f"clap compares each clip with its description, but {len(silent)} items of {file} have none "
-                        f"(e.g. {silent[0].path}): add a description to their sidecar .json, or leave clap out")
+        raise UserError(f"clap compares each clip with its description, but {len(silent)} of the {len(items)} items of "
+                        f"{file} have none (e.g. {silent[0].path}): add a description to their sidecar .json, or "
+                        f"leave clap out")
     return items, skipped
 
 
@@ -242,7 +243,7 @@ def read_pair(gen_path, ref_path, seconds, codec):
 def score(d, o, ev, mg, items, paths):
     """Every item's generated file against its reference, a batch at a time, this rank's share; the totals summed
     over ranks. -> (metrics, counts)."""
-    B, S = o["batch_size"], None
+    B = o["batch_size"]
     mine = list(range(d.rank, len(items), d.world_size))
     turns = math.ceil(math.ceil(len(items) / d.world_size) / B)
     counts = {"scored": 0, "short_references": 0, "unreadable_references": []}
@@ -379,30 +380,44 @@ def evaluate(d, o):
         "torch": torch.__version__, "git_commit": env.git_commit()[0],
         "command": o["command"],
     }
-    if not d.main:
-        return 0
+    failed = None
+    if d.main:
+        try:
+            finish(o, report, out, folder, run_path, mg)
+        except UserError as e:
+            failed = e
+    if d.world_size > 1 and train.all_sum(d, [failed is not None])[0]:   # every rank leaves the same way
+        raise failed or UserError("rank 0 could not finish the report or the history row (its error says why)")
+    if failed:
+        raise failed
+    return 0
+
+
+def finish(o, report, out, folder, run_path, mg):
+    """Rank 0: the report, the result line, and for one of our runs the history row."""
     text = json.dumps(report, indent=1, allow_nan=False) + "\n"
     env.write_atomic(out / REPORT, lambda f: f.write(text.encode()))
+    result, counts = report["metrics"], report["counts"]
     print(f"{STAGE} | " + " | ".join(f"{k} {v:.4g}" for k, v in result.items()) + f" | {counts['scored']} items "
-          f"({written} generated, {len(done)} reused) | report {out / REPORT}", flush=True)
-    if folder and o["history"]:
-        ckpt = env.load_tensors(run_path, mmap=True)
-        epoch = ckpt.get("epoch") if isinstance(ckpt, dict) else None
-        row = {"stage": STAGE, "epoch": epoch - 1 if isinstance(epoch, int) else None,
-               "step": ckpt.get("step") if isinstance(ckpt, dict) else None, **result, "items": counts["scored"],
-               "weights": mg.weights, "checkpoint": run_path.name, "manifest": str(file),
-               **{k: report["settings"][k] for k in ("duration", "seed", *formats.SAMPLING_DEFAULTS)},
-               "report": str(out.resolve() / REPORT), "seconds": report["timing"]["total_s"]}
-        holder = live_holder(folder)
-        if holder:   # a training process started meanwhile: the report stands, the row waits for a rerun
-            raise UserError(in_use(folder, holder, f"the report is at {out / REPORT}; run the same command when that "
-                                                   f"run ends to append the row (every file is reused)"))
-        try:
-            added = append_row(folder, row)
-        except UserError as e:
-            raise UserError(f"{e}; the report is at {out / REPORT}") from None
-        print(f"history: {'appended' if added else 'already holds'} the {STAGE} row in {folder / 'history.jsonl'}")
-    return 0
+          f"({counts['generated']} generated, {counts['reused']} reused) | report {out / REPORT}", flush=True)
+    if not (folder and o["history"]):
+        return
+    ckpt = env.load_tensors(run_path, mmap=True)
+    epoch = ckpt.get("epoch") if isinstance(ckpt, dict) else None
+    row = {"stage": STAGE, "epoch": epoch - 1 if isinstance(epoch, int) else None,
+           "step": ckpt.get("step") if isinstance(ckpt, dict) else None, **result, "items": counts["scored"],
+           "weights": mg.weights, "checkpoint": run_path.name, "manifest": report["data"]["manifest"],
+           **{k: report["settings"][k] for k in ("duration", "seed", *formats.SAMPLING_DEFAULTS)},
+           "report": str(out.resolve() / REPORT), "seconds": report["timing"]["total_s"]}
+    holder = live_holder(folder)
+    if holder:   # a training process started meanwhile: the report stands, the row waits for a rerun
+        raise UserError(in_use(folder, holder, f"the report is at {out / REPORT}; run the same command when that run "
+                                               f"ends to append the row (every file is reused)"))
+    try:
+        added = append_row(folder, row)
+    except UserError as e:
+        raise UserError(f"{e}; the report is at {out / REPORT}") from None
+    print(f"history: {'appended' if added else 'already holds'} the {STAGE} row in {folder / 'history.jsonl'}")
 
 
 def main(argv):

@@ -178,7 +178,7 @@ def test_a_run_that_a_live_process_holds_is_refused_before_any_work(run_dir, dat
 
 
 def test_clap_refuses_items_without_a_description_before_loading_anything(run_dir, dataset, tmp_path):
-    with pytest.raises(UserError, match="clap compares each clip with its description, but 1 items"):
+    with pytest.raises(UserError, match="clap compares each clip with its description, but 1 of the 3 items"):
         evaluate.main(args(run_dir, dataset, tmp_path / "out", "--metrics=clap"))
 
 
