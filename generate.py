@@ -400,13 +400,17 @@ def generate_main(o):
 
 
 def export_main(argv):
-    """python generate.py export [--format=audiocraft|hf] RUN OUT_DIR: a run (or a model in the other format) as
-    AudioCraft's files or as a transformers MusicGen directory (formats.export), and what AudioCraft / transformers
-    compute differently for this model, one line each."""
+    """python generate.py export [--format=audiocraft|hf|adapters] RUN OUT_DIR: a run (or a model in the other
+    format) as AudioCraft's files or as a transformers MusicGen directory (formats.export; an adapter run's adapters
+    folded into its base), and what AudioCraft / transformers compute differently for this model, one line each;
+    or an adapter run's adapters alone (adapters.pt)."""
     (run, out), o = env.parse_options(argv, formats.EXPORT_OPTIONS, positionals=(2, 2),
-                                      usage="python generate.py export RUN OUT_DIR [--format=audiocraft|hf] "
+                                      usage="python generate.py export RUN OUT_DIR [--format=audiocraft|hf|adapters] "
                                             "[--runs_dir=DIR] [--codec=PATH] [--t5=PATH]")
     mg, written, differences = formats.export(run, out, o["runs_dir"], o["codec"], o["format"], o["t5"])
+    if mg is None:
+        print(f"exported the adapters of {run}: {written[0]} (the base they need is named inside)")
+        return 0
     print(f"exported {mg.source} ({mg.weights} weights, {lm_lib.num_params(mg.lm) / 1e6:.2f}M parameters): "
           + ", ".join(str(p) for p in written))
     if o["format"] == "hf":
