@@ -1574,28 +1574,6 @@ def main(argv):
     return 0
 
 
-def _device(name):
-    """--device as a torch.device that exists here, checked before any work (cuda:LOCAL_RANK under torchrun)."""
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device={name}: not a device (cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device={name}: CUDA is not available here (torch sees no GPU): use --device=cpu")
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if device.index >= torch.cuda.device_count():
-            raise UserError(f"--device={device}: this machine has {torch.cuda.device_count()} GPUs")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device={name}: MPS is not available here: use --device=cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device={name}: the codec runs on cpu, cuda or mps")
-    return device
-
-
 def _tokenize_cli(manifest, cache_dir, *, codec, device, batch_size, num_workers, chunk_seconds, stall_timeout):
     import formats
     if codec is None:
@@ -1607,7 +1585,7 @@ def _tokenize_cli(manifest, cache_dir, *, codec, device, batch_size, num_workers
                         f"numbers (set by torchrun)") from None
     if not 0 <= rank < world:
         raise UserError(f"RANK={rank} must be in [0, WORLD_SIZE={world})")
-    device = _device(device)
+    device = env.resolve_device(device)
     src = resolve_path(map_dataset_path(manifest))
     if src.is_dir() and not any((src / n).is_file() for n in ("data.jsonl", "data.jsonl.gz")):
         files = [manifest_file(src / s) for s in SPLITS if (src / s).is_dir()]

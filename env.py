@@ -363,6 +363,37 @@ def keep_freed_memory():
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
+def resolve_device(name, local_rank=None, local_world=None):
+    """The one place a process picks its device (train.py, generate.py, data.py tokenize). Empty: cuda, then mps,
+    then cpu. `cuda` without an index is the local rank's GPU (LOCAL_RANK when not given; modulo the GPUs this
+    process sees: under srun with one GPU per task that is cuda:0)."""
+    import torch
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_world is None else local_world
+    if not name:
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f'device="{name}" is not a torch device (cpu, cuda, cuda:1, mps)') from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f'device="{name}": CUDA is not available on this machine (use --device=cpu)')
+        count = torch.cuda.device_count()
+        if device.index is None:
+            device = torch.device("cuda", local_rank % count)
+        elif local_world > 1 and count > 1:
+            raise UserError(f'device="{name}" names one GPU, but {local_world} processes run on this node and '
+                            f'would all use it: use --device=cuda (each process takes its local rank\'s GPU)')
+        elif device.index >= count:
+            raise UserError(f'device="{name}": this process sees {count} GPU(s)')
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f'device="{name}": MPS is not available on this machine')
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f'device="{name}" is not a device to compute on (use cpu, cuda or mps)')
+    return device
+
+
 def cli(main, help=None):
     """Run an entry point's main(argv): bad input (UserError) is one line on stderr and exit status 2. -h or
     --help prints help() (default: the entry point's module docstring) and exits 0; help=False leaves them to

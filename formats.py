@@ -1,21 +1,26 @@
 """Foreign formats: the files users hold and the files we hand them, read and written in one place.
 
 Owns AudioCraft's LM `state_dict.bin` ({best_state, xp.cfg}: the released MusicGen files and our exports) and the
-mapping of its xp.cfg onto our settings; the codec's `compression_state_dict.bin` and Hugging Face EnCodec
-directories; our runs (config.json + checkpoint.pt) as sources of weights for sampling (generate.py --run), for
-export and for continue_from; and the AudioCraft -> transformers MusicGen parameter names. model.py and codec.py
-compute, text.py reads T5 directories; everything else on disk in a foreign layout is read and written here.
+mapping of its xp.cfg onto our settings; Hugging Face transformers' MusicGen directories (MusicgenForConditional-
+Generation, and the decoder alone: MusicgenForCausalLM), read and written, their config.json mapped onto our
+settings; the codec's `compression_state_dict.bin` and Hugging Face EnCodec directories; our runs (config.json +
+checkpoint.pt) as sources of weights for sampling (generate.py --run), for export and for continue_from. model.py
+and codec.py compute, text.py reads T5 directories (a transformers MusicGen's text encoder too); everything else on
+disk in a foreign layout is read and written here.
 
-    python formats.py lm //reference/musicgen-small           # an LM file (or its directory): settings and size
+    python formats.py lm //reference/musicgen-small           # an LM file or directory (AudioCraft or transformers)
     python formats.py codec //reference/encodec_32khz         # a codec: summary and identity
     python formats.py codec debug in.wav out.wav              # encode + decode a file through a codec
     python formats.py codec PATH --export=out/                # a codec as AudioCraft's compression_state_dict.bin
     python generate.py export SIG out/my-musicgen             # a run as AudioCraft files (export() below)
+    python generate.py export --format=hf SIG out/my-musicgen # a run as a transformers MusicGen directory
 
-In code: `load(run)` -> MusicGen (LM + codec + what they came with) for sampling; `export(run, out)`;
-`read_lm_state(source)` -> the LM weights continue_from names; `load_codec(path)`; `load_audiocraft_lm(path)`.
+In code: `load(run)` -> MusicGen (LM + codec + what they came with) for sampling; `export(run, out, format=)`;
+`read_lm_state(source)` -> the LM weights continue_from names; `load_codec(path)`; `load_audiocraft_lm(path)`;
+`read_hf_lm(directory)`, `load_hf(directory)`, `export_hf(musicgen, out)`.
 """
 import json
+import math
 import os
 import re
 import shutil
@@ -25,6 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
+import adapters
 import codec as codec_lib
 import env
 import model as lm_lib
@@ -88,11 +94,17 @@ def clean_state_dict(state):
 
 def check_state_dict(model, state, source):
     """Strict-load check with a readable error: counts and first names of missing and unexpected keys, shapes."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and ".lora_" not in k]   # adapters are never part of base weights
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    check_fit({k: v.shape for k, v in model.state_dict().items() if ".lora_" not in k or k in state}, state,
+              source)   # adapters are never part of base weights
+
+
+def check_fit(expected, state, source):
+    """expected {name: shape} against state {name: tensor}, in the file's own names: one UserError line naming the
+    count and first names of missing and unexpected keys and of shape mismatches."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k])}" for k in expected
+              if k in state and tuple(state[k].shape) != tuple(expected[k])]
     if missing or unexpected or shapes:
         def first(names, sep=", "):
             return sep.join(names[:3]) + (sep + "..." if len(names) > 3 else "")
@@ -347,6 +359,254 @@ def load_audiocraft_lm(path, *, with_t5=False, t5=None, map_location="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Hugging Face transformers' MusicGen, both directions. MusicgenForConditionalGeneration.save_pretrained writes
+# config.json (sub-configs `decoder`, `text_encoder` (T5), `audio_encoder` (EnCodec)) and model.safetensors (sharded
+# or not: decoder.*, enc_to_dec_proj.*, text_encoder.*, audio_encoder.*); MusicgenForCausalLM, the decoder alone,
+# a `musicgen_decoder` config.json and model.decoder.*, lm_heads.*. The decoder is AudioCraft's LM renamed
+# (transformers' convert_musicgen_transformers.py), q/k/v apart where we fuse in_proj_weight. What it computes fixes
+# some of our settings: it masks padded text positions in cross-attention (our mask_memory=True), knows only the
+# delay pattern (delays 0..n_q-1) and sinusoidal positions of period 10000, and conditions through cross-attention.
+
+HF_CONFIG, HF_GENERATION, HF_WEIGHTS = "config.json", "generation_config.json", "model.safetensors"
+HF_TYPES = {"musicgen": "MusicgenForConditionalGeneration", "musicgen_decoder": "MusicgenForCausalLM"}
+HF_ROOTS = {"emb": "model.decoder.embed_tokens", "transformer": "model.decoder", "out_norm": "model.decoder.layer_norm",
+            "linears": "lm_heads"}   # the first segment of our key
+HF_NAMES = {"cross_attention": "encoder_attn", "linear1": "fc1", "linear2": "fc2", "norm1": "self_attn_layer_norm",
+            "norm_cross": "encoder_attn_layer_norm", "norm2": "final_layer_norm"}   # the other segments
+TEXT_PROJ = "condition_provider.conditioners.description.output_proj."   # transformers: enc_to_dec_proj.
+# MusicgenDecoderConfig's defaults, for the keys a config.json leaves out
+HF_DECODER_DEFAULTS = {"vocab_size": 2048, "num_hidden_layers": 24, "ffn_dim": 4096, "num_attention_heads": 16,
+                       "hidden_size": 1024, "dropout": 0.1, "num_codebooks": 4, "audio_channels": 1,
+                       "activation_function": "gelu", "scale_embedding": False, "cross_attention_hidden_size": None}
+
+
+def transformers_names(key):
+    """Our LM key -> its names in MusicgenForCausalLM: three for a fused in_proj_weight (its rows Q | K | V), none
+    for the text projection (MusicgenForConditionalGeneration's enc_to_dec_proj)."""
+    if key.startswith("condition_provider."):
+        return []
+    first, *rest = key.split(".")
+    parts = [HF_ROOTS.get(first, first)] + [HF_NAMES.get(p, p) for p in rest]
+    if parts[-1] == "in_proj_weight":
+        return [".".join(parts[:-1] + [f"{n}_proj", "weight"]) for n in "qkv"]
+    return [".".join(parts)]
+
+
+def to_transformers_state_dict(state):
+    """Our LM state dict -> MusicgenForCausalLM's (the text projection left out); q, k and v are copies, not views
+    of in_proj_weight, so the result can be saved as it is."""
+    out = {}
+    for key, value in state.items():
+        names = transformers_names(key)
+        pieces = [p.clone() for p in value.chunk(3)] if len(names) == 3 else [value]
+        out.update(zip(names, pieces))
+    return out
+
+
+def read_hf_config(directory):
+    """config.json of a transformers MusicGen directory -> (model_type: musicgen | musicgen_decoder, the config)."""
+    file = Path(directory) / HF_CONFIG
+    config = _read_json(file, "a transformers config")
+    kind = config.get("model_type")
+    if kind == "musicgen_melody":
+        raise UserError(f"{file}: MusicGen-melody (chroma conditioning) is not supported: nanomusicgen conditions "
+                        f"on text only")
+    if kind not in HF_TYPES:
+        raise UserError(f"{file}: model_type {kind!r} is not a transformers MusicGen ({', '.join(HF_TYPES)})")
+    return kind, config
+
+
+def _hf_settings(kind, config, directory, t5=None):
+    """build_lm's settings from a transformers MusicGen config (transformers' defaults where it is silent)."""
+    source = f"{Path(directory) / HF_CONFIG}"
+    where = "decoder." if kind == "musicgen" else ""
+    if kind == "musicgen" and not isinstance(config.get("decoder"), dict):
+        raise UserError(f"{source}: no `decoder` section: not a MusicgenForConditionalGeneration config")
+    d = {**HF_DECODER_DEFAULTS, **(config["decoder"] if kind == "musicgen" else config)}
+    if d["audio_channels"] != 1:
+        raise UserError(f"{source}: {where}audio_channels={d['audio_channels']}: stereo MusicGen is not supported "
+                        f"(mono only)")
+    for key, want in (("activation_function", "gelu"), ("scale_embedding", False)):
+        if d[key] != want:
+            raise UserError(f"{source}: {where}{key}={d[key]!r} is not supported (MusicGen's LM has {want!r})")
+    if d["ffn_dim"] % d["hidden_size"]:
+        raise UserError(f"{source}: {where}ffn_dim={d['ffn_dim']} is not a multiple of hidden_size={d['hidden_size']}")
+    text_dim = d["hidden_size"]   # a decoder alone takes text states already projected to its width
+    if kind == "musicgen":
+        for part, want in (("text_encoder", "t5"), ("audio_encoder", "encodec")):
+            got = (config.get(part) or {}).get("model_type") if isinstance(config.get(part), dict) else None
+            if got != want:
+                raise UserError(f"{source}: {part} is {got!r}, not {want!r}: only T5-conditioned MusicGen with "
+                                f"EnCodec is supported")
+        text_dim = int(config["text_encoder"].get("d_model", 512))
+        if text_dim != d["hidden_size"] and d["cross_attention_hidden_size"] is not None:
+            raise UserError(f"{source}: decoder.cross_attention_hidden_size is set (no enc_to_dec_proj) but the text "
+                            f"encoder's width {text_dim} differs from hidden_size {d['hidden_size']}")
+    return {"dim": d["hidden_size"], "n_layers": d["num_hidden_layers"], "n_heads": d["num_attention_heads"],
+            "hidden_scale": d["ffn_dim"] // d["hidden_size"], "n_q": d["num_codebooks"], "card": d["vocab_size"],
+            "pattern": "delay", "delays": (), "text_dim": text_dim, "fuse": "cross", "mask_memory": True,
+            "dropout": float(d["dropout"]), "max_period": 10000.0, "conditioner": "t5",
+            "t5_path": t5 or (str(directory) if kind == "musicgen" else "")}
+
+
+def read_hf_lm(directory, t5=None):
+    """A transformers MusicGen directory -> (build_lm's settings, the LM's state dict with our names, config.json),
+    checked against the model its config describes: missing, unexpected and misshapen weights are named as the file
+    names them. A decoder alone, or a model whose text encoder is as wide as the decoder, has no enc_to_dec_proj:
+    its text projection is the identity."""
+    directory = Path(directory)
+    kind, config = read_hf_config(directory)
+    settings = _hf_settings(kind, config, directory, t5)
+    try:
+        model = lm_lib.build_lm(settings, with_t5=False, meta=True)
+    except UserError as e:
+        raise UserError(f"{directory / HF_CONFIG}: {e}") from None
+    prefix = "decoder." if kind == "musicgen" else ""
+    projected = kind == "musicgen" and settings["text_dim"] != settings["dim"]
+    names, expected = {}, {}       # our key -> the file's names; the file's name -> shape
+    for key, tensor in model.state_dict().items():
+        names[key] = [prefix + n for n in transformers_names(key)]
+        if projected and key.startswith(TEXT_PROJ):
+            names[key] = ["enc_to_dec_proj." + key[len(TEXT_PROJ):]]
+        for name in names[key]:
+            expected[name] = (tensor.shape[0] // len(names[key]), *tensor.shape[1:])
+    # the text encoder's and the codec's weights are read by text.load_t5 and load_codec
+    weights = read_weights(directory, lambda k: not k.startswith(("text_encoder.", "audio_encoder.")),
+                           "transformers MusicGen directory")
+    check_fit(expected, weights, str(directory))
+    state = {key: torch.cat([weights[n] for n in ns]) for key, ns in names.items() if ns}
+    if not projected:
+        dim = settings["dim"]
+        state[TEXT_PROJ + "weight"], state[TEXT_PROJ + "bias"] = torch.eye(dim), torch.zeros(dim)
+    return settings, state, config
+
+
+def hf_differences(cfg, text_max_length=0):
+    """What transformers' MusicGen computes differently from us for a model with these settings (export prints them
+    and records them in config.json's nanomusicgen section)."""
+    out = []
+    if not cfg.mask_memory:
+        out.append("mask_memory=False: transformers' MusicGen masks padded text positions, which this model never "
+                   "did: its logits equal ours for one prompt at a time (or prompts of one length) but differ on the "
+                   "padded rows of a batch of prompts of different lengths")
+    if text_max_length:
+        out.append(f"text_max_length={text_max_length}: nanomusicgen truncates longer descriptions, transformers' "
+                   f"processor only when called with truncation=True (tokenizer_config.json's model_max_length)")
+    return out
+
+
+def _hf_refusal(mg):
+    """Why this model cannot be written as a transformers MusicGen, or None."""
+    cfg, codec, cond = mg.lm_cfg, mg.codec, mg.conditioner
+    if cond["conditioner"] != "t5":
+        return (f"conditioner={cond['conditioner']}: transformers' MusicGen conditions on T5 only, so a lookup-table "
+                f"conditioner cannot be expressed there; export --format=audiocraft instead")
+    if cfg.pattern != "delay" or mg.lm.delays != tuple(range(cfg.n_q)):
+        return (f"pattern={cfg.pattern} (delays {list(mg.lm.delays)}): transformers' MusicGen knows only the delay "
+                f"pattern with delays 0..{cfg.n_q - 1}")
+    if cfg.fuse != "cross":
+        return f"fuse={cfg.fuse}: transformers' MusicGen conditions through cross-attention only"
+    if cfg.max_period != 10000:
+        return f"max_period={cfg.max_period:g}: transformers' MusicGen has sinusoidal positions of period 10000 only"
+    if codec.stereo or codec.cfg.lstm == 0 or codec.card & (codec.card - 1):
+        return (f"codec {mg.codec_source} (stereo={codec.stereo}, lstm={codec.cfg.lstm}, card={codec.card}): "
+                f"transformers' EnCodec needs a mono codec with an LSTM and a power-of-two codebook size")
+    proj = mg.lm.conditioner.output_proj
+    if cfg.text_dim == cfg.dim and not (torch.equal(proj.weight, torch.eye(cfg.dim)) and not proj.bias.any()):
+        return (f"text_dim equals dim ({cfg.dim}): transformers' MusicGen then has no text projection "
+                f"(enc_to_dec_proj), so this model's trained output_proj cannot be expressed there")
+    return None
+
+
+def _hf_tokenizer_files(t5_dir, max_length):
+    """{file name: bytes} of the T5 tokenizer that MusicgenProcessor / AutoTokenizer load: the T5 directory's own
+    files, and a T5Tokenizer config where it has none."""
+    files = {name: (t5_dir / name).read_bytes() for name in ("spiece.model", "tokenizer_config.json",
+                                                              "special_tokens_map.json", "tokenizer.json")
+             if (t5_dir / name).is_file()}
+    files.setdefault("tokenizer_config.json", json.dumps({
+        "tokenizer_class": "T5Tokenizer", "model_max_length": max_length or 512, "extra_ids": text.T5_EXTRA_IDS,
+        "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}, indent=2).encode())
+    return files
+
+
+def export_hf(mg, out, t5=None):
+    """MusicGen (a run, an AudioCraft export) -> the directory MusicgenForConditionalGeneration.from_pretrained and
+    transformers' text-to-audio pipeline load: config.json, model.safetensors (decoder, enc_to_dec_proj, the T5 as
+    text_encoder, the codec as audio_encoder), generation_config.json (its sampling settings and context), the T5's
+    tokenizer files and the EnCodec feature extractor's config. The T5 comes from the model's t5_path, or `t5`.
+    Written into a temporary directory beside `out` and renamed: no half-written export. -> (files, differences)."""
+    out = Path(os.path.expanduser(str(out)))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} already exists and is not an empty directory: pick another directory or remove it")
+    reason = _hf_refusal(mg)
+    if reason:
+        raise UserError(f"{mg.source}: cannot be written as a transformers MusicGen: {reason}")
+    cfg, codec, lm = mg.lm_cfg, mg.codec, mg.lm
+    t5_path = t5 or mg.conditioner["t5_path"]
+    _check_t5({"conditioner": "t5", "t5_path": t5_path}, True)
+    t5_raw, _ = text.t5_config(t5_path)
+    if int(t5_raw.get("d_model", 512)) != cfg.text_dim:
+        raise UserError(f"T5 {t5_path}: d_model={t5_raw.get('d_model', 512)}, but the model's text projection takes "
+                        f"text_dim={cfg.text_dim}: pass the T5 it was trained with (--t5=PATH)")
+    t5_model, _ = text.load_t5(t5_path)
+    frames = mg.window
+    tensors = {"decoder." + k: v for k, v in to_transformers_state_dict(lm.state_dict()).items()}
+    if cfg.text_dim != cfg.dim:
+        tensors.update({"enc_to_dec_proj." + k: v for k, v in lm.conditioner.output_proj.state_dict().items()})
+    for name, v in t5_model.state_dict().items():   # the input embedding is T5's `shared`, tied to embed_tokens
+        tensors["text_encoder." + ("shared.weight" if name == "embed_tokens.weight" else text.hf_key(name))] = v
+    tensors.update({"audio_encoder." + k: v for k, v in codec_hf_state(codec).items()})
+    differences = hf_differences(cfg, mg.conditioner["text_max_length"])
+    decoder = {"model_type": "musicgen_decoder", "vocab_size": cfg.card, "num_codebooks": cfg.n_q,
+               "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+               "ffn_dim": cfg.hidden_scale * cfg.dim, "activation_function": "gelu", "dropout": cfg.dropout,
+               "attention_dropout": cfg.dropout, "activation_dropout": cfg.dropout, "layerdrop": 0.0,
+               "max_position_embeddings": max(2048, frames + cfg.n_q), "scale_embedding": False,
+               "audio_channels": 1, "pad_token_id": cfg.card, "bos_token_id": cfg.card, "eos_token_id": None,
+               "tie_word_embeddings": False, "initializer_factor": 0.02, "use_cache": True}
+    config = {"architectures": [HF_TYPES["musicgen"]], "model_type": "musicgen", "is_encoder_decoder": True,
+              "decoder": decoder, "audio_encoder": codec_hf_config(codec.cfg), "initializer_factor": 0.02,
+              "text_encoder": {**{k: v for k, v in t5_raw.items() if k != "architectures"}, "model_type": "t5"},
+              "nanomusicgen": {"signature": mg.signature, "weights": mg.weights, "source": str(mg.source),
+                               "codec": mg.codec_source, "segment_duration": mg.max_duration,
+                               "conditioner": {**mg.conditioner, "t5_path": str(t5_path)},
+                               "transformers_differences": differences}}
+    d = mg.defaults
+    generation = {"_from_model_config": False, "bos_token_id": cfg.card, "pad_token_id": cfg.card,
+                  "decoder_start_token_id": cfg.card, "do_sample": d["temperature"] > 0,
+                  "guidance_scale": d["cfg_coef"], "max_length": frames + cfg.n_q,   # the start step and the delays
+                  "top_k": 0 if d["top_p"] > 0 else d["top_k"]}                     # top_p wins, as in AudioCraft
+    if d["top_p"] > 0:
+        generation["top_p"] = d["top_p"]
+    if d["temperature"] > 0:
+        generation["temperature"] = d["temperature"]
+    features = {"feature_extractor_type": "EncodecFeatureExtractor", "feature_size": codec.channels,
+                "sampling_rate": codec.sample_rate, "padding_side": "left", "padding_value": 0.0,
+                "return_attention_mask": True, "chunk_length_s": None, "overlap": None,
+                "processor_class": "MusicgenProcessor"}
+    files = {HF_CONFIG: json.dumps(config, indent=2).encode(), HF_GENERATION: json.dumps(generation, indent=2).encode(),
+             "preprocessor_config.json": json.dumps(features, indent=2).encode(),
+             **_hf_tokenizer_files(text.t5_directory(t5_path), mg.conditioner["text_max_length"])}
+    from safetensors.torch import save_file
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, str(stage / HF_WEIGHTS),
+                  metadata={"format": "pt"})
+        for name, content in files.items():
+            (stage / name).write_bytes(content)
+        if out.exists():
+            out.rmdir()
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return sorted(out.iterdir()), differences
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Codec: AudioCraft's compression_state_dict.bin and Hugging Face EnCodec -> our keys, weight norm folded
 
 def _codec_key(key):
@@ -546,8 +806,9 @@ def codec_xp_cfg(cfg):
     }
 
 
-def codec_audiocraft_state(codec):
-    """Our codec's weights in AudioCraft's EncodecModel layout, weight norm as legacy weight_g / weight_v."""
+def codec_audiocraft_state(codec, weight_norm_all=False):
+    """Our codec's weights in AudioCraft's EncodecModel layout, weight norm as legacy weight_g / weight_v (on every
+    convolution with weight_norm_all: transformers' EnCodec has it on all)."""
     state = {}
     for side in ("encoder", "decoder"):
         for name, m in getattr(codec, side).named_modules():
@@ -558,7 +819,7 @@ def codec_audiocraft_state(codec):
                 wrap = "convtr.convtr" if isinstance(m, codec_lib.ConvTr) else "conv.conv"
                 prefix = f"{side}.model.{name}.{wrap}."
                 w = m.weight.detach().float().cpu()
-                if m.normed:
+                if m.normed or weight_norm_all:
                     # g = |w| from the same kernel that folds it at load, so g / |v| is exactly 1 and a
                     # round trip gives back the very same weights (and identity)
                     state[prefix + "weight_g"] = torch._weight_norm_interface(w, w.new_ones(len(w), 1, 1), 0)[1]
@@ -572,6 +833,38 @@ def codec_audiocraft_state(codec):
         state[prefix + "cluster_size"] = torch.ones(codec.card)
         state[prefix + "embed"] = embed.clone()
         state[prefix + "embed_avg"] = embed.clone()
+    return state
+
+
+def codec_hf_config(cfg):
+    """transformers' EncodecConfig (a dict) for our CodecConfig: codec_config_from_hf's inverse. The number of
+    codebooks is the bandwidth: transformers uses floor(1000 bandwidth / (frame rate x log2 card)) of them."""
+    frame_rate = math.ceil(cfg.sample_rate / math.prod(cfg.ratios))
+    bits = frame_rate * int(math.log2(cfg.card))
+    bandwidth = cfg.n_q * bits / 1000
+    if int(1000 * bandwidth // bits) != cfg.n_q:   # a float rounding below n_q: half a codebook more
+        bandwidth = (cfg.n_q + 0.5) * bits / 1000
+    return {"model_type": "encodec", "sampling_rate": cfg.sample_rate, "audio_channels": cfg.channels,
+            "num_filters": cfg.n_filters, "upsampling_ratios": list(cfg.ratios), "hidden_size": cfg.dimension,
+            "codebook_dim": cfg.dimension, "num_residual_layers": cfg.n_residual_layers,
+            "kernel_size": cfg.kernel_size, "residual_kernel_size": cfg.residual_kernel_size,
+            "last_kernel_size": cfg.last_kernel_size, "dilation_growth_rate": cfg.dilation_base,
+            "compress": cfg.compress, "num_lstm_layers": cfg.lstm, "use_causal_conv": cfg.causal,
+            "pad_mode": cfg.pad_mode, "use_conv_shortcut": not cfg.true_skip, "trim_right_ratio": cfg.trim_right_ratio,
+            "codebook_size": cfg.card, "target_bandwidths": [bandwidth], "normalize": False, "chunk_length_s": None,
+            "overlap": None, "norm_type": "weight_norm"}
+
+
+def codec_hf_state(codec):
+    """Our codec's weights in transformers' EncodecModel layout (encoder.layers.N..., weight norm on every
+    convolution as parametrizations.weight.original0 / original1, quantizer.layers.Q.codebook.*)."""
+    state = {}
+    for key, value in codec_audiocraft_state(codec, weight_norm_all=True).items():
+        key = re.sub(r"^(encoder|decoder)\.model\.", r"\1.layers.", key)
+        key = re.sub(r"^quantizer\.vq\.layers\.(\d+)\._codebook\.", r"quantizer.layers.\1.codebook.", key)
+        key = key.replace("conv.conv.", "conv.").replace("convtr.convtr.", "conv.")
+        state[key.replace("weight_g", "parametrizations.weight.original0").replace(
+            "weight_v", "parametrizations.weight.original1")] = value
     return state
 
 
@@ -589,7 +882,7 @@ def export_audiocraft_codec(codec, path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Runs (config.json + checkpoint.pt) and AudioCraft exports, loaded for sampling
+# Runs (config.json + checkpoint.pt), AudioCraft exports and transformers MusicGen directories, loaded for sampling
 
 @dataclass
 class MusicGen:
@@ -600,8 +893,8 @@ class MusicGen:
     max_duration: float     # seconds of one generation window: the segment duration the model was trained on
     defaults: dict          # the sampling settings of the run or export (cfg_coef, top_k, top_p, temperature)
     conditioner: dict       # the text.SETTINGS keys: how to rebuild the text conditioner
-    source: Path            # the checkpoint.pt or state_dict.bin the weights came from
-    weights: str            # best_state | ema | model (a run without a valid stage yet) | export
+    source: Path            # the checkpoint.pt, state_dict.bin or transformers config.json the weights came from
+    weights: str            # best_state | ema | model (a run without a valid stage yet) | export | transformers
     codec_source: str
     signature: str = ""
 
@@ -612,8 +905,9 @@ class MusicGen:
 
 def find_run(run, runs_dir=None, option="--run"):
     """A run signature (under runs_dir, else the team's runs directory), a run directory, a checkpoint file, an
-    AudioCraft export directory or file, or //reference/... -> the file: checkpoint.pt, or state_dict.bin of an
-    export. `option` names the setting in errors (--run, continue_from)."""
+    AudioCraft export directory or file, a transformers MusicGen directory (or its config.json or weights), or
+    //reference/... -> the file: checkpoint.pt, state_dict.bin of an export, or config.json of a transformers
+    MusicGen. `option` names the setting in errors (--run, continue_from)."""
     name = str(run)
     if name.startswith("//") or "/" in name or os.sep in name or Path(name).expanduser().exists():
         path = resolve_path(name)
@@ -623,25 +917,71 @@ def find_run(run, runs_dir=None, option="--run"):
         path = env.run_dir(name, runs_dir)
         if not path.is_dir():
             raise UserError(f"{option}={name}: no run {name} in {path.parent} and no such path (give a run signature, "
-                            f"a run directory or an AudioCraft export directory; --runs_dir sets where runs live)")
+                            f"a run directory, an AudioCraft export or a transformers MusicGen directory; --runs_dir "
+                            f"sets where runs live)")
+    if path.is_file() and (path.name == HF_CONFIG or ".safetensors" in path.name) and _hf_model_type(path.parent):
+        return path.parent / HF_CONFIG
     if path.is_dir():
         for file in (LM_FILE, "checkpoint.pt"):
             if (path / file).is_file():
                 return path / file
-        raise UserError(f"{option}={name}: {path} holds neither checkpoint.pt (a run) nor state_dict.bin (an "
-                        f"AudioCraft export)")
+        if _hf_model_type(path):
+            return path / HF_CONFIG
+        raise UserError(f"{option}={name}: {path} is not a run (checkpoint.pt), an AudioCraft export (state_dict.bin) "
+                        f"or a transformers MusicGen directory (config.json + model.safetensors): it holds "
+                        f"{_what_is_in(path)}")
     return path
 
 
-def _codec_for(path, lm_cfg):
+def _hf_model_type(directory):
+    """config.json's model_type when it names a MusicGen of transformers (musicgen_melody too: refused when read),
+    else None."""
     try:
-        codec = load_codec(path)
+        config = json.loads((directory / HF_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    return kind if kind in (*HF_TYPES, "musicgen_melody") else None
+
+
+def _what_is_in(directory):
+    """What a directory that is none of the formats holds, in a few words."""
+    names = sorted(p.name for p in directory.iterdir())
+    if not names:
+        return "nothing"
+    found = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    try:
+        config = json.loads((directory / HF_CONFIG).read_text())
+    except (OSError, ValueError):
+        return found
+    if isinstance(config, dict) and "signature" in config:
+        return f"{found} (a run's config.json without checkpoint.pt: no checkpoint saved yet?)"
+    if isinstance(config, dict) and config.get("model_type"):
+        return f"{found} (config.json of a {config['model_type']!r} model)"
+    return found
+
+
+def _codec_for(path, lm_cfg, n_q=None):
+    try:
+        codec = load_codec(path, n_q=n_q)
     except UserError as e:
         raise UserError(f"{e} (pass --codec=PATH to use another codec)") from None
     if (codec.n_q, codec.card) != (lm_cfg.n_q, lm_cfg.card):
         raise UserError(f"codec {path} has n_q={codec.n_q}, card={codec.card} but the LM has n_q={lm_cfg.n_q}, "
                         f"card={lm_cfg.card}: pass the codec the model was trained with (--codec=PATH)")
     return codec
+
+
+def _read_json(file, what="a JSON object", advice=""):
+    """A JSON file holding an object -> dict; one line naming the file otherwise (then `advice`)."""
+    advice = f": {advice}" if advice else ""
+    try:
+        value = json.loads(Path(file).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{file}: not readable JSON ({e}){advice}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{file}: holds a {type(value).__name__}, not {what}{advice}")
+    return value
 
 
 def _run_config(ckpt_path, ckpt):
@@ -653,13 +993,7 @@ def _run_config(ckpt_path, ckpt):
         return inside
     advice = f"restore it, or remove it to use the copy inside {ckpt_path.name}" if isinstance(inside, dict) else \
         "restore it"
-    try:
-        cfg = json.loads(config_file.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{config_file}: not readable JSON ({e}): {advice}") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{config_file}: holds a {type(cfg).__name__}, not a run config: {advice}")
-    return cfg
+    return _read_json(config_file, "a run config", advice)
 
 
 def load_run(ckpt_path, t5=None, codec=None, with_t5=True):
@@ -675,7 +1009,10 @@ def load_run(ckpt_path, t5=None, codec=None, with_t5=True):
         state, weights = {**state, **ckpt["best_state"]}, "best_state"
     elif ema:
         state, weights = {**state, **ema}, "ema"
-    lm = _build_and_load(settings, state, str(ckpt_path), with_t5)
+    if ckpt.get("base") is not None:   # an adapter run: its base, then what trained, folded into one plain model
+        lm = _load_adapter_run(settings, ckpt["base"], state, str(ckpt_path), with_t5)
+    else:
+        lm = _build_and_load(settings, state, str(ckpt_path), with_t5)
     codec_path = codec or cfg.get("codec", "//reference/encodec_32khz")
     defaults = {k: cfg.get(k, v) for k, v in SAMPLING_DEFAULTS.items()}
     return MusicGen(lm, lm.cfg, _codec_for(codec_path, lm.cfg), float(cfg.get("segment_duration", 30.0)),
@@ -683,10 +1020,62 @@ def load_run(ckpt_path, t5=None, codec=None, with_t5=True):
                     cfg.get("signature", ""))
 
 
-def load_export(path, t5=None, codec=None):
+def adapter_base(base, settings):
+    """The base weights an adapter run was trained on, from the file it continued from, checked against the content
+    hash its checkpoint recorded (train.py and load_run). -> state dict."""
+    source, path = read_lm_state(base["source"], settings.get("runs_dir") or None, settings.get("trust_checkpoint"))
+    got = adapters.state_hash(source)
+    if got != base["hash"]:
+        raise UserError(f"{path}: the base weights changed since the adapters were trained on them (content hash "
+                        f"{got}, expected {base['hash']}): restore that file, or start afresh (--clear=True)")
+    return source
+
+
+def _load_adapter_run(settings, base, state, source, with_t5):
+    """An adapter run's model: the base (its file, or the seeded initial weights, each checked against base["hash"]),
+    its adapters and what else trained from `state`, then merged: a plain model that samples at full speed."""
+    _check_t5(settings, with_t5)
+    torch.manual_seed(int(settings.get("seed", 0)))   # a base of seeded initial weights is rebuilt exactly
+    model = lm_lib.build_lm(settings, with_t5=with_t5)
+    if base["source"]:
+        weights = adapter_base(base, settings)
+    else:
+        weights = model.state_dict()
+        if adapters.state_hash(weights) != base["hash"]:
+            raise UserError(f"{source}: the seeded initial weights are not the base its adapters were trained on "
+                            f"(the model code or seed changed)")
+    adapters.apply(model, settings)
+    check_state_dict(model, weights, source)
+    model.load_state_dict({**weights, **state}, strict=False)
+    unknown = sorted(set(state) - set(model.state_dict()))
+    missing = sorted(k for k in model.state_dict() if ".lora_" in k and k not in state)
+    if unknown or missing:
+        raise UserError(f"{source}: its adapters do not fit the model its config builds ({(unknown or missing)[0]}): "
+                        f"lora_* settings changed?")
+    return adapters.merge(model).float().eval()
+
+
+def export_adapters(path, out):
+    """An adapter run's adapters alone (and what else trained), with its lora settings and the base they need ->
+    out/adapters.pt (megabytes, not the base's gigabytes). -> the file."""
+    ckpt = load_tensors(path, mmap=True)
+    if not isinstance(ckpt, dict) or ckpt.get("base") is None:
+        raise UserError(f"{path}: not an adapter run (lora_rank=0): export the whole model instead")
+    cfg = _run_config(path, ckpt)
+    state = {**ckpt["model"], **(ckpt.get("best_state") or {})}
+    keys = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "freeze_base", "train_also")
+    pkg = {"adapters": {k: v.detach().cpu().contiguous() for k, v in state.items()}, "base": ckpt["base"],
+           "lora": {k: cfg.get(k) for k in keys}, "config": cfg}
+    out = Path(os.path.expanduser(str(out)))
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "adapters.pt", lambda f: torch.save(pkg, f))
+    return out / "adapters.pt"
+
+
+def load_export(path, t5=None, codec=None, with_t5=True):
     """An AudioCraft state_dict.bin (released MusicGen or our export) -> MusicGen. The codec is the
     compression_state_dict.bin beside it unless --codec says otherwise."""
-    lm, settings, xp, path = _open_audiocraft_lm(path, True, t5)
+    lm, settings, xp, path = _open_audiocraft_lm(path, with_t5, t5)
     codec_path = codec or path.parent / CODEC_FILE
     if codec is None and not codec_path.is_file():
         raise UserError(f"{path.parent}: no {CODEC_FILE} beside state_dict.bin: pass --codec=PATH "
@@ -700,31 +1089,88 @@ def load_export(path, t5=None, codec=None):
                     str(lookup(xp, "nanomusicgen.signature", "")))
 
 
+def load_hf(directory, t5=None, codec=None, with_t5=True):
+    """A transformers MusicGen directory -> MusicGen. Its T5 (text_encoder) conditions it and its EnCodec
+    (audio_encoder) decodes, unless --t5 / --codec say otherwise; generation_config.json gives the sampling settings
+    (AudioCraft's where it is silent) and the context (max_length steps: frames + n_q). A decoder alone
+    (MusicgenForCausalLM) holds neither: it needs both options, and a T5 as wide as the decoder (it has no text
+    projection)."""
+    directory = Path(directory)
+    settings, state, config = read_hf_lm(directory, t5)
+    if config["model_type"] == "musicgen_decoder":
+        need = [f"--{k}=PATH" for k, v in (("t5", t5 if with_t5 else ""), ("codec", codec)) if v is None]
+        if need:
+            raise UserError(f"{directory}: a decoder alone (MusicgenForCausalLM) holds no text encoder and no codec: "
+                            f"pass {' and '.join(need)}, or use the MusicgenForConditionalGeneration directory")
+        d_model = int(text.t5_config(t5)[0].get("d_model", 512)) if with_t5 else settings["dim"]
+        if d_model != settings["dim"]:
+            raise UserError(f"{directory}: a decoder alone takes text states as wide as itself ({settings['dim']}), "
+                            f"--t5={t5} gives {d_model} (its text projection is in the MusicgenForConditionalGeneration"
+                            f" directory: use that one)")
+    lm = _build_and_load(settings, state, str(directory), with_t5)
+    generation = _read_json(directory / HF_GENERATION) if (directory / HF_GENERATION).is_file() else {}
+    codec_path = codec or directory
+    # transformers' EnCodec holds the codebooks of its highest bandwidth; the decoder uses its first num_codebooks
+    codec_model = _codec_for(codec_path, lm.cfg, None if codec else lm.cfg.n_q)
+    guidance, top_p = generation.get("guidance_scale"), generation.get("top_p", 1.0)
+    defaults = {"cfg_coef": SAMPLING_DEFAULTS["cfg_coef"] if guidance is None else guidance,
+                "top_k": generation.get("top_k", SAMPLING_DEFAULTS["top_k"]),
+                "top_p": 0.0 if top_p >= 1.0 else top_p,           # transformers' off is 1.0, ours 0.0
+                "temperature": generation.get("temperature", 1.0) if generation.get("do_sample", True) else 0.0}
+    ours = config.get("nanomusicgen") if isinstance(config.get("nanomusicgen"), dict) else {}
+    seconds = ours.get("segment_duration") or (
+        (generation["max_length"] - lm.cfg.n_q) / codec_model.frame_rate if generation.get("max_length") else 30.0)
+    return MusicGen(lm, lm.cfg, codec_model, float(seconds), defaults, text.conditioning(settings),
+                    directory / HF_CONFIG, "transformers", str(codec_path), str(ours.get("signature", "")))
+
+
 def load(run, runs_dir=None, t5=None, codec=None, device="cpu"):
-    """--run (signature, run directory, checkpoint file, export directory, //reference/...) -> MusicGen on device."""
+    """--run (signature, run directory, checkpoint file, AudioCraft export, transformers MusicGen directory,
+    //reference/...) -> MusicGen on device."""
     path = find_run(run, runs_dir)
-    mg = load_export(path, t5, codec) if path.name == LM_FILE else load_run(path, t5, codec)
+    if path.name == HF_CONFIG:
+        mg = load_hf(path.parent, t5, codec)
+    else:
+        mg = load_export(path, t5, codec) if path.name == LM_FILE else load_run(path, t5, codec)
     mg.lm.to(device)
     mg.codec.to(device)
     return mg
 
 
 # generate.py export's options (env.parse_options schema)
-EXPORT_OPTIONS = {"runs_dir": (str, None), "codec": (str, None)}
+EXPORT_OPTIONS = {"runs_dir": (str, None), "codec": (str, None), "format": "audiocraft", "t5": (str, None)}
+EXPORT_FORMATS = ("audiocraft", "hf", "adapters")
 
 
-def export(run, out_dir, runs_dir=None, codec=None):
-    """A run's best EMA state -> out_dir/state_dict.bin (AudioCraft's layout with xp.cfg) and
-    out_dir/compression_state_dict.bin (its codec); a lookup-table conditioner's tokenizer file goes beside them.
-    Needs no T5: only the trained projection after it is part of the weights. -> (MusicGen, files written,
-    audiocraft_differences: what AudioCraft computes differently for this model, also recorded in xp.cfg)."""
+def export(run, out_dir, runs_dir=None, codec=None, format="audiocraft", t5=None):
+    """A run's best EMA state (or a model held in the other format) -> out_dir in `format`. audiocraft:
+    out_dir/state_dict.bin (AudioCraft's layout with xp.cfg) and out_dir/compression_state_dict.bin (its codec); a
+    lookup-table conditioner's tokenizer file goes beside them; needs no T5: only the trained projection after it is
+    part of the weights. hf: a transformers MusicGen directory (export_hf), T5 included: the run's t5_path or `t5`.
+    -> (MusicGen, files written, differences: what AudioCraft / transformers compute differently for this model,
+    also recorded in xp.cfg / config.json)."""
+    if format not in EXPORT_FORMATS:
+        raise UserError(f"--format={format}: expected one of {', '.join(EXPORT_FORMATS)}")
     path = find_run(run, runs_dir)
-    if path.name == LM_FILE:
-        raise UserError(f"{path.parent} is already an AudioCraft export: nothing to export")
+    source = {LM_FILE: "audiocraft", HF_CONFIG: "hf"}.get(path.name, "run")
+    if format == "adapters":
+        if source != "run":
+            raise UserError(f"--format=adapters: {path} is not a run (only an adapter run has adapters to export)")
+        return None, [export_adapters(path, out_dir)], []
+    if source == format:
+        held = "an AudioCraft export" if format == "audiocraft" else "a transformers MusicGen directory"
+        raise UserError(f"{path.parent} is already {held}: nothing to export")
     out = Path(os.path.expanduser(str(out_dir)))
-    if (out / LM_FILE).exists() or (out / CODEC_FILE).exists():
+    if (out / LM_FILE).exists() or (out / CODEC_FILE).exists() or (out / HF_CONFIG).exists():
         raise UserError(f"{out} already holds an export: pick another directory or remove it first")
-    mg = load_run(path, codec=codec, with_t5=False)
+    if source == "run":
+        mg = load_run(path, codec=codec, with_t5=False)
+    elif source == "audiocraft":
+        mg = load_export(path, t5, codec, with_t5=False)
+    else:
+        mg = load_hf(path.parent, t5, codec, with_t5=False)
+    if format == "hf":
+        return (mg, *export_hf(mg, out, t5))
     cond = dict(mg.conditioner)
     differences = audiocraft_differences(mg.lm_cfg, cond["conditioner"])
     extra = {
@@ -784,9 +1230,12 @@ def read_lm_state(source, runs_dir=None, trust=False):
     """continue_from -> (flat LM state dict with our key names, the file it came from). source: an AudioCraft
     state_dict.bin (released or exported), AudioCraft's training checkpoint.th (best_state.model or
     fsdp_best_state; it pickles its config, so only with trust=True), one of our checkpoint files (its best_state,
-    else its model), a run directory, a run signature (under runs_dir), or //reference/... Tensors only, never
-    code, unless trust."""
+    else its model), a run directory, a run signature (under runs_dir), a transformers MusicGen directory (its
+    decoder and enc_to_dec_proj; a decoder alone has an identity text projection: read_hf_lm), or //reference/...
+    Tensors only, never code, unless trust."""
     path = find_run(source, runs_dir, option="continue_from")
+    if path.name == HF_CONFIG:
+        return read_hf_lm(path.parent)[1], path.parent
     pkg = _unpickle(path) if trust else load_tensors(path, hint=CONTINUE_HINT)
     pkg = pkg if isinstance(pkg, dict) else {}
     state = pkg.get("fsdp_best_state") or pkg.get("best_state") or pkg.get("model")
@@ -798,38 +1247,6 @@ def read_lm_state(source, runs_dir=None, trust=False):
     if not isinstance(state, dict):
         raise UserError(f"continue_from={source}: {path} holds neither `best_state` nor `model`")
     return clean_state_dict(state), path
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Hugging Face transformers' MusicGen: parameter names (AudioCraft -> transformers' convert_musicgen_transformers.py)
-
-HF_NAMES = {"cross_attention": "encoder_attn", "linear1": "fc1", "linear2": "fc2", "norm1": "self_attn_layer_norm",
-            "norm_cross": "encoder_attn_layer_norm", "norm2": "final_layer_norm"}   # applied to key segments
-
-
-def to_transformers_state_dict(state):
-    """Our (AudioCraft) LM state dict -> MusicgenForCausalLM's; the text projection is not part of it (in
-    MusicgenForConditionalGeneration it is enc_to_dec_proj)."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith("condition_provider."):
-            continue
-        parts = key.split(".")
-        if parts[0] == "emb":
-            parts[0] = "model.decoder.embed_tokens"
-        elif parts[0] == "transformer":
-            parts[0] = "model.decoder"
-        elif parts[0] == "out_norm":
-            parts[0] = "model.decoder.layer_norm"
-        elif parts[0] == "linears":
-            parts[0] = "lm_heads"
-        parts = [HF_NAMES.get(p, p) for p in parts]
-        if parts[-1] == "in_proj_weight":   # fused rows Q | K | V
-            for name, w in zip(("q", "k", "v"), value.chunk(3)):
-                out[".".join(parts[:-1] + [f"{name}_proj", "weight"])] = w
-        else:
-            out[".".join(parts)] = value
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -855,7 +1272,13 @@ def _round_trip(codec, path, wav_in, wav_out):
 
 def main(argv):
     (kind, path, *wavs), o = parse_options(argv, {"export": (str, None)}, usage=USAGE, positionals=(2, 4))
-    if kind == "lm" and not wavs and o["export"] is None:
+    if kind == "lm" and not wavs and o["export"] is None and _hf_model_type(resolve_path(path)):
+        settings, state, config = read_hf_lm(resolve_path(path))
+        model = _build_and_load(settings, state, str(path), with_t5=False)
+        print(f"{path}: transformers {HF_TYPES[config['model_type']]}\n{lm_lib.summary(model)}")
+        for line in (config.get("nanomusicgen") or {}).get("transformers_differences", []):   # as exported
+            print(f"note: {line}")
+    elif kind == "lm" and not wavs and o["export"] is None:
         model, _, xp, file = _open_audiocraft_lm(path, with_t5=False)
         print(f"{file}: {lm_lib.summary(model)}")
         print(f"conditioner: {lookup(xp, 'conditioners.description.model')}, context "

@@ -60,7 +60,6 @@ import data
 import env
 import formats
 import model as lm_lib
-import train
 from env import UserError, resolve_path
 from formats import SAMPLING_DEFAULTS, MusicGen, load  # noqa: F401  (runs and exports are read in formats.py)
 
@@ -264,7 +263,7 @@ def check_options(o):
     suffix = Path(o["out"]).suffix.lower()
     if suffix and suffix not in (".wav", ".flac"):
         raise UserError(f"--out={o['out']}: write a .wav or .flac file, or name a directory")
-    train.resolve_device(o["device"])   # the one place a device is picked and checked (meta, a missing GPU)
+    env.resolve_device(o["device"])   # the one place a device is picked and checked (meta, a missing GPU)
 
 
 def read_prompts(o):
@@ -314,7 +313,7 @@ def generate_main(o):
                         f"most {lm_lib.MAX_SEED - n + 1}")
     paths = output_paths(o["out"], n)
     check_outputs(o["out"], paths)
-    device = train.resolve_device(o["device"])
+    device = env.resolve_device(o["device"])
     dtype = o["dtype"] or ("bfloat16" if device.type == "cuda" else "float32")
     compiled = o["compile"] if o["compile"] is not None else device.type == "cuda"
     if device.type == "cpu":
@@ -401,14 +400,24 @@ def generate_main(o):
 
 
 def export_main(argv):
-    """python generate.py export RUN OUT_DIR: a run as AudioCraft's files (formats.export), and what AudioCraft computes
-    differently for this model, one line each."""
+    """python generate.py export [--format=audiocraft|hf|adapters] RUN OUT_DIR: a run (or a model in the other
+    format) as AudioCraft's files or as a transformers MusicGen directory (formats.export; an adapter run's adapters
+    folded into its base), and what AudioCraft / transformers compute differently for this model, one line each;
+    or an adapter run's adapters alone (adapters.pt)."""
     (run, out), o = env.parse_options(argv, formats.EXPORT_OPTIONS, positionals=(2, 2),
-                                      usage="python generate.py export RUN OUT_DIR [--runs_dir=DIR] [--codec=PATH]")
-    mg, written, differences = formats.export(run, out, o["runs_dir"], o["codec"])
+                                      usage="python generate.py export RUN OUT_DIR [--format=audiocraft|hf|adapters] "
+                                            "[--runs_dir=DIR] [--codec=PATH] [--t5=PATH]")
+    mg, written, differences = formats.export(run, out, o["runs_dir"], o["codec"], o["format"], o["t5"])
+    if mg is None:
+        print(f"exported the adapters of {run}: {written[0]} (the base they need is named inside)")
+        return 0
     print(f"exported {mg.source} ({mg.weights} weights, {lm_lib.num_params(mg.lm) / 1e6:.2f}M parameters): "
           + ", ".join(str(p) for p in written))
-    print(f"load it with audiocraft.models.MusicGen.get_pretrained('{out}') or python generate.py --run={out}")
+    if o["format"] == "hf":
+        print(f"load it with transformers.MusicgenForConditionalGeneration.from_pretrained('{out}') (and "
+              f"AutoProcessor), or python generate.py --run={out}")
+    else:
+        print(f"load it with audiocraft.models.MusicGen.get_pretrained('{out}') or python generate.py --run={out}")
     for line in differences:
         print(f"note: {line}")
     return 0

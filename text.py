@@ -294,30 +294,47 @@ def t5_directory(path):
     return directory
 
 
-def load_t5(path, dtype="float32", max_length=0):
-    """(T5Encoder frozen in eval mode on the CPU, its Tokenizer) from a Hugging Face T5 directory or //reference/."""
-    if dtype not in T5_DTYPES:
-        raise UserError(f"t5_dtype={dtype!r}: expected one of {list(T5_DTYPES)} (T5 overflows in float16)")
+def t5_config(path):
+    """(the T5's config.json as a dict, the prefix of its weights' names) of a Hugging Face T5 directory, or of a
+    transformers MusicGen directory, whose T5 is its text encoder: config.json's `text_encoder`, `text_encoder.*`."""
     directory = t5_directory(path)
     try:
         raw = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"T5 directory {directory}: config.json is not readable JSON ({e}): copy it from the "
                         f"Hugging Face model") from None
+    if isinstance(raw, dict) and isinstance(raw.get("text_encoder"), dict):
+        raw, prefix = raw["text_encoder"], "text_encoder."
+        if raw.get("model_type", "t5") != "t5":
+            raise UserError(f"{directory}/config.json: text_encoder is a {raw.get('model_type')!r} model, not T5")
+        return raw, prefix
+    if not isinstance(raw, dict):
+        raise UserError(f"T5 directory {directory}: config.json holds a {type(raw).__name__}, not a T5 config")
+    return raw, ""
+
+
+def load_t5(path, dtype="float32", max_length=0):
+    """(T5Encoder frozen in eval mode on the CPU, its Tokenizer) from a Hugging Face T5 directory or //reference/,
+    or the text encoder of a transformers MusicGen directory."""
+    if dtype not in T5_DTYPES:
+        raise UserError(f"t5_dtype={dtype!r}: expected one of {list(T5_DTYPES)} (T5 overflows in float16)")
+    directory = t5_directory(path)
+    raw, prefix = t5_config(directory)
     config = T5Config(**{f.name: raw[f.name] for f in fields(T5Config) if f.name in raw})
     with torch.device("meta"):  # no random init: every tensor comes from the file
         model = T5Encoder(config)
     wanted = {name: hf_key(name) for name in model.state_dict()}
-    found = read_weights(directory, list(wanted.values()) + ["shared.weight"], "T5 directory")
+    found = read_weights(directory, [prefix + k for k in [*wanted.values(), "shared.weight"]], "T5 directory")
+    found = {k[len(prefix):]: v for k, v in found.items()}
     found.setdefault("encoder.embed_tokens.weight", found.get("shared.weight"))  # tied: often stored once
     state = {}
     for name, param in model.state_dict().items():
         tensor = found.get(wanted[name])
         if tensor is None:
-            raise UserError(f"T5 directory {directory}: weights lack {wanted[name]} (not a T5 checkpoint?)")
+            raise UserError(f"T5 directory {directory}: weights lack {prefix}{wanted[name]} (not a T5 checkpoint?)")
         if tensor.shape != param.shape:
-            raise UserError(f"T5 directory {directory}: {wanted[name]} has shape {list(tensor.shape)}, config.json "
-                            f"implies {list(param.shape)}")
+            raise UserError(f"T5 directory {directory}: {prefix}{wanted[name]} has shape {list(tensor.shape)}, "
+                            f"config.json implies {list(param.shape)}")
         state[name] = tensor.to(getattr(torch, dtype))
     model.load_state_dict(state, assign=True)
     model.eval().requires_grad_(False)

@@ -334,37 +334,10 @@ def process_env():
     return 0, 1, 0, 1
 
 
-def resolve_device(name, local_rank=0, local_world=1):
-    """The one place a process picks its device. Empty: cuda, then mps, then cpu. `cuda` without an index is the
-    local rank's GPU (modulo the GPUs this process sees: under srun with one GPU per task that is cuda:0)."""
-    if not name:
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f'device="{name}" is not a torch device (cpu, cuda, cuda:1, mps)') from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f'device="{name}": CUDA is not available on this machine (use --device=cpu)')
-        count = torch.cuda.device_count()
-        if device.index is None:
-            device = torch.device("cuda", local_rank % count)
-        elif local_world > 1 and count > 1:
-            raise UserError(f'device="{name}" names one GPU, but {local_world} processes run on this node and '
-                            f'would all use it: use --device=cuda (each process takes its local rank\'s GPU)')
-        elif device.index >= count:
-            raise UserError(f'device="{name}": this process sees {count} GPU(s)')
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f'device="{name}": MPS is not available on this machine')
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f'device="{name}" cannot train (use cpu, cuda or mps)')
-    return device
-
-
 def setup_distributed(cfg):
     """torchrun (RANK, LOCAL_RANK, WORLD_SIZE), srun without torchrun (SLURM_*), or one process."""
     rank, world, local, local_world = process_env()
-    device = resolve_device(cfg.device, local, local_world)
+    device = env.resolve_device(cfg.device, local, local_world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True   # float32 matmuls on tensor cores (nanoGPT does the same)
@@ -682,13 +655,8 @@ def load_base(lm, base, config, init_hash):
     """An adapter run's base weights: from the file it continued from, or the seeded initial weights (already in
     lm); either way their content hash must be the one the adapters were trained on."""
     if base["source"]:
-        source, path = formats.read_lm_state(base["source"], config.get("runs_dir") or None,
-                                             config.get("trust_checkpoint", False))
-        got = adapters.state_hash(source)
-        if got != base["hash"]:
-            raise UserError(f"{path}: the base weights changed since the adapters were trained on them (content hash "
-                            f"{got}, expected {base['hash']}): restore that file, or start afresh (--clear=True)")
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        source = formats.adapter_base(base, config)
         set_model_state_dict(lm, dict(source), options=StateDictOptions(full_state_dict=True, strict=False))
     elif init_hash != base["hash"]:
         raise UserError(f"the seeded initial weights (content hash {init_hash}) are not the base the "

@@ -182,6 +182,52 @@ def _other_model_checkpoint(ctx):
     return ctx.train(f"--continue_from={ctx.tmp / 'other.pt'}")
 
 
+def _hf_dir(ctx, drop=(), add=None, reshape=None, conditional=False, name="hf", **config):
+    """A transformers MusicGen directory of a tiny random LM, written without transformers: config.json and
+    model.safetensors under transformers' names (formats.to_transformers_state_dict). The decoder alone
+    (MusicgenForCausalLM), or with conditional=True a MusicgenForConditionalGeneration whose 16-wide text encoder
+    needs enc_to_dec_proj. drop / add / reshape spoil its weights, **config its decoder's config."""
+    import formats
+    import model as lm_lib
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    lm = lm_lib.MusicGenLM(lm_lib.LMConfig(dim=32, n_layers=1, n_heads=2, n_q=4, card=64, text_dim=16))
+    prefix = "decoder." if conditional else ""
+    weights = {prefix + k: v for k, v in formats.to_transformers_state_dict(lm.state_dict()).items()}
+    if conditional:
+        weights.update({"enc_to_dec_proj." + k: v for k, v in lm.conditioner.output_proj.state_dict().items()})
+    for key in (drop,) if isinstance(drop, str) else drop:
+        del weights[key]
+    weights.update(add or {})
+    for key, shape in (reshape or {}).items():
+        weights[key] = torch.zeros(shape)
+    decoder = {"model_type": "musicgen_decoder", "vocab_size": 64, "num_codebooks": 4, "hidden_size": 32,
+               "num_hidden_layers": 1, "num_attention_heads": 2, "ffn_dim": 128, **config}
+    if conditional:
+        decoder = {"model_type": "musicgen", "decoder": decoder, "text_encoder": {"model_type": "t5", "d_model": 16},
+                   "audio_encoder": {"model_type": "encodec"}}
+    d = write(ctx.tmp / name / "config.json", json.dumps(decoder)).parent
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(d / "model.safetensors"))
+    return d
+
+
+BERT_CONFIG = '{"model_type": "bert"}'
+
+
+def _continue_hf(ctx, **spoil):
+    return ctx.train(f"--continue_from={_hf_dir(ctx, **spoil)}")
+
+
+def _run(ctx, *options):
+    """A run directory as train.py leaves it (config.json, checkpoint.pt) with random weights: TRAIN's settings."""
+    import model as lm_lib
+    import train
+    config = {**train.config_dict(train.parse_args(TRAIN + list(options))), "signature": "cafef00d"}
+    d = write(ctx.tmp / "run" / "config.json", json.dumps(config)).parent
+    torch.save({"model": lm_lib.build_lm(config, with_t5=False).state_dict(), "config": config}, d / "checkpoint.pt")
+    return d
+
+
 def _run_with_config(ctx, config):
     d = ctx.tmp / "run"
     d.mkdir()
@@ -368,6 +414,34 @@ CASES = [
     Case("continue-other-model", "train.py --continue_from", "a checkpoint of another model",
          _other_model_checkpoint, ("<tmp>/other.pt", "does not fit the model", "emb.0.weight (3, 3) vs model"),
          writes=True, varies=((r"\d+ missing \([^)]*\)", "<n> missing (<the model's keys>)"),)),
+    Case("continue-hf-missing-key", "train.py --continue_from", "a transformers MusicGen directory lacking a weight",
+         lambda c: _continue_hf(c, drop="model.decoder.layers.0.fc2.weight"),
+         ("<tmp>/hf", "1 missing (model.decoder.layers.0.fc2.weight)"), writes=True),
+    Case("continue-hf-no-projection", "train.py --continue_from",
+         "a transformers MusicGen directory without the enc_to_dec_proj its config needs",
+         lambda c: _continue_hf(c, drop=("enc_to_dec_proj.weight", "enc_to_dec_proj.bias"), conditional=True),
+         ("<tmp>/hf", "2 missing (enc_to_dec_proj.weight, enc_to_dec_proj.bias)"), writes=True),
+    Case("continue-hf-extra-key", "train.py --continue_from",
+         "a transformers MusicGen directory with a weight its config has no place for",
+         lambda c: _continue_hf(c, add={"model.decoder.layers.1.fc1.weight": torch.zeros(128, 32)}),
+         ("<tmp>/hf", "1 unexpected (model.decoder.layers.1.fc1.weight)"), writes=True),
+    Case("continue-hf-wrong-shape", "train.py --continue_from",
+         "a transformers MusicGen directory with a misshapen weight",
+         lambda c: _continue_hf(c, reshape={"lm_heads.0.weight": (63, 32)}),
+         ("<tmp>/hf", "lm_heads.0.weight (63, 32) vs model (64, 32)"), writes=True),
+    Case("continue-hf-config-mismatch", "train.py --continue_from",
+         "a transformers MusicGen config.json whose num_codebooks (3) disagrees with its weights (4)",
+         lambda c: _continue_hf(c, num_codebooks=3),
+         ("<tmp>/hf", "2 unexpected", "model.decoder.embed_tokens.3.weight"), writes=True),
+    Case("continue-hf-stereo", "train.py --continue_from", "a stereo transformers MusicGen (audio_channels=2)",
+         lambda c: _continue_hf(c, audio_channels=2),
+         ("<tmp>/hf/config.json", "audio_channels=2: stereo MusicGen is not supported"), writes=True),
+    Case("continue-hf-no-weights", "train.py --continue_from", "a transformers MusicGen config.json without weights",
+         lambda c: c.train(f"--continue_from={(_hf_dir(c) / 'model.safetensors').unlink() or c.tmp / 'hf'}"),
+         ("<tmp>/hf", "no weights", "model.safetensors"), writes=True),
+    Case("continue-neither-format", "train.py --continue_from", "a directory that is none of the formats it reads",
+         lambda c: c.train(f"--continue_from={write(_hf_dir(c) / 'config.json', BERT_CONFIG).parent}"),
+         ("<tmp>/hf", "not a run (checkpoint.pt), an AudioCraft export", "config.json of a 'bert' model"), writes=True),
     # -- audio files and sidecars: skipped with a warning (the data policy), not an error
     Case("audio-corrupt", "data.py manifest", "an audio file that is not audio",
          lambda c: ("data.py", ["manifest", str((write(c.tmp / "audio" / "bad.wav", b"RIFF garbage" * 10),
@@ -410,7 +484,7 @@ CASES = [
          lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache")]), ("--codec is required",)),
     Case("tokenize-cuda-missing", "data.py tokenize", "--device=cuda on a machine without CUDA",
          lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache"), "--codec=debug", "--device=cuda"],
-                    {"CUDA_VISIBLE_DEVICES": ""}), ("--device=cuda", "CUDA is not available", "--device=cpu")),
+                    {"CUDA_VISIBLE_DEVICES": ""}), ('device="cuda"', "CUDA is not available", "--device=cpu")),
     Case("tokenize-num-workers", "data.py tokenize", "a negative --num_workers",
          lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache"), "--codec=debug",
                                 "--num_workers=-1"]), ("--num_workers=-1", "must not be negative")),
@@ -542,6 +616,21 @@ CASES = [
     Case("export-bad-config", "generate.py export", "a run whose config.json is not JSON",
          lambda c: ("generate.py", ["export", str(_run_with_config(c, "{oops")), str(c.tmp / "out")]),
          ("<tmp>/run/config.json", "not readable JSON", "remove it")),
+    Case("export-format", "generate.py export", "a format it does not write",
+         lambda c: ("generate.py", ["export", "--format=onnx", "RUN", str(c.tmp / "out")]),
+         ("--format=onnx", "audiocraft, hf")),
+    Case("export-hf-lut", "generate.py export --format=hf", "a run with the lookup-table conditioner",
+         lambda c: ("generate.py", ["export", "--format=hf", str(_run(c)), str(c.tmp / "out")]),
+         ("<tmp>/run/checkpoint.pt", "conditioner=lut", "--format=audiocraft")),
+    Case("export-hf-no-t5", "generate.py export --format=hf", "a T5-conditioned run whose T5 directory is gone",
+         lambda c: ("generate.py", ["export", "--format=hf", str(_run(c, "--conditioner=t5", f"--t5_path={c.tmp}/t5")),
+                                    str(c.tmp / "out")]), ("<tmp>/t5", "--t5=PATH")),
+    Case("export-hf-again", "generate.py export --format=hf", "a transformers MusicGen directory (already that format)",
+         lambda c: ("generate.py", ["export", "--format=hf", str(_hf_dir(c)), str(c.tmp / "out")]),
+         ("<tmp>/hf", "already a transformers MusicGen directory")),
+    Case("generate-hf-decoder-alone", "generate.py", "a decoder alone (MusicgenForCausalLM) without --t5 / --codec",
+         lambda c: ("generate.py", [f"--run={_hf_dir(c)}", f"--out={c.tmp / 'o.wav'}"]),
+         ("<tmp>/hf", "MusicgenForCausalLM", "--t5=PATH and --codec=PATH")),
     Case("export-unknown-option", "generate.py export", "a misspelt option",
          lambda c: ("generate.py", ["export", "RUN", "OUT", "--codc=x"]), ('unknown key "codc"', '"codec"')),
     Case("tokenizer-vocab", "data.py tokenizer", "a vocabulary size that is not a number",

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import env
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -353,18 +354,18 @@ def test_the_device_is_resolved_once_per_local_rank(monkeypatch):
     from env import UserError
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
-    assert train.resolve_device("cuda", 3, 8) == torch.device("cuda", 3)
-    assert train.resolve_device("", 5, 8) == torch.device("cuda", 5)
-    assert train.resolve_device("cuda:2", 0, 1) == torch.device("cuda", 2)   # one process: any GPU it names
+    assert env.resolve_device("cuda", 3, 8) == torch.device("cuda", 3)
+    assert env.resolve_device("", 5, 8) == torch.device("cuda", 5)
+    assert env.resolve_device("cuda:2", 0, 1) == torch.device("cuda", 2)   # one process: any GPU it names
     with pytest.raises(UserError, match=r'device="cuda:0" names one GPU, but 8 processes run on this node'):
-        train.resolve_device("cuda:0", 1, 8)
+        env.resolve_device("cuda:0", 1, 8)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)   # srun with one GPU per task: each sees cuda:0
-    assert train.resolve_device("cuda", 6, 8) == torch.device("cuda", 0)
-    with pytest.raises(UserError, match='device="meta" cannot train'):
-        train.resolve_device("meta")
+    assert env.resolve_device("cuda", 6, 8) == torch.device("cuda", 0)
+    with pytest.raises(UserError, match='device="meta" is not a device to compute on'):
+        env.resolve_device("meta")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="CUDA is not available"):
-        train.resolve_device("cuda")
+        env.resolve_device("cuda")
 
 
 def test_peak_flops_matches_whole_device_names():
