@@ -8,7 +8,8 @@
                                                                 # else torchrun takes --run for its --run-path)
 
 --run is what generate.py takes: a run signature or directory (its best EMA state), a checkpoint file, an AudioCraft
-export directory (e.g. the released musicgen-small under //reference/). The items are the split's manifest
+export directory (e.g. the released musicgen-small under //reference/) or a transformers MusicGen directory (e.g.
+facebook/musicgen-small as save_pretrained writes it). The items are the split's manifest
 (--dataset=DIR with --split, default evaluate: DIR/<split>/data.jsonl[.gz], AudioCraft's layout; --dataset=demo is
 train.py's synthetic set) or one --manifest=FILE, in order, the first --samples of them (0: all). Item i (its line
 in the manifest) is generated from its description (the sidecar's, as train.py's evaluate split reads it; none:
@@ -308,8 +309,10 @@ def evaluate(d, o):
     all_paths = generate.output_paths(out / "samples", last + 1)
     paths = [all_paths[it.index] for it in items]
     generate.check_outputs(o["out"], paths + [out / REPORT])
-    folder = run_path.parent if (run_path.parent / "config.json").is_file() and run_path.name != formats.LM_FILE \
-        else None
+    # one of our runs: a checkpoint beside its config.json (not an export's state_dict.bin, not a transformers
+    # directory's config.json), whose history takes the row
+    ours = run_path.name not in (formats.LM_FILE, formats.HF_CONFIG) and (run_path.parent / "config.json").is_file()
+    folder = run_path.parent if ours else None
     holder = live_holder(folder) if folder and o["history"] else None
     if holder:
         raise UserError(in_use(folder, holder, "evaluate it when that run ends, or now with --history=False "

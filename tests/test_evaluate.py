@@ -1,5 +1,6 @@
 """evaluate.py: evaluate-only runs on a debug run: the report and the history row, reuse of generated files, resuming
 after a stop, references shorter than the clips, the run's lock, several processes."""
+import importlib.util
 import json
 import os
 import shlex
@@ -23,6 +24,9 @@ import model as lm_lib
 import _faults_util as fu
 from _model_util import make_run
 from env import UserError
+
+if importlib.util.find_spec("transformers"):
+    from test_hf import hf_dir  # noqa: F401  (the fixture: a random tiny transformers MusicGen directory)
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(2)
@@ -194,3 +198,14 @@ def test_torchrun_shards_the_items_and_reports_what_one_process_does(run_dir, da
     for name in ("000.json", "001.json", "003.json"):   # the same items, prompts and seeds on either rank
         a, b = (json.loads((d / "samples" / name).read_text()) for d in (out, tmp_path / "out"))
         assert (a["prompt"], a["row_seed"], a["frames"]) == (b["prompt"], b["row_seed"], b["frames"])
+
+
+def test_a_transformers_musicgen_directory_is_evaluated_without_a_history_row(dataset, tmp_path, request):
+    pytest.importorskip("transformers")
+    directory, _ = request.getfixturevalue("hf_dir")
+    before = sorted(p.name for p in directory.iterdir())
+    assert evaluate.main([f"--run={directory}", f"--dataset={dataset}", "--metrics=chroma_cos", "--duration=0.3",
+                          f"--out={tmp_path / 'out'}"]) == 0
+    report = json.loads((tmp_path / "out" / evaluate.REPORT).read_text())
+    assert report["counts"]["generated"] == 3 and report["settings"]["top_k"] == 250   # its generation_config
+    assert sorted(p.name for p in directory.iterdir()) == before   # no history.jsonl, no lock in it
