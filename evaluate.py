@@ -153,11 +153,10 @@ def eta_line(label, done, total, t0):
 def live_holder(folder):
     """(pid, host, since) of a live process holding the run's lock (training), or None. Read only: taking the lock
     to look would refuse a training launch at that instant."""
-    lock = env.RunLock(folder)
-    holder = lock.holder()
-    if holder is None or lock._stale(holder):  # the lock's own staleness rule (a dead PID, a silent other host)
+    holder = env.RunLock(folder).live_holder()   # the lock's own staleness rule (a dead PID, a silent other host)
+    if holder is None:
         return None
-    pid, host, started, _ = holder
+    pid, host, started = holder
     return pid, host, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "?"
 
 
@@ -344,7 +343,7 @@ def evaluate(d, o):
     resolved = {**o, **settings, "device": str(device), "dtype": dtype, "compile": compiled,
                 "extend_stride": round(stride / rate, 6), "audio_prompt": None, "prompt_duration": None}
     common = {"frames": n_frames, "audio_prompt_file": None, "source": str(mg.source),
-              "source_file": generate._stat(mg.source), "weights": mg.weights, "codec_source": mg.codec_source,
+              "source_file": generate.stat_identity(mg.source), "weights": mg.weights, "codec_source": mg.codec_source,
               "torch": torch.__version__}
 
     def wanted(j, seed):   # generate.py's resume check: the OUTPUT_KEYS values file j must record

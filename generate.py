@@ -141,7 +141,7 @@ def check_memory(o, mg, batch, n_frames, text_len, dtype, device):
                             f"free: {lower}")
 
 
-def _stat(path):
+def stat_identity(path):
     """A file's identity for the resume check: its size and modification time (a checkpoint.pt that a running job
     rewrites is other weights)."""
     try:
@@ -344,8 +344,8 @@ def generate_main(o):
 
     resolved = {**o, **settings, "device": str(device), "dtype": dtype, "compile": compiled,
                 "extend_stride": round(stride / rate, 6)}
-    common = {"frames": n_frames, "audio_prompt_file": _stat(resolve_path(o["audio_prompt"]))
-              if o["audio_prompt"] else None, "source": str(mg.source), "source_file": _stat(mg.source),
+    common = {"frames": n_frames, "audio_prompt_file": stat_identity(resolve_path(o["audio_prompt"]))
+              if o["audio_prompt"] else None, "source": str(mg.source), "source_file": stat_identity(mg.source),
               "weights": mg.weights, "codec_source": mg.codec_source, "torch": torch.__version__}
 
     def wanted(i, seed):

@@ -1056,6 +1056,9 @@ def train(cfg, d):
                                     f"--clear=True to start afresh") from None
                 log(f"warning: {path} is unreadable ({reason}); falling back to {candidates[i + 1]}")
                 continue
+            # rows evaluate.py appended to history.jsonl since this checkpoint (under the lock we now hold): kept
+            state["history"] += [r for r in env.read_history(out / "history.jsonl")
+                                 if r.get("stage") == "evaluate_only" and r not in state["history"]]
             log(f"resumed from {path.name}: epoch {state['epoch']}, update {state['step']}")
             why = state.pop("resharded", None)
             if why == "processes":
