@@ -149,10 +149,11 @@ def _unpack4(packed):
     return torch.stack([packed & 15, packed >> 4], -1).flatten(-2).to(torch.int32)
 
 
-def quantized_linear(x, w):
-    """x [..., K] @ dequantize(w).T -> [..., N] in x's dtype, dequantizing inside the matmul."""
+def quantized_linear(x, w, kernel=None):
+    """x [..., K] @ dequantize(w).T -> [..., N] in x's dtype, dequantizing inside the matmul. kernel: torch's packed
+    CPU kernel (default: on a CPU), else the portable expression."""
     n, k = w.logical_shape
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" if kernel is None else kernel:
         # torch's packed CPU kernels read the integers directly; they take bfloat16 activations (the float32
         # entry of the int8 kernel is a slow scalar loop: 0.6 GB/s of weights against ~5 GB/s)
         x2 = x.reshape(-1, k).to(torch.bfloat16)
