@@ -846,6 +846,7 @@ SUITE_SHAPES = {
 # as what a first GPU run is likeliest to find.
 SUITE_PARTS = {"checks": 70, "train": 170, "generate": 200, "codec": 25, "loader": 15, "memory": 30}
 SUITE_HEADER = ["part", "measurement", "ours", "transformers", "ratio", "target", "result"]
+DEBUG_CONFIG = str(Path(__file__).resolve().parent / "config" / "debug.py")
 
 
 class TimeBox(BaseException):
@@ -1000,7 +1001,7 @@ def _parallel_worker(rank, world, port, device_type, path):
     try:
         results = {}
         for parallel in ("ddp", "fsdp"):
-            cfg = train.parse_args(["config/debug.py", f"--parallel={parallel}", "--dtype=bfloat16",
+            cfg = train.parse_args([DEBUG_CONFIG, f"--parallel={parallel}", "--dtype=bfloat16",
                                     f"--batch_size={2 * world}", "--cfg_dropout=0.5", "--word_dropout=0.5"])
             lm_ = train.build_model(cfg).to(device)
             model = train.parallelize(train.TrainStep(lm_), cfg, train.Dist(rank, rank, world, device))
@@ -1077,7 +1078,7 @@ def check_train_run(a, ctx, add):
     device = a["device"]
     demo, cache = suite_data(a, ctx)
     updates = 8
-    argv = ["config/debug.py", f"--device={device}", f"--runs_dir={ctx['tmp']}/runs", f"--dataset={demo}",
+    argv = [DEBUG_CONFIG, f"--device={device}", f"--runs_dir={ctx['tmp']}/runs", f"--dataset={demo}",
             f"--cache_dir={cache}", "--compile=True", f"--dtype={'bfloat16' if device.type == 'cuda' else 'float32'}",
             "--epochs=2", f"--updates_per_epoch={updates}", "--log_every=1000", "--generate_every=1",
             "--evaluate_every=0", "--generate_count=2", "--generate_duration=0.5", "--valid_batches=2",
@@ -1421,9 +1422,6 @@ def bench_suite(a):
     after every part."""
     device, started = a["device"], time.time()
     shapes = SUITE_SHAPES[device.type]
-    if device.type == "cuda":
-        # the probe and the compiled steps of several models in one process; fragmentation would eat the margin
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     budget = a["budget"] or shapes["budget"]
     parts = a["parts"].split(",") if a["parts"] else list(SUITE_PARTS)
     scale = budget / sum(SUITE_PARTS[p] for p in parts)

@@ -42,6 +42,11 @@ class QuantizedWeight(torch.Tensor):
         t.q, t.mode, t.scales, t.zeros, t.group_size = q, mode, scales, zeros, group_size
         t.pieces = {}
         t.packed = None   # the CPU kernel's layout (int4), made once here
+        if q.device.type == "cuda":
+            # a CUDA-graph decode step reads these in place (as it reads parameters), never copies them in
+            for part in (q, scales, zeros):
+                if part is not None:
+                    torch._dynamo.mark_static_address(part)
         if q.device.type == "cpu":
             if mode == "int8":
                 t.packed = scales.to(torch.bfloat16)   # the int8 kernel takes the activations' dtype for scales
