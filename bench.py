@@ -478,6 +478,8 @@ def generate_calls(a, ours, cfg, ref=None):
     # weights in the compute dtype (as gpt-fast): autocast would re-cast every weight at every step
     ours.to(a["dtype"]).eval()
     condition, condition_mask = text_condition(ours, B, L, g)                                # [B, L, dim]
+    # what every step must read: the transformer's and the heads' weights, float for the reference
+    weights = {"transformers": quantize.weight_bytes(ours)}
     if a["quantize"]:
         quantize.quantize(ours, a["quantize"], a["group_size"])
     if a["compile"]:
@@ -502,14 +504,16 @@ def generate_calls(a, ours, cfg, ref=None):
                     **transformers_cache())
 
         calls["transformers"] = gen_ref
-    return calls, out, (B, n, L)
+    weights["ours"] = quantize.weight_bytes(ours)
+    return calls, out, (B, n, L), weights
 
 
 def bench_generate(a):
     device = a["device"]
     ours, cfg = build_lm(a)
     ref = transformers_lm(ours)[0] if a["reference"] else None
-    calls, out, (B, n, L) = generate_calls(a, ours, cfg, ref)
+    n_params = lm.num_params(ours)   # before quantizing (an int4 weight's tensor holds two values per element)
+    calls, out, (B, n, L), weights = generate_calls(a, ours, cfg, ref)
     load_start = load()
     bandwidth = copy_bandwidth(device, a["clock"])
     times = rounds(calls, a["repeats"], device, max(a["warmup"], 1 if a["compile"] else 0), a["clock"])
@@ -517,15 +521,14 @@ def bench_generate(a):
         if tuple(codes.shape) != (B, cfg.n_q, n):
             raise RuntimeError(f"{name} generated {tuple(codes.shape)}, expected {(B, cfg.n_q, n)}")
     steps = n + cfg.n_q - 1      # decode steps of the delay pattern, the same for both
-    weights = quantize.weight_bytes(ours)   # what every step must read: the transformer's and the heads' weights
     rows = []
     for name in calls:
         t = statistics.median(times[name])
         rows.append([name, spread(times[name]), rate(steps, times[name]), rate(B * n, times[name]),
-                     f"{B * a['seconds'] / t:.3g}x", f"{_si(weights * steps / t)}B/s"])
+                     f"{B * a['seconds'] / t:.3g}x", f"{_si(weights[name] * steps / t)}B/s"])
     if ref is not None:
         rows.append(["ratio (transformers time / ours)", ratio(times["ours"], times["transformers"]), "", "", "", ""])
-    notes = [f"model: {a['size']} ({cfg.dim} wide, {cfg.n_layers} layers, {lm.num_params(ours) / 1e6:.1f}M "
+    notes = [f"model: {a['size']} ({cfg.dim} wide, {cfg.n_layers} layers, {n_params / 1e6:.1f}M "
              f"parameters); {shape_note(a, 'generate')} = {n} frames, {steps} decode steps, text {L} positions; "
              f"{weight_note(a)}; CFG coef 3 (conditional and null rows batched: {2 * B} rows), "
              "top-k 250 sampling",
@@ -534,8 +537,9 @@ def bench_generate(a):
              f"real time = audio seconds generated per second; weights B/s = weight bytes read per step x "
              f"steps/s (measured copy bandwidth {_si(bandwidth)}B/s)"] + common_notes(a, load_start)
     if a["quantize"]:
-        notes.insert(1, f"ours: weights quantized to {ours.quantized}, {_si(weights)}B read per step (transformers: "
-                        f"{str(a['dtype']).split('.')[-1]}); on a CPU the quantized matmuls take bfloat16 activations")
+        notes.insert(1, f"ours: weights quantized to {ours.quantized}, {_si(weights['ours'])}B read per step "
+                        f"(transformers: {str(a['dtype']).split('.')[-1]}, {_si(weights['transformers'])}B); on a "
+                        "CPU the quantized matmuls take bfloat16 activations")
     print_table(f"bench generate: {a['size']}", notes,
                 ["implementation", f"{a['clock']} s", "steps/s", "frames/s", "real time", "weights B/s"], rows)
     if a["profile"]:
@@ -746,21 +750,27 @@ def update_peak(a, size, n_layers, batch, frames, setup):
     model, _ = build_lm(b, n_layers=n_layers)
     freeze(model, trains)
     calls, optimizers, _, _ = train_calls(b, model, model.cfg)
-    step, device = calls["ours"], a["device"]
+    peak = second_update_peak(calls["ours"], a["device"], [model], optimizers.values())
+    counts = lm.num_params(model), sum(p.numel() for p in model.parameters() if p.requires_grad)
+    del model, calls, optimizers
+    release(a["device"])
+    return (peak, *counts)
+
+
+def second_update_peak(step, device, models, optimizers):
+    """Bytes at the peak of a second call of step() (the first allocates the optimizer's state). CUDA: the
+    allocator's peak, everything resident included. CPU: the models' parameters and the optimizers' state, and
+    the profiler's peak of the update on top."""
     step()
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
         sync(device)
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = tensor_bytes(model.parameters()) + optimizer_bytes(optimizers["ours"]) + step_peak_memory(step, device)
-    counts = lm.num_params(model), sum(p.numel() for p in model.parameters() if p.requires_grad)
-    del model, calls, optimizers, step
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return (peak, *counts)
+        return torch.cuda.max_memory_allocated(device)
+    resident = tensor_bytes(p for m in models if m is not None for p in m.parameters())
+    resident += sum(optimizer_bytes(o) for o in optimizers if o is not None)
+    return resident + step_peak_memory(step, device)
 
 
 def fit_memory(points):
@@ -1178,17 +1188,7 @@ def largest_batch(b, ours, cfg, ref, proj, capacity):
     for batch in (1, 2):
         calls, optimizers, _, _ = train_calls({**b, "batch_size": batch, "compile": False}, ours, cfg, ref, proj)
         for name, fn in calls.items():
-            fn()
-            if device.type == "cuda":
-                sync(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                fn()
-                sync(device)
-                peaks[name, batch] = torch.cuda.max_memory_allocated(device)
-            else:
-                resident = tensor_bytes(p for m in (ours, ref, proj) if m is not None for p in m.parameters())
-                resident += sum(optimizer_bytes(o) for o in optimizers.values() if o is not None)
-                peaks[name, batch] = resident + step_peak_memory(fn, device)
+            peaks[name, batch] = second_update_peak(fn, device, (ours, ref, proj), optimizers.values())
         del calls, optimizers
         release(device)
     fits = {}
