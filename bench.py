@@ -51,7 +51,7 @@ MODES = ("train", "generate", "codec", "data", "quality", "memory", "suite")
 OPTIONS = dict(size="", device="", dtype="", compile=False, batch_size=0, seconds=0.0, text_len=32, repeats=0,
                warmup=1, threads=0, clock="wall", keep_freed=True, reference=True, profile=False, codec="debug",
                dataset="demo", cache_dir="", num_workers=2, quantize="", group_size=32, parts="", budget=0.0, out="",
-               check=False)
+               check=False, run="", runs_dir="")
 # (batch, seconds) when not given. A GPU gets the issue's shapes; a CPU reduced ones, so that a run takes minutes.
 GPU_SHAPES = {"train": (8, 30.0), "generate": (1, 30.0), "codec": (32, 30.0), "data": (16, 30.0),
               "quality": (1, 10.0), "memory": (1, 30.0), "suite": (1, 30.0)}
@@ -552,15 +552,31 @@ def weight_note(a):
     return f"{dtype} weights" + (f", ours quantized ({a['quantize']})" if a["quantize"] else "")
 
 
+# Descriptions in the demo set's words, for a trained run's text conditioner (bench quality --run)
+DEMO_PROMPTS = ("A slow major melody on a soft sine wave in a low register, 70 bpm.",
+                "Bright sawtooth synth, fast tempo, D minor, high register, with drums.",
+                "A moderate tune in A major played by a plucked string, middle register, 104 bpm.",
+                "Square wave synth, slow tempo, E minor, low register, with drums.")
+
+
 def bench_quality(a):
     """What weight-only quantization costs: greedy decoding of the float model against its quantized copies from
-    the same condition (quantize.compare), one row per mode."""
+    the same condition (quantize.compare), one row per mode. --run: a trained run's weights, conditioned on
+    descriptions in the demo set's words; else random weights at --size, on random text states."""
     import copy
     device = a["device"]
-    ours, cfg = build_lm(a)
-    ours.to(a["dtype"]).eval()
     B, n, L = a["batch_size"], max(1, round(a["seconds"] * 50)), a["text_len"]
-    condition, mask = text_condition(ours, B, L, torch.Generator().manual_seed(1))
+    if a["run"]:
+        loaded = formats.load(a["run"], a["runs_dir"] or None, device=device)
+        ours, cfg, what = loaded.lm, loaded.lm.cfg, f"run {a['run']} ({loaded.weights} weights)"
+        ours.to(a["dtype"]).eval()
+        with torch.no_grad():
+            condition, mask = ours.conditioner([DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(B)])
+    else:
+        ours, cfg = build_lm(a)
+        what = (f"{a['size']}, random weights (seed 0; a trained model's sharper logits flip less: see --run)")
+        ours.to(a["dtype"]).eval()
+        condition, mask = text_condition(ours, B, L, torch.Generator().manual_seed(1))
     load_start = load()
     rows = [["float", f"{_si(quantize.weight_bytes(ours))}B", "-", "-", "-", "-", "-"]]
     for mode in (a["quantize"] or ",".join(quantize.MODES)).split(","):
@@ -572,14 +588,13 @@ def bench_quality(a):
                      first, f"{100 * r['top1']:.1f}%", f"{err.median().item():.3g} ({err.max().item():.3g})",
                      f"{r['logits_std']:.3g}"])
         del quantized
-    notes = [f"model: {a['size']} ({cfg.dim} wide, {cfg.n_layers} layers), random weights (seed 0: no trained "
-             f"weights here; a trained model's sharper logits flip less); {weight_note(a)}; greedy decoding of "
-             f"{a['seconds']:g} s ({n} frames), batch {B}, CFG coef 3, text {L} positions",
+    notes = [f"model: {what}, {cfg.dim} wide, {cfg.n_layers} layers; {weight_note(a)}; greedy decoding of "
+             f"{a['seconds']:g} s ({n} frames), batch {B}, CFG coef 3, text {mask.shape[1]} positions",
              "agreement: equal codes, each model decoding on its own; first difference: where they part (after it "
              "each continues from different codes); top-1: teacher-forced on the float model's codes, same argmax; "
              "logits error: largest |difference| of the guided logits per step, median (max) over steps, beside the "
              "float logits' std", f"device: {describe_device(device)}; load average {load_start:.1f}"]
-    print_table(f"bench quality: {a['size']}", notes, ["weights", "bytes per step", "greedy agreement",
+    print_table(f"bench quality: {a['run'] or a['size']}", notes, ["weights", "bytes per step", "greedy agreement",
                                                       "first difference", "top-1 (teacher-forced)",
                                                       "max logits error per step", "logits std"], rows)
 
