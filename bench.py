@@ -483,7 +483,7 @@ def generate_calls(a, ours, cfg, ref=None):
     if a["quantize"]:
         quantize.quantize(ours, a["quantize"], a["group_size"])
     if a["compile"]:
-        compile_decode(ours, cuda_graphs=device.type == "cuda")
+        compile_decode(ours)   # the decode-and-sample step as generate.py compiles it (CUDA graphs on a GPU)
     out = {}
 
     def gen_ours():
@@ -532,8 +532,10 @@ def bench_generate(a):
              f"parameters); {shape_note(a, 'generate')} = {n} frames, {steps} decode steps, text {L} positions; "
              f"{weight_note(a)}; CFG coef 3 (conditional and null rows batched: {2 * B} rows), "
              "top-k 250 sampling",
-             "ours: " + ("decode_step compiled" + (" (reduce-overhead: CUDA graphs)" if device.type == "cuda" else "")
-                         if a["compile"] else "eager") + ", static KV cache; transformers: eager, its dynamic cache",
+             "ours: " + ("decode and sampling step compiled (model.compile_decode" +
+                         (", reduce-overhead: CUDA graphs)" if device.type == "cuda" else ")")
+                         if a["compile"] else "eager") + ", static KV cache, keyed-noise sampling; transformers: "
+             "eager, its dynamic cache",
              f"real time = audio seconds generated per second; weights B/s = weight bytes read per step x "
              f"steps/s (measured copy bandwidth {_si(bandwidth)}B/s)"] + common_notes(a, load_start)
     if a["quantize"]:
@@ -742,28 +744,23 @@ def bench_data(a):
 # ----------------------------------------------------------------------------------------------------------
 # memory: peak training memory of one update, for fine-tuning the released sizes (30 s segments, bf16 autocast)
 
-# setup -> (activation checkpointing, what trains). LoRA adapters are not in model.py yet: the stand-in trains the
-# output heads and the norms only, which has what matters for memory (a frozen base: no gradients or AdamW state for
-# it, but the backward still runs through every layer).
-MEMORY_SETUPS = {"full": (False, "all"), "full + checkpointing": (True, "all"),
-                 "frozen base (heads, norms) + checkpointing": (True, "heads_norms")}
-
-
-def freeze(model, trains):
-    """requires_grad by what trains: all, or heads_norms (the output heads and every LayerNorm)."""
-    for name, p in model.named_parameters():
-        p.requires_grad = trains == "all" or name.startswith("linears.") or "norm" in name
+# setup -> (activation checkpointing, LoRA rank: 0 trains every weight; else adapters.py's adapters of that rank on
+# its default targets, the attention's in_proj and out_proj, over a frozen base)
+MEMORY_SETUPS = {"full": (False, 0), "full + checkpointing": (True, 0),
+                 "adapters (LoRA rank 16, in_proj + out_proj) + checkpointing": (True, 16)}
 
 
 def update_peak(a, size, n_layers, batch, frames, setup):
     """Peak bytes of the second training update (the first allocates AdamW's state) of our LM at `size` with
     n_layers, batch x frames, text a["text_len"] positions -> (peak, parameters, trained parameters). CUDA:
     the allocator's peak. CPU: parameters + optimizer state + the profiler's peak of the update on top."""
-    checkpointing, trains = MEMORY_SETUPS[setup]
+    import adapters
+    checkpointing, rank = MEMORY_SETUPS[setup]
     b = {**a, "size": size, "batch_size": batch, "seconds": frames / 50, "compile": False,
          "checkpointing": checkpointing}
     model, _ = build_lm(b, n_layers=n_layers)
-    freeze(model, trains)
+    if rank:
+        adapters.add(model, rank)   # train.py's parallelize adds them first, before checkpointing
     calls, optimizers, _, _ = train_calls(b, model, model.cfg)
     peak = second_update_peak(calls["ours"], a["device"], [model], optimizers.values())
     counts = lm.num_params(model), sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -789,46 +786,40 @@ def second_update_peak(step, device, models, optimizers):
 
 
 def fit_memory(points):
-    """Least squares of peak = c0 + c1 L + B T (a0 + a1 L) over [(L, B, T, peak)] -> (coefficients, the largest
-    relative residual). Weights, gradients and AdamW state grow with the layers L; activations with the frames B x T
-    per layer and, for the embeddings, heads, logits and loss, once."""
-    X = torch.tensor([[1.0, n, b * t, b * t * n] for n, b, t, _ in points], dtype=torch.float64)
-    y = torch.tensor([p for *_, p in points], dtype=torch.float64)
-    coef = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
-    return coef, ((X @ coef - y).abs() / y).max().item()
-
-
-def predict_memory(coef, n_layers, batch, steps):
-    return float(coef @ torch.tensor([1.0, n_layers, batch * steps, batch * steps * n_layers], dtype=torch.float64))
+    """Least squares of peak = c0 + c1 L over [(L, peak)] -> (c0, c1, the largest relative residual). At the full
+    width and segment, both candidates for an update's peak grow linearly with the layers L: the activations saved
+    for the backward (at its start) and the gradients (at its end); whichever grows faster per layer is the peak from
+    a few layers on, so 2-4 layers find the line a full model lies on."""
+    X = torch.tensor([[1.0, n] for n, _ in points], dtype=torch.float64)
+    y = torch.tensor([p for _, p in points], dtype=torch.float64)
+    c0, c1 = torch.linalg.lstsq(X, y[:, None]).solution[:, 0].tolist()
+    return c0, c1, ((X @ torch.tensor([c0, c1], dtype=torch.float64) - y).abs() / y).max().item()
 
 
 def bench_memory(a):
     """Peak training memory per update, batch 1 x 30 s, for each size and setup; the adapter target (medium, batch 2).
-    A GPU measures the full shapes. A CPU measures at the size's full width with 1-3 layers and 2-8 s segments and
-    extrapolates (fit_memory): --check measures the first size at its full shape too, to test the extrapolation."""
+    A GPU measures the full shapes. A CPU measures at the size's full width and segment with 2, 3 and 4 layers and
+    extrapolates in the layers (fit_memory); --check measures the first size at its full shape too, to test that."""
     device, frames, B = a["device"], round(a["seconds"] * 50), a["batch_size"]
     gib, load_start = 2 ** 30, load()
     rows, notes = [], []
     plan = [(size, setup, B) for size in a["size"].split(",") for setup in MEMORY_SETUPS]
     if "medium" in a["size"].split(","):
         plan.append(("medium", list(MEMORY_SETUPS)[2], 2))            # the issue's target: under 24 GB
-    fits = {}
     for size, setup, batch in plan:
         n_layers = SIZES[size]["n_layers"]
         if device.type == "cuda":
             peak, params, trained = update_peak(a, size, n_layers, batch, frames, setup)
             how = "measured"
         else:
-            if (size, setup) not in fits:
-                small = [(n, 1, t) for n in (1, 2) for t in (100, 200)] + [(3, 1, 400), (2, 2, 200)]
-                points = [(n, b, t, update_peak(a, size, n, b, t, setup)[0]) for n, b, t in small]
-                fits[(size, setup)] = fit_memory(points)
-            coef, residual = fits[(size, setup)]
-            peak = predict_memory(coef, n_layers, batch, frames)
+            c0, c1, residual = fit_memory([(n, update_peak(a, size, n, batch, frames, setup)[0]) for n in (2, 3, 4)])
+            peak = c0 + c1 * n_layers
             full = lm.build_lm(SIZES[size], with_t5=False, meta=True)   # parameters counted, none allocated
-            freeze(full, MEMORY_SETUPS[setup][1])
+            if MEMORY_SETUPS[setup][1]:
+                import adapters
+                adapters.add(full, MEMORY_SETUPS[setup][1])
             params, trained = lm.num_params(full), sum(p.numel() for p in full.parameters() if p.requires_grad)
-            how = f"extrapolated (fit within {100 * residual:.1f}%)"
+            how = f"extrapolated from 2-4 layers ({_si(c1)}B per layer, fit within {100 * residual:.1f}%)"
             if a["check"] and size == plan[0][0] and batch == 1:
                 measured = update_peak(a, size, n_layers, batch, frames, setup)[0]
                 how += f"; measured at full shape {measured / gib:.3g} GiB ({100 * (peak / measured - 1):+.1f}%)"
@@ -842,12 +833,12 @@ def bench_memory(a):
              "activations at the update's peak (second update)",
              "with EMA: train.py's default EMA adds 4 bytes per trained parameter on the device; T5-base's encoder "
              "(frozen, float32) adds 0.41 GiB when conditioner=t5",
-             "frozen base: LoRA adapters are not in model.py yet; this stand-in trains the output heads and the "
-             "norms (a frozen base: no gradients or AdamW state for it, the backward still runs through every layer)",
+             "adapters: adapters.py's LoRA on the attention's in_proj and out_proj (its default targets), over a "
+             "frozen base: no gradients or AdamW state for the base, but the backward runs through every layer",
              f"device: {describe_device(device)}; "
              + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                "CPU: the profiler's allocations at the size's width with 1-3 layers, 100-400 frames and batch 1-2, "
-                "fitted by peak = c0 + c1 L + B T (a0 + a1 L) and evaluated at the full shape")
+                "CPU: the profiler's allocations at the size's full width, segment and batch with 2, 3 and 4 layers, "
+                "fitted by peak = c0 + c1 L (least squares) and evaluated at the size's layers")
              + f"; load average {load_start:.1f}"]
     print_table("bench memory: training peak per update", notes,
                 ["size", "setup", "batch", "parameters", "trained", "peak GiB", "with EMA GiB", "how"], rows)
@@ -864,11 +855,11 @@ SUITE_SHAPES = {
                  loss_shape=(2, 5.0), greedy_seconds=4.0, budget=450.0, capacity=0.85, repeats=3,
                  memory=(("medium", 2, 2), ("small", 1, 1))),   # (size, MEMORY_SETUPS index, batch)
     "cpu": dict(train_seconds=1.0, gen_seconds=0.4, gen_batches=(1, 4), codec=(1, 0.5), loader_seconds=4.0,
-                loss_shape=(2, 1.0), greedy_seconds=0.4, budget=180.0, capacity=0.25, repeats=1,
+                loss_shape=(2, 1.0), greedy_seconds=0.4, budget=300.0, capacity=0.25, repeats=1,
                 memory=(("debug", 2, 2),)),
 }
-# Parts in the order they run, with their time boxes in seconds (scaled to --budget): the correctness checks first,
-# as what a first GPU run is likeliest to find.
+# Parts in the order they run, with their shares of the budget (seconds of the GPU's 450; scaled to --budget); a part
+# may run to twice its share. The correctness checks first: what a first GPU run is likeliest to find.
 SUITE_PARTS = {"checks": 70, "train": 170, "generate": 200, "codec": 25, "loader": 15, "memory": 30}
 SUITE_HEADER = ["part", "measurement", "ours", "transformers", "ratio", "target", "result"]
 DEBUG_CONFIG = str(Path(__file__).resolve().parent / "config" / "debug.py")
@@ -916,12 +907,16 @@ def compile_options(a):
     return {} if a["device"].type == "cuda" else {"backend": "eager"}
 
 
-def compile_decode(model, cuda_graphs=False, backend=None):
-    """Compile the model's decode step for generate(): static shapes (the whole cache under a mask); cuda_graphs
-    replays it as a CUDA graph (mode reduce-overhead). Replaces an earlier compiled step."""
-    model.__dict__.pop("decode_step", None)
-    options = {"backend": backend} if backend else {"mode": "reduce-overhead" if cuda_graphs else "default"}
-    model.decode_step = torch.compile(model.decode_step, fullgraph=True, **options)
+def compile_decode(model, cuda_graphs=None, backend=None):
+    """model.compile_decode (the decode-and-sample step with static shapes; cuda_graphs: mode reduce-overhead,
+    default on CUDA), replacing an earlier one. backend: the same compile with another dynamo backend (the CPU
+    suite's "eager": the same graph, no inductor build); generate() runs whatever compiled_step holds."""
+    lm.decompile_decode(model)
+    if backend is None:
+        mode = None if cuda_graphs is None else "reduce-overhead" if cuda_graphs else "default"
+        return lm.compile_decode(model, mode)
+    model.compiled_step = torch.compile(model.sample_step, fullgraph=True, backend=backend)
+    return model
 
 
 def release(device):
@@ -1321,7 +1316,7 @@ def suite_generate(a, ctx, add):
     t = timed("eager", lambda f: ours_gen(ours, 1, f))
     add(["generate", f"batch 1, {b['seconds']:g} s with CFG ({a['size']}, {dtype} weights): eager, static KV "
          "cache", f"{t:.2f} s", ref_s, versus(t, t_ref), "", ""])
-    compile_decode(ours, backend=backend)
+    compile_decode(ours, cuda_graphs=False, backend=backend)
     t = timed("compiled", lambda f: ours_gen(ours, 1, f), repeats=2, compiled=True)
     add(["generate", "batch 1: decode step compiled (" + ("inductor" if graphs else "dynamo only, on a CPU") + ")",
          f"{t:.2f} s", ref_s, versus(t, t_ref), "", ""])
@@ -1335,7 +1330,7 @@ def suite_generate(a, ctx, add):
         add(["generate", f"batch 1, CUDA graph: {dtype} weight bytes read per second",
              f"{_si(quantize.weight_bytes(ours) * (n + cfg.n_q - 1) / t)}B/s", "", "", "", ""])
     torch._dynamo.reset()
-    ours.__dict__.pop("decode_step")   # the copy must not share ours' compiled step
+    lm.decompile_decode(ours)   # the copy must not share ours' compiled step
     q = quantize.quantize(copy.deepcopy(ours), "int8")
     compile_decode(q, graphs, backend)
     t = timed("int8", lambda f: ours_gen(q, 1, f), repeats=2, compiled=True)
@@ -1398,14 +1393,14 @@ def suite_loader(a, ctx, add):
         add(["loader", "headroom over the train step's need", "", "", "", ">= 50x", "skipped: no train figure"])
 
 
-# -- memory: the adapter target (medium, frozen base + checkpointing, batch 2 x 30 s)
+# -- memory: the adapter target (medium, adapters + checkpointing, batch 2 x 30 s)
 
 def suite_memory(a, ctx, add):
     for size, setup, batch in ctx["shapes"]["memory"]:
         setup = list(MEMORY_SETUPS)[setup]
         frames = round(30.0 * 50) if a["device"].type == "cuda" else 100
         peak = update_peak(a, size, SIZES[size]["n_layers"], batch, frames, setup)[0]
-        target = size == "medium" and "frozen" in setup
+        target = size == "medium" and MEMORY_SETUPS[setup][1] > 0
         add(["memory", f"training peak per update: {size}, {setup}, batch {batch} x {frames / 50:g} s, bf16",
              _gib(peak), "", "", "< 24 GB" if target else "",
              verdict(peak, 24e9, higher=False, device=a["device"]) if target else ""])
@@ -1455,7 +1450,7 @@ def bench_suite(a):
                 continue
             t0 = time.time()
             try:
-                with time_box(min(left, SUITE_PARTS[part] * scale * 1.5)):
+                with time_box(min(left, SUITE_PARTS[part] * scale * 2)):
                     {"checks": suite_checks, "train": suite_train, "generate": suite_generate,
                      "codec": suite_codec, "loader": suite_loader, "memory": suite_memory}[part](a, ctx, add)
             except (Exception, TimeBox) as e:
@@ -1463,11 +1458,17 @@ def bench_suite(a):
             finally:
                 release(device)
                 times[part] = time.time() - t0
-            if a["out"]:
-                table = suite_table(rows, a, started, times).encode()
-                env.write_atomic(a["out"], lambda f: f.write(table))
-    print("\n" + suite_table(rows, a, started, times))
+            if a["out"]:   # after every part: a run killed later keeps what it measured
+                write_table(a["out"], suite_table(rows, a, started, times))
+    table = suite_table(rows, a, started, times)
+    if a["out"]:
+        write_table(a["out"], table)
+    print("\n" + table)
     return rows
+
+
+def write_table(path, table):
+    env.write_atomic(path, lambda f: f.write(table.encode()))
 
 
 def main(argv):

@@ -497,11 +497,79 @@ SUBTYPES = {"WAV": "PCM_16", "FLAC": "PCM_16", "OGG": "VORBIS", "MP3": "MPEG_LAY
 def save_audio(path, wav, sample_rate):
     """Write wav ([C, S] or [S], tensor or array, floats in [-1, 1]) in the format its suffix names (.wav and
     .flac as 16-bit PCM). Through memory: soundfile syncs a file to disk on close, slow for many small files."""
+    Path(path).write_bytes(audio_bytes(wav, sample_rate, Path(path).suffix))
+
+
+def audio_bytes(wav, sample_rate, suffix=".wav"):
+    """The file save_audio writes, as bytes (for env.write_atomic: generated samples are written whole or not at
+    all)."""
     x = wav.detach().float().cpu().numpy() if torch.is_tensor(wav) else np.asarray(wav, dtype=np.float32)
-    fmt = Path(path).suffix[1:].upper()
+    fmt = suffix.lstrip(".").upper()
     buf = io.BytesIO()
     sf.write(buf, np.clip(x.T, -1, 1), sample_rate, format=fmt, subtype=SUBTYPES.get(fmt))
-    Path(path).write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+# Normalisation of generated audio (generate.py, the generate stage): ITU-R BS.1770 loudness (K-weighted, gated)
+# or peak, and never above PEAK_CEILING_DB
+
+PEAK_CEILING_DB = -1.0   # no sample above -1 dBFS after normalisation: no clipping, room for resampling overshoot
+
+
+def _k_weighting(n, sample_rate):
+    """BS.1770's K-weighting (a +4 dB shelf above ~1.7 kHz, then a ~38 Hz high-pass) as a frequency response on
+    the rfft bins of n samples. Bilinear-transform parameters that give the standard's 48 kHz coefficients
+    exactly, so other rates get the same curve."""
+    z = np.exp(-2j * np.pi * np.fft.rfftfreq(n))           # z^-1 on the unit circle
+    K = math.tan(math.pi * 1681.974450955533 / sample_rate)
+    Q, Vh = 0.7071752369554196, 10 ** (3.999843853973347 / 20)
+    Vb = Vh ** 0.4996667741545416
+    shelf = (Vh + Vb * K / Q + K * K + 2 * (K * K - Vh) * z + (Vh - Vb * K / Q + K * K) * z * z) / \
+        (1 + K / Q + K * K + 2 * (K * K - 1) * z + (1 - K / Q + K * K) * z * z)
+    K, Q = math.tan(math.pi * 38.13547087602444 / sample_rate), 0.5003270373238773
+    a0 = 1 + K / Q + K * K
+    high_pass = a0 * (1 - z) ** 2 / (a0 + 2 * (K * K - 1) * z + (1 - K / Q + K * K) * z * z)
+    return shelf * high_pass
+
+
+def loudness(wav, sample_rate):
+    """Integrated loudness in LUFS of wav [C, S] (channels weighted 1, as BS.1770 does left, right and centre):
+    400 ms blocks every 100 ms, absolute gate -70 LUFS, relative gate -10 LU. -inf for silence."""
+    x = np.asarray(wav, dtype=np.float64).reshape(-1, np.shape(wav)[-1])
+    pad = sample_rate // 2                                 # room for the filters' tails (the FFT wraps around)
+    n = x.shape[-1] + pad
+    y = np.fft.irfft(np.fft.rfft(x, n) * _k_weighting(n, sample_rate), n)[:, :x.shape[-1]]
+    block, hop = int(0.4 * sample_rate), int(0.1 * sample_rate)
+    starts = range(0, max(y.shape[-1] - block, 0) + 1, hop)
+    power = np.array([(y[:, s:s + block] ** 2).mean(-1).sum() for s in starts])   # [blocks]
+    with np.errstate(divide="ignore"):
+        lufs = -0.691 + 10 * np.log10(power)
+        gated = power[lufs > -70]
+        if not len(gated):
+            return float("-inf")
+        gated = power[(lufs > -70) & (lufs > -0.691 + 10 * np.log10(gated.mean()) - 10)]
+        return float(-0.691 + 10 * np.log10(gated.mean()))
+
+
+def normalize(wav, sample_rate, strategy="loudness", headroom_db=None):
+    """wav [C, S] -> (wav, gain_db). loudness: to -headroom_db LUFS (14: AudioCraft's samples); peak: peak at
+    -headroom_db dBFS (default 1); none: unchanged. Then, whatever the strategy, lowered so no sample exceeds
+    PEAK_CEILING_DB: the file never clips. Silence stays silence."""
+    if headroom_db is not None and not math.isfinite(headroom_db):
+        raise UserError(f"headroom_db={headroom_db}: must be a finite number of dB")
+    peak = float(wav.abs().max())
+    if peak == 0:
+        return wav, 0.0
+    gain_db = 0.0
+    if strategy == "loudness":
+        level = loudness(wav.detach().float().cpu().numpy(), sample_rate)
+        gain_db = -(14.0 if headroom_db is None else headroom_db) - level if math.isfinite(level) else 0.0
+    elif strategy == "peak":
+        gain_db = -(1.0 if headroom_db is None else headroom_db) - 20 * math.log10(peak)
+    gain_db = min(gain_db, PEAK_CEILING_DB - 20 * math.log10(peak))
+    if strategy == "none" and peak <= 1.0:
+        gain_db = 0.0
+    return wav * 10 ** (gain_db / 20), gain_db
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1506,28 +1574,6 @@ def main(argv):
     return 0
 
 
-def _device(name):
-    """--device as a torch.device that exists here, checked before any work (cuda:LOCAL_RANK under torchrun)."""
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device={name}: not a device (cpu, cuda, cuda:N, mps)") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device={name}: CUDA is not available here (torch sees no GPU): use --device=cpu")
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if device.index >= torch.cuda.device_count():
-            raise UserError(f"--device={device}: this machine has {torch.cuda.device_count()} GPUs")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device={name}: MPS is not available here: use --device=cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device={name}: the codec runs on cpu, cuda or mps")
-    return device
-
-
 def _tokenize_cli(manifest, cache_dir, *, codec, device, batch_size, num_workers, chunk_seconds, stall_timeout):
     import formats
     if codec is None:
@@ -1539,7 +1585,7 @@ def _tokenize_cli(manifest, cache_dir, *, codec, device, batch_size, num_workers
                         f"numbers (set by torchrun)") from None
     if not 0 <= rank < world:
         raise UserError(f"RANK={rank} must be in [0, WORLD_SIZE={world})")
-    device = _device(device)
+    device = env.resolve_device(device)
     src = resolve_path(map_dataset_path(manifest))
     if src.is_dir() and not any((src / n).is_file() for n in ("data.jsonl", "data.jsonl.gz")):
         files = [manifest_file(src / s) for s in SPLITS if (src / s).is_dir()]

@@ -363,6 +363,37 @@ def keep_freed_memory():
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
+def resolve_device(name, local_rank=None, local_world=None):
+    """The one place a process picks its device (train.py, generate.py, data.py tokenize). Empty: cuda, then mps,
+    then cpu. `cuda` without an index is the local rank's GPU (LOCAL_RANK when not given; modulo the GPUs this
+    process sees: under srun with one GPU per task that is cuda:0)."""
+    import torch
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if local_world is None else local_world
+    if not name:
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f'device="{name}" is not a torch device (cpu, cuda, cuda:1, mps)') from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f'device="{name}": CUDA is not available on this machine (use --device=cpu)')
+        count = torch.cuda.device_count()
+        if device.index is None:
+            device = torch.device("cuda", local_rank % count)
+        elif local_world > 1 and count > 1:
+            raise UserError(f'device="{name}" names one GPU, but {local_world} processes run on this node and '
+                            f'would all use it: use --device=cuda (each process takes its local rank\'s GPU)')
+        elif device.index >= count:
+            raise UserError(f'device="{name}": this process sees {count} GPU(s)')
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f'device="{name}": MPS is not available on this machine')
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f'device="{name}" is not a device to compute on (use cpu, cuda or mps)')
+    return device
+
+
 def cli(main, help=None):
     """Run an entry point's main(argv): bad input (UserError) is one line on stderr and exit status 2. -h or
     --help prints help() (default: the entry point's module docstring) and exits 0; help=False leaves them to
@@ -390,7 +421,13 @@ def option_types(schema):
         for f in dataclasses.fields(schema):
             kind = hints[f.name]
             args = [a for a in typing.get_args(kind) if a is not type(None)]
-            out[f.name] = (args[0], True) if args and len(typing.get_args(kind)) > len(args) else (kind, False)
+            if args and len(typing.get_args(kind)) > len(args):       # X | None
+                out[f.name] = (args[0], True)
+            elif typing.get_origin(kind) in (tuple, list):             # tuple[int, ...]: the items' type too
+                items = [a for a in typing.get_args(kind) if a is not Ellipsis]
+                out[f.name] = (typing.get_origin(kind), False, items[0] if len(set(items)) == 1 else None)
+            else:
+                out[f.name] = (kind, False)
         return out
     out = {}
     for key, default in schema.items():
@@ -407,7 +444,8 @@ def option_defaults(schema):
     """{key: default} of a schema (see option_types): a bare type or a (type, None) pair defaults to None."""
     if dataclasses.is_dataclass(schema):
         return {f.name: getattr(schema, f.name) if not isinstance(schema, type) else
-                f.default_factory() if f.default is dataclasses.MISSING else f.default for f in dataclasses.fields(schema)}
+                f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(schema)}
     typed = lambda v: isinstance(v, type) or (isinstance(v, tuple) and len(v) == 2 and v[1] is None  # noqa: E731
                                               and isinstance(v[0], type))
     return {k: None if typed(v) else v for k, v in schema.items()}
@@ -418,12 +456,14 @@ def _closest(key, names):
     return f' (did you mean "{match[0]}"?)' if match else ""
 
 
-def coerce(key, value, kind, where, nullable=False):
+def coerce(key, value, kind, where, nullable=False, item=None):
     """A value (a string from the command line, or a Python object from a config file) -> `kind`. Strings are read
-    as Python literals where the type is not str (`--lr=1` is a float, `--delays=[0,1]` or `0,1` a tuple); "none"
-    is None where the key may be None. Anything else is one UserError naming where, the key and the value."""
+    as Python literals where the type is not str (`--lr=1` is a float, `--delays=[0,1]` or `0,1` a tuple, and
+    `--metrics=fad,kld` a tuple of words); "none" is None where the key may be None; a tuple's items are coerced to
+    `item` when given. Anything else is one UserError naming where, the key and the value."""
+    example = "fad,kld" if item is str else "[0,1,2]"
     expected = {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string",
-                tuple: "a list such as [0,1,2]", list: "a list such as [0,1,2]"}[kind]
+                tuple: f"a list such as {example}", list: f"a list such as {example}"}[kind]
     bad = UserError(f"{where}: {key}={value!r} is not {expected}")
     if nullable and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
         return None
@@ -461,10 +501,21 @@ def coerce(key, value, kind, where, nullable=False):
     if kind in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise bad
+        if item is not None:
+            try:
+                value = [coerce(key, v, item, where) for v in value]
+            except UserError:
+                raise bad from None
         return kind(value)
     if not isinstance(value, str):
         raise bad
     return value
+
+
+def coerce_key(types, key, value, where):
+    """coerce() with the type option_types() found for key."""
+    kind, nullable, *item = types[key]
+    return coerce(key, value, kind, where, nullable, *item)
 
 
 def _literal_or_word(text):
@@ -507,7 +558,7 @@ def parse_options(argv, schema, *, where="command line", usage="", positionals=(
                         f"(got {got}){'; usage: ' + usage if usage else ''}")
     values = option_defaults(schema)
     for key, value in options:
-        values[key] = coerce(key, value, types[key][0], where, types[key][1])
+        values[key] = coerce_key(types, key, value, where)
     return args, values
 
 
@@ -533,7 +584,7 @@ def apply_config_file(cfg, path):
             raise UserError(f'{path}: unknown key "{name}"{_closest(name, types)} (helper names must start with _)')
         if name in before and value is before[name]:
             continue
-        setattr(cfg, name, coerce(name, value, types[name][0], str(path), types[name][1]))
+        setattr(cfg, name, coerce_key(types, name, value, str(path)))
 
 
 def parse_config(cls, argv, where="command line", before_files=None):
@@ -547,7 +598,7 @@ def parse_config(cls, argv, where="command line", before_files=None):
     for path in files:
         apply_config_file(cfg, path)
     for key, value in overrides:
-        setattr(cfg, key, coerce(key, value, types[key][0], where, types[key][1]))
+        setattr(cfg, key, coerce_key(types, key, value, where))
     return cfg
 
 

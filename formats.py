@@ -89,7 +89,7 @@ def clean_state_dict(state):
 def check_state_dict(model, state, source):
     """Strict-load check with a readable error: counts and first names of missing and unexpected keys, shapes."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    missing = [k for k in own if k not in state and ".lora_" not in k]   # adapters are never part of base weights
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
               if k in state and tuple(state[k].shape) != tuple(own[k].shape)]

@@ -116,7 +116,8 @@ class Loggers:
         try:
             for path in sorted(Path(folder).glob("*.wav")):
                 about = path.with_suffix(".json")
-                text = json.loads(about.read_text()).get("description") if about.is_file() else None
+                meta = json.loads(about.read_text()) if about.is_file() else {}
+                text = meta.get("prompt", meta.get("description"))
                 wav, sample_rate = sf.read(path, dtype="float32", always_2d=True)   # [S, C]
                 twin = path.stem.removesuffix("_uncond")
                 self.audio(f"samples/{path.stem}", wav.T, sample_rate, step,

@@ -117,6 +117,8 @@ class QuantizedWeight(torch.Tensor):
                 zeros = None if first.zeros is None else torch.cat([t.zeros for t in tensors])
                 return QuantizedWeight(torch.cat([t.q for t in tensors]), first.mode,
                                        torch.cat([t.scales for t in tensors]), zeros, first.group_size)
+        if func is torch.Tensor.__getitem__:   # w[rows] under torch.compile (eager Python calls the method itself)
+            return args[0].__getitem__(*args[1:])
         if func is torch.Tensor.detach:   # nn.Parameter(w) detaches, and must keep the type
             w = args[0]
             return QuantizedWeight(w.q.detach(), w.mode, w.scales, w.zeros, w.group_size)
@@ -221,6 +223,8 @@ def quantize(lm, mode, group_size=32):
         raise UserError(f"group_size={group_size}: one of {', '.join(map(str, INT4_GROUP_SIZES))}")
     if getattr(lm, "quantized", None):
         raise UserError(f"the model is already quantized ({lm.quantized}): quantize the float model once")
+    if any(".lora_" in name for name, _ in lm.named_parameters()):
+        raise UserError("the model has low-rank adapters: fold them in first (adapters.merge(lm)), then quantize")
     if lm.out_norm.weight.device.type == "meta":
         raise UserError("the model has no weights yet (meta device): load them, then quantize")
     lm.eval().requires_grad_(False)

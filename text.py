@@ -370,7 +370,7 @@ class FrozenT5:
         if todo:
             ids, valid = self.tokenizer(list(todo))
             lengths = valid.sum(1).tolist()
-            ids, valid = ids.to(device), valid.to(device)
+            ids, valid = to_device(ids, device), to_device(valid, device)
             # Its own precision: the trainer's autocast must not turn T5 to float16 (AudioCraft does the same).
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 hidden = self.model(ids, valid)  # hidden: [N, L, d_model]
@@ -386,13 +386,21 @@ class FrozenT5:
         return out
 
 
+def to_device(t, device):
+    """A CPU tensor on `device` without a host sync: a pageable copy to a GPU waits for the whole queue, a pinned one
+    with non_blocking does not (the training step must not stall on its text)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def pad_rows(rows, width, device, dtype):
     """Rows [L_i, width] (None: an empty description) -> x [B, L, width] zero-padded, mask [B, L] (L >= 1)."""
     empty = torch.zeros(1, width, device=device, dtype=dtype)
     x = nn.utils.rnn.pad_sequence([empty if r is None else r for r in rows], batch_first=True)  # x: [B, L, width]
     lengths = torch.tensor([0 if r is None else r.shape[0] for r in rows])
     mask = torch.arange(x.shape[1])[None] < lengths[:, None]  # mask: [B, L] bool
-    return x, mask.to(device)
+    return x, to_device(mask, device)
 
 
 class T5Conditioner(nn.Module):
@@ -450,13 +458,13 @@ class LUTConditioner(nn.Module):
         texts = prepare_texts(descriptions, self.word_dropout, self.training)
         device = self.embed.weight.device
         ids, valid = self.tokenizer(texts)
-        ids, valid = ids.to(device), valid.to(device)  # [B, L]
+        ids, valid = to_device(ids, device), to_device(valid, device)  # [B, L]
         positions = sin_embedding(torch.arange(ids.shape[1], device=device), self.embed.embedding_dim)
         x = self.embed(ids) + positions  # x: [B, L, dim]
         for layer in self.layers:
             # Empty texts still hold their EOS, so no row is all padding (which would give NaN attention).
             x = layer(x, src_key_padding_mask=~valid)
-        mask = valid & torch.tensor([t != "" for t in texts], device=device)[:, None]  # mask: [B, L] bool
+        mask = valid & to_device(torch.tensor([t != "" for t in texts]), device)[:, None]  # mask: [B, L] bool
         condition = self.output_proj(self.norm(x))  # condition: [B, L, output_dim]
         return torch.where(mask[..., None], condition, 0.0), mask
 

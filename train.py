@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import adapters
 import data
 import env
 import formats
@@ -72,7 +73,7 @@ class Config:
     n_q: int = 4                      # codebooks (must match the codec)
     card: int = 2048                  # entries per codebook (must match the codec)
     pattern: str = "delay"            # delay | parallel | unroll | coarse_first | musiclm
-    delays: tuple = ()                # empty: 0..n_q-1
+    delays: tuple[int, ...] = ()      # empty: 0..n_q-1
     text_dim: int = 768               # width of the text encoder's states (T5-base: 768)
     fuse: str = "cross"               # cross | prepend | sum
     mask_memory: bool = False         # mask padded text positions (released models were trained without)
@@ -88,13 +89,20 @@ class Config:
     lut_layers: int = 0
     cfg_dropout: float = 0.3          # drop the whole description with this probability (classifier-free guidance)
     cfg_dropout_per_batch: bool = False   # AudioCraft: one coin for the whole batch
+    # fine-tuning: low-rank adapters (adapters.py) on a base from continue_from
+    lora_rank: int = 0                # adapters of this rank on lora_targets; 0: every weight trains
+    lora_alpha: float = 16.0          # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0         # dropout on the adapters' inputs
+    lora_targets: tuple[str, ...] = ("in_proj", "out_proj")   # of in_proj, out_proj, ffn, heads, emb, cond
+    freeze_base: bool = True          # with adapters: only they (and train_also) train
+    train_also: tuple[str, ...] = ()  # with adapters: parameters whose names contain one of these train too (linears)
     # optimisation
     epochs: int = 500                 # each epoch: updates_per_epoch updates, then valid
     updates_per_epoch: int = 2000
     batch_size: int = 192             # global, split across ranks
     grad_accum: int = 1               # micro-steps per update (same global batch)
     lr: float = 1e-4                  # peak learning rate (AdamW)
-    betas: tuple = (0.9, 0.95)
+    betas: tuple[float, ...] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
     decay_matrices_only: bool = False  # AudioCraft decays every parameter
@@ -105,12 +113,13 @@ class Config:
     ema: bool = True                  # a moving average of the weights, used by valid, generate and evaluate
     ema_decay: float = 0.99
     ema_every: int = 10               # updates between EMA updates (counted over the whole run)
+    ema_device: str = ""              # empty: the training device; cpu: the host (frees device memory, never stalls)
     train_on_padding: bool = False    # AudioCraft trains on padded frames; we mask them by default
     max_nonfinite: int = 10           # abort after this many non-finite updates in a row (each is skipped)
     # precision and speed
     dtype: str = "bfloat16"           # autocast dtype: bfloat16 | float16 (with a gradient scaler) | float32
     compile: bool = False             # torch.compile each transformer layer (training; eval and sampling run eager)
-    checkpointing: bool = False       # recompute each layer's activations in the backward (less memory, ~1/3 more compute)
+    checkpointing: bool = False       # recompute each layer's activations in the backward (less memory, 1/3 more work)
     device: str = ""                  # empty: cuda (the local rank's GPU), then mps, then cpu
     parallel: str = "ddp"             # ddp | fsdp (same numerics: fp32 weights, autocast)
     # stages
@@ -120,12 +129,14 @@ class Config:
     generate_count: int = 4           # samples per generate stage (from the generate split's descriptions)
     evaluate_every: int = 25          # likewise for evaluate; 0: never
     save_every: int = 50              # keep a copy checkpoint_<epoch>.pt every this many epochs; 0: none
+    keep_last: int = 0                # keep only the newest this many copies; 0: all
+    keep_weights_only: bool = False   # copies without optimizer state (small; checkpoint.pt stays complete)
     cfg_coef: float = 3.0             # classifier-free guidance coefficient for sampling
     top_k: int = 250                  # sample among the k most likely codes; 0: all
     top_p: float = 0.0                # nucleus sampling; wins over top_k when > 0
     temperature: float = 1.0          # 0: greedy
     evaluate_samples: int = 64        # evaluate-split items generated for fd and the metrics; 0: all
-    metrics: tuple = ()               # evaluate stage: fad, kld, clap, chroma_cos (metrics.py; weights below)
+    metrics: tuple[str, ...] = ()     # evaluate stage: fad, kld, clap, chroma_cos (metrics.py; weights below)
     vggish_path: str = "//reference/fad/vggish-10086976.pth"   # fad: torchvggish's VGGish weights
     passt_path: str = "//reference/kld/passt-s-f128-20sec-p16-s10-ap.474-swa.pt"   # kld: PaSST tagger weights
     clap_path: str = "//reference/clap/larger_clap_music"      # clap: a Hugging Face CLAP directory
@@ -145,26 +156,29 @@ class Config:
 # on another machine, with other workers or compiled, lands in the same run directory.
 INFRA_KEYS = {"runs_dir", "clear", "from_sig", "print_config", "num_workers", "device", "compile", "checkpointing",
               "parallel", "grad_accum", "log_every", "dist_timeout", "cache_dir", "generate_every", "evaluate_every",
-              "save_every", "trust_checkpoint", "evaluate_samples", "metrics", "vggish_path", "passt_path",
+              "save_every", "ema_device", "keep_last", "keep_weights_only", "trust_checkpoint", "evaluate_samples",
+              "metrics",
+              "vggish_path", "passt_path",
               "clap_path", "tensorboard", "wandb", "wandb_project", "wandb_entity", "wandb_group", "wandb_name",
               "wandb_mode"}
 
 FIELDS = {f.name: f for f in fields(Config)}
+TYPES = env.option_types(Config)
 CHOICES = {"pattern": lm_lib.PATTERNS, "fuse": lm_lib.FUSES, "conditioner": ("t5", "lut"),
            "dtype": ("bfloat16", "float16", "float32"), "lr_schedule": ("cosine", "linear", "constant"),
-           "parallel": ("ddp", "fsdp"), "t5_dtype": ("float32", "bfloat16")}
+           "parallel": ("ddp", "fsdp"), "t5_dtype": ("float32", "bfloat16"), "ema_device": ("", "cpu")}
 # Ranges every value must be in (inclusive; None: unbounded), checked when the config is parsed.
 RANGES = {
     **{k: (1, None) for k in ("epochs", "updates_per_epoch", "batch_size", "grad_accum", "ema_every", "log_every",
                                "dim", "n_layers", "n_heads", "hidden_scale", "n_q", "card", "text_dim", "lut_dim",
                                "generate_count", "max_nonfinite", "dist_timeout")},
     **{k: (0, None) for k in ("warmup", "valid_batches", "num_workers", "save_every", "generate_every",
-                               "evaluate_samples",
+                               "evaluate_samples", "keep_last", "lora_rank", "lora_alpha",
                                "evaluate_every", "top_k", "lut_layers", "text_max_length", "lr", "eps",
                                "weight_decay", "max_norm", "temperature", "lr_min_ratio")},
     **{k: (0.0, 1.0) for k in ("cfg_dropout", "word_dropout", "merge_text_p", "drop_desc_p", "keep_field_p",
                                "ema_decay", "min_segment_ratio", "max_skip_fraction", "top_p", "lr_min_ratio")},
-    "dropout": (0.0, 0.99), "seed": (0, 2 ** 32 - 1), "segment_duration": (0.01, 3600.0),
+    "dropout": (0.0, 0.99), "lora_dropout": (0.0, 0.99), "seed": (0, 2 ** 32 - 1), "segment_duration": (0.01, 3600.0),
     "generate_duration": (0.01, 3600.0), "cfg_coef": (-100.0, 100.0),
 }
 
@@ -197,7 +211,7 @@ def load_run_config(cfg, sig):
         raise UserError(f"{path}: not a run config (expected a JSON object of keys)")
     for key, value in saved.items():
         if key in FIELDS and key not in INFRA_KEYS:
-            setattr(cfg, key, env.coerce(key, value, type(FIELDS[key].default), str(path)))
+            setattr(cfg, key, env.coerce_key(TYPES, key, value, str(path)))
 
 
 def world_size_from_env():
@@ -232,6 +246,8 @@ def validate(cfg, world_size=None):
     lm_lib.check_config(lm_config(cfg))
     if cfg.metrics:
         metrics.parse_names(cfg.metrics)
+    if cfg.lora_rank and (set(cfg.lora_targets) - set(adapters.TARGETS) or not cfg.lora_targets):
+        raise UserError(f"lora_targets={list(cfg.lora_targets)}: choose from {', '.join(adapters.TARGETS)}")
     loggers.check(config_dict(cfg))
 
 
@@ -273,7 +289,7 @@ def config_help():
     lines = [__doc__.strip(), "", "Keys (--key=value; * = infrastructure, not part of the signature):"]
     for line in inspect.getsource(Config).splitlines()[2:]:
         section = re.fullmatch(r"\s+# (.+)", line)
-        field_ = re.fullmatch(r"\s+(\w+): [\w.]+ = (.+?)(?:\s+# (.*))?", line)
+        field_ = re.fullmatch(r"\s+(\w+): [\w.\[\], ]+? = (.+?)(?:\s+# (.*))?", line)
         if section:
             lines.append(f"  {section[1]}")
         elif field_:
@@ -318,37 +334,10 @@ def process_env():
     return 0, 1, 0, 1
 
 
-def resolve_device(name, local_rank=0, local_world=1):
-    """The one place a process picks its device. Empty: cuda, then mps, then cpu. `cuda` without an index is the
-    local rank's GPU (modulo the GPUs this process sees: under srun with one GPU per task that is cuda:0)."""
-    if not name:
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f'device="{name}" is not a torch device (cpu, cuda, cuda:1, mps)') from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f'device="{name}": CUDA is not available on this machine (use --device=cpu)')
-        count = torch.cuda.device_count()
-        if device.index is None:
-            device = torch.device("cuda", local_rank % count)
-        elif local_world > 1 and count > 1:
-            raise UserError(f'device="{name}" names one GPU, but {local_world} processes run on this node and '
-                            f'would all use it: use --device=cuda (each process takes its local rank\'s GPU)')
-        elif device.index >= count:
-            raise UserError(f'device="{name}": this process sees {count} GPU(s)')
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f'device="{name}": MPS is not available on this machine')
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f'device="{name}" cannot train (use cpu, cuda or mps)')
-    return device
-
-
 def setup_distributed(cfg):
     """torchrun (RANK, LOCAL_RANK, WORLD_SIZE), srun without torchrun (SLURM_*), or one process."""
     rank, world, local, local_world = process_env()
-    device = resolve_device(cfg.device, local, local_world)
+    device = env.resolve_device(cfg.device, local, local_world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True   # float32 matmuls on tensor cores (nanoGPT does the same)
@@ -419,8 +408,10 @@ def _checkpointed(forward):
 
 
 def parallelize(step, cfg, d):
-    """torchtitan's order: activation checkpointing, then per-block compile, then fully_shard per block, then the
-    root; or DDP around the step. The model knows nothing of it. -> the module the loop calls."""
+    """Adapters (and freezing) first, then torchtitan's order: activation checkpointing, per-block compile,
+    fully_shard per block, then the root; or DDP around the step. The model knows nothing of it. -> the module the
+    loop calls."""
+    adapters.apply(step.lm, config_dict(cfg))
     layers = step.lm.transformer.layers
     for layer in layers:
         if cfg.checkpointing:
@@ -477,18 +468,55 @@ def local(t):
 
 class EMA:
     """Unbiased moving average of what trains, AudioCraft's: count = count*decay + 1, ema += (x - ema) / count.
-    On the device, as this rank's parts of the parameters (FSDP shards: sharded like the model)."""
+    As this rank's parts of the parameters (FSDP shards: sharded like the model), on the training device or, with
+    device="cpu", on the host: then each update copies the weights out asynchronously (pinned memory, a side stream)
+    and folds them in at the next update or read, so the training step never waits for it."""
 
-    def __init__(self, model, decay):
-        self.decay, self.count = decay, 0.0
-        self.state = {k: local(p).detach().clone() for k, p in trainable(model).items()}
+    def __init__(self, model, decay, device=None, deferred=None):
+        params = trainable(model)
+        self.decay, self.count, self.pending = decay, 0.0, False
+        self.state = {k: local(p).detach().to(device or local(p).device, copy=True) for k, p in params.items()}
+        first = next(iter(params.values()), None)
+        self.deferred = deferred if deferred is not None else \
+            first is not None and self.state[next(iter(params))].device != local(first).device
+        if self.deferred:
+            cuda = local(first).device.type == "cuda"
+            self.staged = {k: torch.empty_like(v, pin_memory=cuda) for k, v in self.state.items()}
+            self.stream = torch.cuda.Stream(local(first).device) if cuda else None
 
     @torch.no_grad()
     def update(self, model):
-        self.count = self.count * self.decay + 1
         params = dict(model.named_parameters())
-        torch._foreach_lerp_(list(self.state.values()), [local(params[k]).detach() for k in self.state],
-                             1.0 / self.count)
+        if not self.deferred:
+            self.count = self.count * self.decay + 1
+            torch._foreach_lerp_(list(self.state.values()), [local(params[k]).detach() for k in self.state],
+                                 1.0 / self.count)
+            return
+        self.flush()
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream())   # the weights of this update, as they are now
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            for k, staged in self.staged.items():
+                staged.copy_(local(params[k]).detach(), non_blocking=True)
+            self.event = self.stream.record_event() if self.stream is not None else None
+        self.pending = True
+
+    def before_step(self):
+        """Call before the optimizer changes the weights: a copy in flight must have read them (a wait on the
+        device, not on the host)."""
+        if self.pending and self.stream is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)
+
+    @torch.no_grad()
+    def flush(self):
+        """Fold in the copy in flight (deferred EMA): call before reading state."""
+        if self.pending:
+            if self.event is not None:
+                self.event.synchronize()   # long done: it ran beside the updates since
+            self.count = self.count * self.decay + 1
+            torch._foreach_lerp_(list(self.state.values()), list(self.staged.values()), 1.0 / self.count)
+            self.pending = False
+        return self.state
 
 
 @torch.no_grad()
@@ -608,10 +636,11 @@ def all_rng_states(d):
 def checkpoint_state(lm, optimizer, scaler, ema, best, state, cfg, d):
     """The whole training state as one dict on rank 0 (None elsewhere): full tensors on the CPU. Collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    model_sd, optim_sd = get_state_dict(lm, optimizer, options=StateDictOptions(full_state_dict=True,
-                                                                                cpu_offload=True))
+    # an adapter run (state["base"] set) keeps what trains; its base weights stay where state["base"] says
+    model_sd, optim_sd = get_state_dict(lm, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=state.get("base") is not None))
     params = trainable(lm)
-    ema_full = gather_parts(ema.state, params, d) if ema else None
+    ema_full = gather_parts(ema.flush(), params, d) if ema else None
     best_full = gather_parts(best, params, d) if best is not None else None
     rngs = all_rng_states(d)
     if not d.main:
@@ -622,7 +651,24 @@ def checkpoint_state(lm, optimizer, scaler, ema, best, state, cfg, d):
             **{k: v for k, v in state.items()}, "config": config_dict(cfg), "rng": rngs}
 
 
-def restore(ckpt, lm, optimizer, scaler, ema, state, d, fsdp):
+def load_base(lm, base, config, init_hash):
+    """An adapter run's base weights: from the file it continued from, or the seeded initial weights (already in
+    lm); either way their content hash must be the one the adapters were trained on."""
+    if base["source"]:
+        source, path = formats.read_lm_state(base["source"], config.get("runs_dir") or None,
+                                             config.get("trust_checkpoint", False))
+        got = adapters.state_hash(source)
+        if got != base["hash"]:
+            raise UserError(f"{path}: the base weights changed since the adapters were trained on them (content hash "
+                            f"{got}, expected {base['hash']}): restore that file, or start afresh (--clear=True)")
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(lm, dict(source), options=StateDictOptions(full_state_dict=True, strict=False))
+    elif init_hash != base["hash"]:
+        raise UserError(f"the seeded initial weights (content hash {init_hash}) are not the base the "
+                        f"adapters were trained on ({base['hash']}): the model code or seed changed")
+
+
+def restore(ckpt, lm, optimizer, scaler, ema, state, d, fsdp, init_hash=None):
     """Load a checkpoint into the live objects; -> this rank's parts of the best state. Every rank has the file
     memory-mapped; under FSDP rank 0 broadcasts model and optimizer, and each rank slices its EMA and best state."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
@@ -632,11 +678,19 @@ def restore(ckpt, lm, optimizer, scaler, ema, state, d, fsdp):
                         f"start afresh (--clear=True) or take its weights with --continue_from")
     mine = d.main or not fsdp
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=fsdp)
+    if ckpt.get("base") is not None:   # an adapter run: its base first, checked against the hash it was trained on
+        load_base(lm, ckpt["base"], ckpt["config"], init_hash)
+        names = set(trainable(lm))
+        if set(ckpt["model"]) != names:
+            raise UserError(f"its adapters do not fit this model ({len(set(ckpt['model']) ^ names)} names differ, e.g. "
+                            f"{sorted(set(ckpt['model']) ^ names)[0]}): lora_* keys changed?")
+        opts = dataclasses.replace(opts, strict=False)
     set_model_state_dict(lm, ckpt["model"] if mine else {}, options=opts)
-    # parameters that never had a gradient have no optimizer state: not an error
-    set_optimizer_state_dict(lm, optimizer, ckpt["optimizer"] if mine else {},
-                             options=dataclasses.replace(opts, strict=False))
-    scaler.load_state_dict(ckpt["scaler"])
+    if not ckpt.get("weights_only"):   # a kept copy may be weights only (keep_weights_only): moments start afresh
+        # parameters that never had a gradient have no optimizer state: not an error
+        set_optimizer_state_dict(lm, optimizer, ckpt["optimizer"] if mine else {},
+                                 options=dataclasses.replace(opts, strict=False))
+        scaler.load_state_dict(ckpt["scaler"])
     params = trainable(lm)
     if ema is not None and ckpt["ema"]:
         for k, part in parts_of(ckpt["ema"]["state"], params).items():
@@ -644,11 +698,11 @@ def restore(ckpt, lm, optimizer, scaler, ema, state, d, fsdp):
         ema.count = ckpt["ema"]["count"]
     for key in state:
         state[key] = ckpt[key]
-    rngs = ckpt["rng"]
+    rngs = ckpt.get("rng", [])
     if len(rngs) == d.world_size:
         set_rng_state(rngs[d.rank], d.device)
     else:
-        state["resharded"] = True
+        state["resharded"] = "weights only" if ckpt.get("weights_only") else "processes"
     return None if ckpt["best_state"] is None else {k: v.cpu() for k, v in parts_of(ckpt["best_state"], params).items()}
 
 
@@ -676,19 +730,20 @@ def eval_mode(step, sampling=False):
     inference mode, past dynamo's recompile limit), and under FSDP with every layer gathered for sampling: each
     decode step then runs without an all-gather."""
     step.eval()
-    fsdp_layers = [m for m in step.modules() if hasattr(m, "unshard")] if sampling else []
-    if fsdp_layers:
+    fsdp_units = [m for m in step.modules() if hasattr(m, "unshard")] if sampling else []
+    if fsdp_units:
         step._get_fsdp_state()._lazy_init()  # a root that has not run forward yet (a resumed pending stage)
-        for m in fsdp_layers:
-            m.set_reshard_after_forward(False)
+        step.set_reshard_after_forward(False)   # every unit (the root's own default is already False)
+        for m in fsdp_units:
             m.unshard()
     try:
         with torch.compiler.set_stance("force_eager"):
             yield
     finally:
-        for m in fsdp_layers:
+        for m in fsdp_units:
             m.reshard()
-            m.set_reshard_after_forward(True)
+            if m is not step:
+                m.set_reshard_after_forward(True, recurse=False)
         step.train()
 
 
@@ -724,24 +779,26 @@ def evaluate_ce(step, split, cfg, codec, d, micro_batch, autocast, max_batches=0
             **{f"ce_q{k + 1}": v / count for k, v in enumerate(totals[2:])}}
 
 
-def sample_codes(lm, cfg, descriptions, n_frames, seeds, device, autocast):
-    """Codes [B, K, n_frames] for descriptions (None: unconditional), each row drawn from its own seed, with the
-    config's sampling settings."""
+def sample_codes(lm, cfg, descriptions, n_frames, seeds, device, autocast, window):
+    """Codes [B, K, n_frames] for descriptions (None: unconditional) with the config's sampling settings: model.py's
+    one sampler (generate.py's), row b drawn from seeds[b] alone, windows of the model's context sliding past it."""
     with torch.autocast(device.type, dtype=getattr(torch, cfg.dtype), enabled=autocast):
-        condition, mask = lm.conditioner(list(descriptions))
-        return lm.generate(condition, mask, n_frames, cfg_coef=cfg.cfg_coef, temperature=cfg.temperature,
-                           top_k=cfg.top_k, top_p=cfg.top_p, seeds=seeds)
+        return lm_lib.sample(lm, list(descriptions), n_frames, window=window, seeds=seeds, cfg_coef=cfg.cfg_coef,
+                             top_k=cfg.top_k, top_p=cfg.top_p, temperature=cfg.temperature)
 
 
 def generate_stage(step, lm, splits, cfg, codec, d, epoch, out, autocast, weights):
-    """Samples for the generate split's descriptions and their unconditional twins, decoded to wav: prompts
-    strided across ranks, each rank writes its own files. -> the history row."""
+    """Samples for the generate split's descriptions and their unconditional twins, decoded to wav and
+    loudness-normalised as generate.py does; row seed cfg.seed + epoch + i, so `python generate.py --run=SIG
+    --prompt=P --seed=ROW_SEED` remakes sample i from the same weights. Prompts are strided across ranks; each rank
+    writes its own files, each wav with its .json atomically. -> the history row."""
     split = splits["generate"]
     count = min(cfg.generate_count, len(split))
     mine = list(range(d.rank, count, d.world_size))
     descriptions = [split[i]["description"] for i in mine]
     seeds = [cfg.seed + epoch + i for i in mine]
     n_frames = max(1, int(round(cfg.generate_duration * codec.frame_rate)))
+    window = max(1, int(round(cfg.segment_duration * codec.frame_rate)))
     folder = out / "samples" / str(epoch)
     folder.mkdir(parents=True, exist_ok=True)
     settings = {k: getattr(cfg, k) for k in ("cfg_coef", "top_k", "top_p", "temperature", "generate_duration")}
@@ -749,13 +806,14 @@ def generate_stage(step, lm, splits, cfg, codec, d, epoch, out, autocast, weight
     with eval_mode(step, sampling=True):
         for name, texts in (("", descriptions), ("_uncond", [None] * len(descriptions))):
             if texts:
-                codes = sample_codes(lm, cfg, texts, n_frames, seeds, d.device, autocast)
-                wav = codec.decode(codes).float().cpu()
+                wav = codec.decode(sample_codes(lm, cfg, texts, n_frames, seeds, d.device, autocast, window))
             for j, i in enumerate(mine):
                 path = folder / f"{i:03d}{name}.wav"
-                data.save_audio(path, wav[j], codec.sample_rate)
-                meta = {"description": texts[j], "epoch": epoch, "row_seed": seeds[j], "weights": weights, **settings}
-                path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+                audio, gain_db = data.normalize(wav[j].float().cpu(), codec.sample_rate)
+                meta = {"prompt": texts[j], "epoch": epoch, "row_seed": seeds[j], "weights": weights,
+                        "gain_db": round(gain_db, 2), **settings}
+                env.write_atomic(path, lambda f: f.write(data.audio_bytes(audio, codec.sample_rate, path.suffix)))
+                env.write_atomic(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
             check_stop_everywhere(d)
     total = int(all_sum(d, [2 * len(mine)])[0])
     return {"samples": total, "seconds": time.time() - t0}
@@ -784,7 +842,7 @@ def evaluate_stage(step, lm, splits, cfg, codec, d, epoch, micro_batch, autocast
                                          for it in items]).to(d.device)                    # [B, K, T]
             with eval_mode(step, sampling=True):
                 generated = sample_codes(lm, cfg, [it["description"] for it in items], reference.shape[-1],
-                                         [cfg.seed + i for i in chunk], d.device, autocast)
+                                         [cfg.seed + i for i in chunk], d.device, autocast, reference.shape[-1])
             with torch.no_grad():
                 for side, codes in (("reference", reference), ("generated", generated)):
                     latents[side].append(codec.decode_latent(codes).transpose(1, 2).flatten(0, 1).float().cpu())
@@ -930,13 +988,17 @@ def train(cfg, d):
         raise UserError(f"codec {cfg.codec} has n_q={codec.n_q}, card={codec.card} but the config says "
                         f"n_q={cfg.n_q}, card={cfg.card}: set them to match")
     lm = build_model(cfg).to(d.device)
+    adapter_run = cfg.lora_rank > 0 and cfg.freeze_base   # its checkpoints hold the adapters and name their base
+    init_hash = adapters.state_hash(lm.state_dict()) if adapter_run and not cfg.continue_from else None
     step = TrainStep(lm)
     model = parallelize(step, cfg, d)       # what the loop calls: the step, or DDP around it; FSDP shards it in place
+    if cfg.compile and not fsdp:            # the stages' decode step too (fullgraph cannot trace FSDP's hooks)
+        lm_lib.compile_decode(lm)
     params = trainable(lm)
     optimizer = make_optimizer(lm, cfg)
     scaler = torch.amp.GradScaler(d.device.type, enabled=cfg.dtype == "float16")   # a no-op unless float16
     autocast = cfg.dtype != "float32"
-    ema = EMA(lm, cfg.ema_decay) if cfg.ema else None
+    ema = EMA(lm, cfg.ema_decay, cfg.ema_device or None) if cfg.ema else None
     best = None   # this rank's parts of the best weights (lowest valid ce), on the host
     micro_batch = cfg.batch_size // d.world_size // cfg.grad_accum
     frames = int(round(cfg.segment_duration * codec.frame_rate))
@@ -952,7 +1014,7 @@ def train(cfg, d):
     # ranks together (the data position, whatever grad_accum or world size); pending: what the last trained epoch
     # still owes (valid, generate, evaluate).
     state = {"epoch": 1, "step": 0, "samples": 0, "best_ce": float("inf"), "history": [], "pending": [],
-             "nonfinite_total": 0}
+             "nonfinite_total": 0, "base": {"source": "", "hash": init_hash} if adapter_run else None}
     tracker = loggers.Loggers()   # TensorBoard / W&B once the run directory is ours (loggers.py); until then none
 
     def add_row(row):
@@ -969,8 +1031,16 @@ def train(cfg, d):
         history = "".join(json.dumps(row) + "\n" for row in state["history"]).encode()
         write_run_file(out / "history.jsonl", lambda f: f.write(history))  # rewritten whole: no duplicate rows
         if keep:  # a real copy, not a link: damage to checkpoint.pt must leave the kept one readable
-            with open(out / "checkpoint.pt", "rb") as src:
-                write_run_file(out / f"checkpoint_{state['epoch'] - 1}.pt", lambda f: shutil.copyfileobj(src, f))
+            path = out / f"checkpoint_{state['epoch'] - 1}.pt"
+            if cfg.keep_weights_only:   # what export and generate read, without optimizer state
+                small = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scaler", "rng")}
+                save_atomic({**small, "weights_only": True}, path)
+            else:
+                with open(out / "checkpoint.pt", "rb") as src:
+                    write_run_file(path, lambda f: shutil.copyfileobj(src, f))
+            kept = sorted(out.glob("checkpoint_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+            for old in kept[:-cfg.keep_last] if cfg.keep_last else []:
+                old.unlink(missing_ok=True)
 
     def resume():
         """checkpoint.pt, else the newest readable kept copy. Every rank reads the same files (memory-mapped), so
@@ -983,7 +1053,7 @@ def train(cfg, d):
                 ckpt = load_checkpoint(path)
                 if not isinstance(ckpt, dict) or "model" not in ckpt:
                     raise UserError(f"{path}: not a nanomusicgen checkpoint")
-                best = restore(ckpt, lm, optimizer, scaler, ema, state, d, fsdp)
+                best = restore(ckpt, lm, optimizer, scaler, ema, state, d, fsdp, init_hash)
             except (UserError, KeyError, RuntimeError, ValueError, TypeError) as e:
                 reason = (str(e).splitlines() or [type(e).__name__])[0][:300].removeprefix(f"{path}: ")
                 if i + 1 == len(candidates):
@@ -992,9 +1062,13 @@ def train(cfg, d):
                 log(f"warning: {path} is unreadable ({reason}); falling back to {candidates[i + 1]}")
                 continue
             log(f"resumed from {path.name}: epoch {state['epoch']}, update {state['step']}")
-            if state.pop("resharded", False):
+            why = state.pop("resharded", None)
+            if why == "processes":
                 log("warning: checkpoint from another number of processes: random streams reseeded, so this run "
                     "no longer replays exactly (the data position is exact)")
+            elif why:
+                log(f"warning: {path.name} holds weights only (keep_weights_only): optimizer moments and random "
+                    f"streams start afresh, so this run no longer replays exactly")
             for row in state["history"]:
                 log(format_row(row))
             return True
@@ -1006,7 +1080,7 @@ def train(cfg, d):
         row and training goes on; a stop signal saves (when the checkpoint lacks the epoch) and ends the run."""
         nonlocal best
         if "valid" in state["pending"]:
-            with swapped(lm, ema.state if ema else None), eval_mode(step):
+            with swapped(lm, ema.flush() if ema else None), eval_mode(step):
                 row = {"epoch": epoch, "stage": "valid", "step": state["step"],
                        **evaluate_ce(step, splits["valid"], cfg, codec, d, micro_batch, autocast, cfg.valid_batches)}
                 if row["ce"] < state["best_ce"]:
@@ -1015,7 +1089,7 @@ def train(cfg, d):
             add_row(row)
             state["pending"].remove("valid")
             save(keep=bool(cfg.save_every) and epoch % cfg.save_every == 0)   # the stages cannot lose it
-        weights = best if best is not None else ema.state if ema else None
+        weights = best if best is not None else ema.flush() if ema else None
         for stage in list(state["pending"]):
             t0, failed = time.time(), None
             try:
@@ -1049,8 +1123,12 @@ def train(cfg, d):
             source, path = formats.read_lm_state(cfg.continue_from, cfg.runs_dir or None, cfg.trust_checkpoint)
             formats.check_state_dict(lm, source, str(path))
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-            set_model_state_dict(lm, source, options=StateDictOptions(full_state_dict=True))
-            ema = EMA(lm, cfg.ema_decay) if cfg.ema else None
+            if adapter_run:
+                state["base"] = {"source": cfg.continue_from, "hash": adapters.state_hash(source)}
+            # a copy: with strict=False torch adds the model's missing keys to the dict it is given
+            set_model_state_dict(lm, dict(source), options=StateDictOptions(full_state_dict=True,
+                                                                            strict=not adapter_run))
+            ema = EMA(lm, cfg.ema_decay, cfg.ema_device or None) if cfg.ema else None
             log(f"continuing from the weights in {path} (fresh optimizer and schedule)")
         commit, dirty = env.git_commit()
         e = env.get_env()
@@ -1098,8 +1176,8 @@ def train(cfg, d):
             except env.Stopped as e:
                 if "valid" in state["pending"]:
                     save()
-                log(f"stopped by signal {e} after the updates of epoch {epoch}: checkpoint written, exit {EXIT_REQUEUE} "
-                    f"asks for a requeue (run the same command again to resume)")
+                log(f"stopped by signal {e} after the updates of epoch {epoch}: checkpoint written, exit "
+                    f"{EXIT_REQUEUE} asks for a requeue (run the same command again to resume)")
                 set_status(out, d, "preempted")
                 return EXIT_REQUEUE
             # -- the updates of one epoch
@@ -1137,11 +1215,15 @@ def train(cfg, d):
                 grad = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
                 if scaler.is_enabled():   # float16: the scaler skips overflowing updates and lowers its scale
                     bad = ~torch.isfinite(ce_sum)
+                    if ema is not None:
+                        ema.before_step()
                     scaler.step(optimizer)
                     scaler.update()
                 else:                     # the global grad norm: every rank skips the same updates, on the device
                     bad = ~(torch.isfinite(grad) & torch.isfinite(ce_sum))
                     optimizer.found_inf = bad.float()
+                    if ema is not None:
+                        ema.before_step()
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1
@@ -1179,7 +1261,8 @@ def train(cfg, d):
                     count = int(count / d.world_size)
                     if count > state["nonfinite_total"]:
                         log(f"warning: update {state['step']}: {count - state['nonfinite_total']} update(s) with a "
-                            f"non-finite loss or gradient skipped since the last log line ({int(run_now / d.world_size)}"
+                            f"non-finite loss or gradient skipped since the last log line "
+                            f"({int(run_now / d.world_size)}"
                             f" in a row now; last ce {ce_now:.4g}, grad {float(grad):.4g})")
                         state["nonfinite_total"] = count
                     if worst / d.world_size >= cfg.max_nonfinite:
@@ -1194,8 +1277,8 @@ def train(cfg, d):
                         break
             if stop:
                 save()
-                log(f"stopped by signal {stop} at update {state['step']}: checkpoint written, exit {EXIT_REQUEUE} asks for "
-                    f"a requeue (run the same command again to resume)")
+                log(f"stopped by signal {stop} at update {state['step']}: checkpoint written, exit {EXIT_REQUEUE} asks "
+                    f"for a requeue (run the same command again to resume)")
                 set_status(out, d, "preempted")
                 return EXIT_REQUEUE
             bad_reads = splits["train"].stats()["skipped"] - bad_reads

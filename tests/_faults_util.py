@@ -111,8 +111,9 @@ def _inject(fault):
 
             train.forward_loss = forward_loss
         elif name == "compile_eager":
-            real_compile, real_main = torch.nn.Module.compile, train.main
+            real_compile, real_main, real_torch_compile = torch.nn.Module.compile, train.main, torch.compile
             torch.nn.Module.compile = lambda self, *a, **kw: real_compile(self, *a, **{**kw, "backend": "eager"})
+            torch.compile = lambda fn=None, mode=None, **kw: real_torch_compile(fn, **{**kw, "backend": "eager"})
 
             def main(argv):
                 code = real_main(argv)

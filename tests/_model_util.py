@@ -1,6 +1,10 @@
-"""Helpers for tests/test_model.py: small configs and conditions, and a generation loop without cache or batching.
-The transformers reference lives in bench.py (transformers_reference, transformers_cache), the AudioCraft ->
-transformers names in formats.py."""
+"""Helpers for the tests: small configs and conditions, and a generation loop without cache or batching
+(test_model.py); a run directory as train.py leaves it (test_generate.py, test_bad_inputs.py). The transformers
+reference lives in bench.py (transformers_reference, transformers_cache), the AudioCraft -> transformers names in
+formats.py."""
+import json
+from pathlib import Path
+
 import torch
 
 import model as lm
@@ -57,3 +61,27 @@ def generate_by_recompute(model, condition, mask, n_frames, cfg_coef, prompt=Non
                 codes[:, q, t] = torch.where(codes[:, q, t] == -1, best[:, q], codes[:, q, t])
                 sequence[:, q, s] = codes[:, q, t]
     return codes
+
+
+# config/debug.py shrunk: a 0.5 s context (25 frames) so that a 0.8 s piece needs a second window
+TINY_RUN = [str(Path(__file__).resolve().parents[1] / "config/debug.py"), "--dim=32", "--n_layers=2", "--n_heads=2",
+            "--lut_dim=32", "--segment_duration=0.5"]
+
+
+def make_run(runs, args=TINY_RUN, seed=0):
+    """A run directory as train.py leaves it (config.json, checkpoint.pt with model, ema and best_state), with
+    random weights; best_state differs from the live weights so that using the wrong one shows."""
+    import train
+    cfg = train.parse_args(list(args))
+    sig = train.config_signature(cfg)
+    d = runs / "xps" / sig
+    d.mkdir(parents=True)
+    config = {**train.config_dict(cfg), "signature": sig}
+    (d / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(seed)
+    # T5's trained part is its projection: with_t5=False (model.ProjectedCondition) has the same state
+    live = lm.build_lm(config, with_t5=False).state_dict()
+    best = {k: v + 0.05 * torch.randn_like(v) for k, v in live.items() if v.is_floating_point()}
+    torch.save({"model": live, "best_state": best, "ema": {"state": live, "count": 1.0}, "config": config},
+               d / "checkpoint.pt")
+    return d

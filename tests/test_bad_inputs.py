@@ -25,6 +25,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import _faults_util as fu  # noqa: E402
+from _model_util import make_run  # noqa: E402
 import data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -419,9 +420,9 @@ CASES = [
     Case("generate-no-run", "generate.py", "no --run", lambda c: ("generate.py", ["--prompt=piano"]),
          ("--run is required",)),
     Case("generate-unknown-option", "generate.py", "a misspelt option",
-         lambda c: ("generate.py", ["--run=x", "--temprature=1"]), ("--temprature", 'did you mean "--temperature"')),
+         lambda c: ("generate.py", ["--run=x", "--temprature=1"]), ('unknown key "temprature"', 'did you mean "temperature"')),
     Case("generate-bad-number", "generate.py", "a duration that is not a number",
-         lambda c: ("generate.py", ["--run=x", "--duration=ten"]), ("--duration=ten", "not a number")),
+         lambda c: ("generate.py", ["--run=x", "--duration=ten"]), ("duration='ten'", "is not a float")),
     Case("generate-zero-duration", "generate.py", "a zero duration",
          lambda c: ("generate.py", ["--run=x", "--duration=0"]), ("--duration=0.0", "must be positive")),
     Case("generate-prompt-twice", "generate.py", "--prompt and --prompts together",
@@ -431,7 +432,7 @@ CASES = [
     Case("generate-top-p", "generate.py", "top_p above 1", lambda c: ("generate.py", ["--run=x", "--top_p=2"]),
          ("--top_p=2.0", "between 0 and 1")),
     Case("generate-positional", "generate.py", "an argument that is not --key=value",
-         lambda c: ("generate.py", ["--run=x", "hello"]), ("'hello'", "--key=value")),
+         lambda c: ("generate.py", ["--run=x", "hello"]), ("got hello", "--key=value")),
     Case("generate-prompts-missing", "generate.py", "a prompts file that does not exist",
          lambda c: ("generate.py", ["--run=x", f"--prompts={c.tmp / 'p.txt'}"]),
          ("--prompts=<tmp>/p.txt", "cannot read")),
@@ -447,6 +448,34 @@ CASES = [
     Case("generate-reference", "generate.py", "//reference/... under a missing reference directory",
          lambda c: ("generate.py", ["--run=//reference/musicgen-small", f"--out={c.tmp / 'o.wav'}"], MISSING_REF(c)),
          ("//reference/musicgen-small", "<tmp>/ref does not exist")),
+    Case("generate-out-is-directory", "generate.py", "--out=x.wav where x.wav is a directory",
+         lambda c: ((c.tmp / "x.wav").mkdir(), ("generate.py", ["--run=x", f"--out={c.tmp / 'x.wav'}"]))[1],
+         ("--out=<tmp>/x.wav", "is not a file", "choose another --out")),
+    Case("generate-out-dir-is-file", "generate.py", "--out naming a directory that is a file",
+         lambda c: ("generate.py", ["--run=x", f"--out={write(c.tmp / 'samples', 'x')}"]),
+         ("<tmp>/samples is a file, not a directory",)),
+    Case("generate-huge-seed", "generate.py", "a seed past 2**63 - 1",
+         lambda c: ("generate.py", ["--run=x", "--seed=99999999999999999999"]),
+         ("--seed=99999999999999999999", "between 0 and 9223372036854775807")),
+    Case("generate-seed-prompts", "generate.py", "a seed whose row seeds pass 2**63 - 1",
+         lambda c: ("generate.py", ["--run=x", "--prompts=" + str(write(c.tmp / "p.txt", "a\nb\n")),
+                                    "--seed=9223372036854775807"]), ("seed + i", "at most 9223372036854775806")),
+    Case("generate-cfg-nan", "generate.py", "cfg_coef=nan", lambda c: ("generate.py", ["--run=x", "--cfg_coef=nan"]),
+         ("cfg_coef='nan'", "is not a float")),
+    Case("generate-cfg-inf", "generate.py", "an infinite cfg_coef",
+         lambda c: ("generate.py", ["--run=x", "--cfg_coef=1e999"]), ("--cfg_coef=inf", "finite")),
+    Case("generate-temperature-inf", "generate.py", "an infinite temperature",
+         lambda c: ("generate.py", ["--run=x", "--temperature=1e999"]), ("--temperature=inf", "finite")),
+    Case("generate-headroom-nan", "generate.py", "headroom_db=nan",
+         lambda c: ("generate.py", ["--run=x", "--headroom_db=nan"]), ("headroom_db='nan'", "is not a float")),
+    Case("generate-headroom-inf", "generate.py", "an infinite headroom_db",
+         lambda c: ("generate.py", ["--run=x", "--headroom_db=-1e999"]), ("--headroom_db=-inf", "finite number of dB")),
+    Case("generate-device-meta", "generate.py", "a device that does not compute",
+         lambda c: ("generate.py", ["--run=x", "--device=meta"]), ('device="meta"', "cpu, cuda or mps")),
+    Case("generate-duration-memory", "generate.py", "a duration whose audio cannot fit in memory",
+         lambda c: ("generate.py", [f"--run={make_run(c.tmp / 'runs')}", "--duration=1e7", f"--out={c.tmp / 'o.wav'}"]),
+         ("--duration=1e+07 s", "GiB of host memory", "lower --duration"),
+         varies=((r"[\d.e+]+ GiB are free", "<n> GiB are free"),)),
     # -- grid files
     Case("grid-unknown", "python -m grids", "a grid that does not exist", lambda c: ("-m grids", ["nope"]),
          ("no grid 'nope'", "grids: debug")),

@@ -73,7 +73,9 @@ def assert_same_training(a, b):
             assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs"
     for k in a["ema"]["state"]:
         assert torch.equal(a["ema"]["state"][k], b["ema"]["state"][k]), f"ema.{k} differs"
-    assert a["history"] == b["history"]
+    timing = ("frames_per_s", "seconds")   # how fast the machine was, not what was trained
+    strip = lambda rows: [{k: v for k, v in row.items() if k not in timing} for row in rows]  # noqa: E731
+    assert strip(a["history"]) == strip(b["history"])
 
 
 @pytest.fixture(scope="module")
@@ -287,19 +289,21 @@ def test_files_that_go_bad_mid_training_are_skipped_then_past_the_limit_abort(tm
 
 
 def test_compiled_layers_record_few_graphs_through_every_stage(tmp_path, dataset):
-    """compile=True with the valid, generate and evaluate stages: evaluation and sampling run eager, so the training
-    graphs are all dynamo records (static, then with the text length dynamic) and it never reaches its recompile
-    limit, which would fall back to eager with a warning."""
+    """compile=True with the valid, generate and evaluate stages: evaluation runs the layers eager and sampling its
+    own compiled step, so dynamo records two graphs of the layers (static, then with the text length dynamic) and at
+    most three of the decode step (static, then text length, then batch dynamic), then no more, however many epochs;
+    it never reaches its recompile limit, which would fall back to eager with a warning."""
     runs = tmp_path / "runs"
-    proc = start(runs, dataset, "--compile=True", "--generate_every=1", "--evaluate_every=1", "--epochs=2",
-                 "--generate_duration=0.3", fault="compile_eager=1", extra_env={"TORCH_LOGS": "recompiles"})
+    proc = start(runs, dataset, "--compile=True", "--generate_every=1", "--evaluate_every=1", "--epochs=3",
+                 "--generate_duration=0.3", "--evaluate_samples=3", fault="compile_eager=1",
+                 extra_env={"TORCH_LOGS": "recompiles"})
     assert proc.wait(timeout=300) == 0, proc.output()
     out = proc.output()
     graphs = int(re.search(r"dynamo: (\d+) graphs", out).group(1))
-    assert 1 <= graphs <= 2, out
+    assert 1 <= graphs <= 5, out
     assert "recompile_limit" not in out and "cache_size_limit" not in out, out
     assert [row["stage"] for row in train.load_checkpoint(run_dir(runs) / "checkpoint.pt")["history"]] == \
-        ["train", "valid", "generate", "evaluate"] * 2
+        ["train", "valid", "generate", "evaluate"] * 3
 
 
 def test_float16_overflows_are_the_scalers_business_not_divergence(tmp_path, dataset):

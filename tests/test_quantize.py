@@ -91,15 +91,23 @@ def test_quantized_greedy_decoding_agrees_with_the_float_model(mode, agreement, 
 
 
 def test_compiled_decode_step_traces_quantized_weights_whole():
-    """fullgraph: dynamo traces F.linear on the quantized weights and the cross-attention's split without a graph
-    break, and the compiled step gives the codes of the same static-shape step run eagerly (dynamo's eager backend:
+    """fullgraph: dynamo traces the quantized weights (F.linear, the self-attention's row slice, the cross-attention's
+    split) without a graph break; every matmul of the step is the quantized kernel (none falls back to a float
+    weight), and the compiled step gives the codes of the same static-shape step run eagerly (dynamo's eager backend:
     the tracing is the question)."""
     model = quantize.quantize(debug_lm(), "int8")
     c, m = condition()
-    model.decode_step = model.decode_step   # the static-shape path, eager (what generate gives a compiled step)
+    model.compiled_step = model.sample_step   # what compile_decode sets, uncompiled: the static path, eager
     static = model.generate(c, m, 30, greedy=True)
-    model.decode_step = torch.compile(type(model).decode_step.__get__(model), fullgraph=True, backend="eager")
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+    model.compiled_step = torch.compile(model.sample_step, fullgraph=True, backend=backend)
     assert torch.equal(model.generate(c, m, 30, greedy=True), static)
+    (ops,) = graphs
+    assert ops.count("aten._weight_int8pack_mm") == 2 * 6 + 1 and not any("linear" in op for op in ops)
 
 
 def test_quantized_model_keeps_integers_through_dtype_moves_and_reads_fewer_bytes():
@@ -149,3 +157,13 @@ def test_quantize_refuses_twice_a_meta_model_and_a_move_to_another_device():
         quantize.quantize(lm.build_lm(DEBUG, with_t5=False, meta=True), "int8")
     with pytest.raises(UserError, match="multiple of group_size=256"):
         quantize.quantize(debug_lm(), "int4", 256)   # dim 128 has no group of 256
+
+
+def test_quantize_asks_for_adapters_to_be_merged_first():
+    """Adapters add their update where a weight is read; quantized weights would drop it silently."""
+    import adapters
+    model = debug_lm()
+    adapters.add(model, 4)
+    with pytest.raises(UserError, match=r"fold them in first \(adapters.merge\(lm\)\)"):
+        quantize.quantize(model, "int8")
+    assert quantize.quantize(adapters.merge(model), "int8").quantized == "int8"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import env
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,7 @@ def test_tiny_run_goes_through_every_stage(tmp_path, dataset):
     wavs = sorted(p.name for p in (d / "samples" / "2").glob("*.wav"))
     assert wavs == ["000.wav", "000_uncond.wav", "001.wav", "001_uncond.wav"]
     meta = json.loads((d / "samples" / "2" / "000.json").read_text())
-    assert meta["description"] and meta["cfg_coef"] == 3.0
+    assert meta["prompt"] and meta["cfg_coef"] == 3.0 and meta["row_seed"] == 2036 + 2 + 0
     assert (d / "status").read_text().strip() == "done"
     assert (d / "checkpoint_1.pt").is_file() and (d / "checkpoint.pt").is_file()
     config = json.loads((d / "config.json").read_text())
@@ -216,6 +217,20 @@ def test_ema_is_unbiased():
     assert torch.allclose(ema.state["weight"], torch.full((1, 2), 1.0))
 
 
+def test_a_deferred_ema_equals_the_direct_one():
+    """EMA on the host (ema_device=cpu) folds each copy in at the next update or read: the same averages."""
+    m = torch.nn.Linear(3, 2)
+    direct, deferred = train.EMA(m, 0.7), train.EMA(m, 0.7, deferred=True)
+    for i in range(4):
+        with torch.no_grad():
+            m.weight.mul_(0.5).add_(i)
+        direct.update(m)
+        deferred.update(m)
+        if i == 1:
+            assert deferred.pending and torch.equal(deferred.flush()["weight"], direct.state["weight"])
+    assert torch.equal(deferred.flush()["weight"], direct.state["weight"]) and deferred.count == direct.count
+
+
 def test_first_slurm_host():
     assert train.first_slurm_host("gpu[012-015,020],cpu1") == "gpu012"
     assert train.first_slurm_host("node7,node8") == "node7"
@@ -339,18 +354,18 @@ def test_the_device_is_resolved_once_per_local_rank(monkeypatch):
     from env import UserError
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
-    assert train.resolve_device("cuda", 3, 8) == torch.device("cuda", 3)
-    assert train.resolve_device("", 5, 8) == torch.device("cuda", 5)
-    assert train.resolve_device("cuda:2", 0, 1) == torch.device("cuda", 2)   # one process: any GPU it names
+    assert env.resolve_device("cuda", 3, 8) == torch.device("cuda", 3)
+    assert env.resolve_device("", 5, 8) == torch.device("cuda", 5)
+    assert env.resolve_device("cuda:2", 0, 1) == torch.device("cuda", 2)   # one process: any GPU it names
     with pytest.raises(UserError, match=r'device="cuda:0" names one GPU, but 8 processes run on this node'):
-        train.resolve_device("cuda:0", 1, 8)
+        env.resolve_device("cuda:0", 1, 8)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)   # srun with one GPU per task: each sees cuda:0
-    assert train.resolve_device("cuda", 6, 8) == torch.device("cuda", 0)
-    with pytest.raises(UserError, match='device="meta" cannot train'):
-        train.resolve_device("meta")
+    assert env.resolve_device("cuda", 6, 8) == torch.device("cuda", 0)
+    with pytest.raises(UserError, match='device="meta" is not a device to compute on'):
+        env.resolve_device("meta")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="CUDA is not available"):
-        train.resolve_device("cuda")
+        env.resolve_device("cuda")
 
 
 def test_peak_flops_matches_whole_device_names():
@@ -370,3 +385,22 @@ def test_the_evaluate_stage_adds_the_chosen_metrics_to_its_row(tmp_path, dataset
     (row,) = [row for row in history(tmp_path) if row["stage"] == "evaluate"]
     assert 0 <= row["chroma_cos"] <= 1 and row["fd"] >= 0 and "error" not in row, row
     assert f"chroma_cos {row['chroma_cos']:.4g}" in r.stdout
+
+
+def test_a_generate_stage_sample_is_remade_by_generate_py_from_its_json(tmp_path, dataset):
+    """One sampler: the stage's sample i and `generate.py --run=RUN --prompt=P --seed=ROW_SEED` on the same (best)
+    weights are the same music (the codec decodes a batch and a single row differently by at most a 16-bit step)."""
+    import soundfile as sf
+    r = run(TINY + ["--epochs=1", "--generate_every=1", "--generate_duration=1.5"], tmp_path, dataset)   # 2 windows
+    assert r.returncode == 0, r.stdout + r.stderr
+    d = only_run_dir(tmp_path)
+    meta = json.loads((d / "samples" / "1" / "001.json").read_text())
+    out = tmp_path / "again.wav"
+    g = subprocess.run([sys.executable, str(ROOT / "generate.py"), f"--run={d}", f"--prompt={meta['prompt']}",
+                        f"--seed={meta['row_seed']}", f"--duration={meta['generate_duration']}", f"--out={out}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert g.returncode == 0, g.stdout + g.stderr
+    stage, _ = sf.read(d / "samples" / "1" / "001.wav", dtype="int16")
+    again, _ = sf.read(out, dtype="int16")
+    assert stage.shape == again.shape and abs(stage.astype(int) - again.astype(int)).max() <= 1
+    assert (stage != 0).mean() > 0.5   # music, not silence
