@@ -580,16 +580,21 @@ def bench_quality(a):
         ours.to(a["dtype"]).eval()
         condition, mask = text_condition(ours, B, L, torch.Generator().manual_seed(1))
     load_start = load()
-    rows = [["float", f"{_si(quantize.weight_bytes(ours))}B", "-", "-", "-", "-", "-"]]
+    rows = [[str(a["dtype"]).split(".")[-1], f"{_si(quantize.weight_bytes(ours))}B", "-", "-", "-", "-", "-"]]
+    # the cost of bfloat16 weights and activations alone, where the model is float32: the yardstick for the rest
+    copies = {"bfloat16 (not quantized)": lambda: copy.deepcopy(ours).to(torch.bfloat16)} \
+        if a["dtype"] == torch.float32 else {}
     for mode in (a["quantize"] or ",".join(quantize.MODES)).split(","):
-        quantized = quantize.quantize(copy.deepcopy(ours), mode, a["group_size"])
-        r = quantize.compare(ours, quantized, condition, mask, n)
+        copies[mode] = lambda mode=mode: quantize.quantize(copy.deepcopy(ours), mode, a["group_size"])
+    for name, make in copies.items():
+        other = make()
+        r = quantize.compare(ours, other, condition, mask, n)
         err = r["step_error"]
         first = "never" if r["first_difference"] is None else f"frame {r['first_difference']}"
-        rows.append([quantized.quantized, f"{_si(quantize.weight_bytes(quantized))}B", f"{100 * r['agreement']:.1f}%",
-                     first, f"{100 * r['top1']:.1f}%", f"{err.median().item():.3g} ({err.max().item():.3g})",
-                     f"{r['logits_std']:.3g}"])
-        del quantized
+        rows.append([getattr(other, "quantized", name), f"{_si(quantize.weight_bytes(other))}B",
+                     f"{100 * r['agreement']:.1f}%", first, f"{100 * r['top1']:.1f}%",
+                     f"{err.median().item():.3g} ({err.max().item():.3g})", f"{r['logits_std']:.3g}"])
+        del other
     notes = [f"model: {what}, {cfg.dim} wide, {cfg.n_layers} layers; {weight_note(a)}; greedy decoding of "
              f"{a['seconds']:g} s ({n} frames), batch {B}, CFG coef 3, text {mask.shape[1]} positions",
              "agreement: equal codes, each model decoding on its own; first difference: where they part (after it "
@@ -885,21 +890,26 @@ def time_box(seconds):
 
 @contextlib.contextmanager
 def compile_backend(backend):
-    """nn.Module.compile with `backend` unless the caller names one (train.py's layer.compile()). The CPU suite uses
-    dynamo's "eager" backend: the same graphs, guards and recompiles, without inductor's minutes of C++ builds."""
+    """torch.compile and nn.Module.compile with `backend` unless the caller names one (train.py's layer.compile(),
+    model.compile_decode's mode). The CPU suite uses dynamo's "eager" backend: the same graphs, guards and
+    recompiles, without inductor's minutes of C++ builds."""
     if backend is None:
         yield
         return
-    original = torch.nn.Module.compile
+    originals = torch.compile, torch.nn.Module.compile
 
-    def compile(self, *args, **kwargs):
-        kwargs.setdefault("backend", backend)
-        return original(self, *args, **kwargs)
-    torch.nn.Module.compile = compile
+    def with_backend(original):
+        def compile(*args, **kwargs):
+            if "backend" not in kwargs:
+                kwargs.pop("mode", None)   # modes are inductor's
+                kwargs["backend"] = backend
+            return original(*args, **kwargs)
+        return compile
+    torch.compile, torch.nn.Module.compile = map(with_backend, originals)
     try:
         yield
     finally:
-        torch.nn.Module.compile = original
+        torch.compile, torch.nn.Module.compile = originals
 
 
 def compile_options(a):
@@ -946,8 +956,8 @@ def _med(times):
 
 
 def suite_data(a, ctx):
-    """The demo set (small) and its token cache at the loader's segment length, shared by the loader and the
-    train.py run: built once, in the suite's temporary directory."""
+    """The demo set (small) and its token cache directory, shared by the loader and the train.py run: built once,
+    in the suite's temporary directory."""
     import data
     if "demo" not in ctx:
         root = Path(ctx["tmp"])

@@ -257,7 +257,8 @@ def weight_bytes(lm):
 
 @torch.no_grad()
 def compare(float_lm, quantized_lm, condition, mask, n_frames, cfg_coef=3.0):
-    """Greedy decoding of a float model and its quantized copy from the same condition [B, L, dim] -> dict:
+    """Greedy decoding of a float model and its quantized copy (or any other copy: a bfloat16 one) from the same
+    condition [B, L, dim] -> dict:
     agreement: fraction of the generated codes [B, K, n_frames] that are equal, each model running free (once they
         differ, each continues from its own codes);
     first_difference: the first frame where the codes differ (None: never);
@@ -267,7 +268,8 @@ def compare(float_lm, quantized_lm, condition, mask, n_frames, cfg_coef=3.0):
     logits_std: the float model's guided logits' standard deviation (the scale of those errors)."""
     import model as lm_lib
     f_codes = float_lm.generate(condition, mask, n_frames, cfg_coef=cfg_coef, greedy=True)   # [B, K, T]
-    q_codes = quantized_lm.generate(condition, mask, n_frames, cfg_coef=cfg_coef, greedy=True)
+    q_codes = quantized_lm.generate(condition.to(quantized_lm.out_norm.weight.dtype), mask, n_frames,
+                                    cfg_coef=cfg_coef, greedy=True)
     differ = (f_codes != q_codes).any(1).any(0).nonzero()
     tables = float_lm._tables(n_frames, False, f_codes.device)
     sequence = lm_lib.build_sequence(f_codes, tables, float_lm.cfg.card)                     # [B, K, S]

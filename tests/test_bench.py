@@ -138,11 +138,12 @@ def test_generate_with_quantized_weights_reports_fewer_bytes(capsys):
 def test_quality_table_compares_float_and_quantized_greedy_decoding(capsys):
     out = run(capsys, "quality", *TINY, "--seconds=0.4", "--text_len=4")
     rows, notes = table(out)
-    assert set(rows) == {"float", "int8", "int4 (groups of 32)"}
-    for mode in ("int8", "int4 (groups of 32)"):
-        assert 0 < number(rows[mode]["greedy agreement"]) <= 100
-        assert 0 < number(rows[mode]["top-1 (teacher-forced)"]) <= 100
-        assert number(rows[mode]["bytes per step"].rstrip("B")) < number(rows["float"]["bytes per step"].rstrip("B")) / 3.5
+    assert set(rows) == {"float32", "bfloat16 (not quantized)", "int8", "int4 (groups of 32)"}
+    size = {name: number(row["bytes per step"].rstrip("B")) for name, row in rows.items()}
+    assert abs(size["float32"] / size["bfloat16 (not quantized)"] - 2) < 0.01 and size["int8"] < size["float32"] / 3.5
+    for name in ("bfloat16 (not quantized)", "int8", "int4 (groups of 32)"):
+        assert 0 < number(rows[name]["greedy agreement"]) <= 100
+        assert 0 < number(rows[name]["top-1 (teacher-forced)"]) <= 100
     assert number(rows["int8"]["max logits error per step"]) < number(rows["int4 (groups of 32)"][
         "max logits error per step"])
 
