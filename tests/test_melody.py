@@ -36,30 +36,23 @@ torch.set_num_threads(2)
 def hf_melody(seed=0):
     """transformers' MusicgenMelodyForConditionalGeneration shaped like facebook/musicgen-melody, shrunk: a T5 text
     encoder, EnCodec at 32 kHz, a 2-layer decoder without cross-attention, chroma_length one segment's chroma; random
-    weights, random norm gains and biases (a misplaced one cannot pass)."""
-    from transformers import (EncodecConfig, MusicgenMelodyConfig, MusicgenMelodyDecoderConfig,
-                              MusicgenMelodyForConditionalGeneration, T5Config)
+    weights, random norm gains and biases and projection biases (a misplaced one cannot pass)."""
+    from transformers import MusicgenMelodyConfig, MusicgenMelodyDecoderConfig, MusicgenMelodyForConditionalGeneration
+    from test_hf import musicgen_config, randomize
+    small = musicgen_config(spiece_size=100)     # test_hf's shrunk T5 and EnCodec, musicgen-small's kinds
     config = MusicgenMelodyConfig(
-        text_encoder=T5Config(vocab_size=200, d_model=TEXT_DIM, d_kv=8, num_heads=4, d_ff=48, num_layers=2,
-                              relative_attention_num_buckets=16, relative_attention_max_distance=20,
-                              feed_forward_proj="relu", dropout_rate=0.0),
-        audio_encoder=EncodecConfig(sampling_rate=32000, audio_channels=1, upsampling_ratios=[8, 5, 4, 4],
-                                    num_filters=4, hidden_size=16, num_lstm_layers=1, codebook_size=CARD,
-                                    target_bandwidths=[1.2], use_causal_conv=False, normalize=False,
-                                    use_conv_shortcut=False, norm_type="weight_norm", pad_mode="constant"),
+        text_encoder=small.text_encoder.to_dict(), audio_encoder=small.audio_encoder.to_dict(),
         decoder=MusicgenMelodyDecoderConfig(vocab_size=CARD, num_codebooks=K, hidden_size=DIM, num_hidden_layers=2,
                                             num_attention_heads=4, ffn_dim=4 * DIM, pad_token_id=CARD,
                                             bos_token_id=CARD, dropout=0.0),
         num_chroma=12, chroma_length=FRAMES)
     torch.manual_seed(seed)
     hf = MusicgenMelodyForConditionalGeneration(config).eval()
-    g = torch.Generator().manual_seed(seed)
+    randomize(hf, seed)                          # norm gains and biases, codebooks
+    g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5 if name.endswith("weight") else
-                        0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith("proj.bias"):
+            if name.endswith("proj.bias"):           # the chroma's and the text's projections too
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
     return hf
 
@@ -581,3 +574,31 @@ def test_generate_follows_a_melody_file_and_records_it(melody_run, tmp_path):
     again = tmp_path / "again.wav"
     assert generate.main(args[:-2] + [f"--out={again}", "--seed=3", f"--melody={tune}"]) == 0
     assert np.array_equal(sf.read(again)[0], a) and codes.shape == (1, 4, 40)
+
+
+def test_evaluate_follows_each_references_melody_as_generate_does(melody_run, tmp_path, monkeypatch):
+    """evaluate.py on a melody model: each item follows its reference audio's melody, its .json records it as
+    generate.py's --melody (its command remakes the file), and a second run reuses every file."""
+    import shlex
+    import evaluate
+    split = tmp_path / "ds" / "evaluate"
+    refs = [notes_file(split / "g.wav", seconds=1.0, notes=NOTES[:0:-1], sidecar={"description": "calm"}),
+            notes_file(split / "c.wav", seconds=1.0, sidecar={"description": "calm"})]
+    data.write_manifest([data.AudioMeta(str(f), 1.0, 32000) for f in refs], split / "data.jsonl")
+    out = tmp_path / "eval"
+    args = [f"--run={melody_run}", f"--dataset={tmp_path / 'ds'}", "--metrics=chroma_cos", "--duration=0.4",
+            "--batch_size=2", f"--out={out}", "--history=False"]
+    assert evaluate.main(args) == 0
+    metas = [json.loads((out / "samples" / f"00{i}.json").read_text()) for i in range(2)]
+    assert [m["melody"] for m in metas] == [str(f) for f in refs] and metas[0]["melody_file"]
+    remake = [a for a in shlex.split(metas[0]["command"])[2:] if not a.startswith("--out=")]
+    assert f"--melody={refs[0]}" in remake
+    assert generate.main(remake + [f"--out={tmp_path / 'remake.wav'}"]) == 0
+    assert np.array_equal(sf.read(tmp_path / "remake.wav")[0], sf.read(out / "samples" / "000.wav")[0])
+    # and the melody is what made it: the same command without it gives other audio
+    without = [a for a in remake if not a.startswith("--melody=")] + [f"--out={tmp_path / 'without.wav'}"]
+    assert generate.main(without) == 0
+    assert not np.array_equal(sf.read(tmp_path / "without.wav")[0], sf.read(out / "samples" / "000.wav")[0])
+    calls = []
+    monkeypatch.setattr(lm_lib, "sample", lambda *a, **kw: calls.append(1))
+    assert evaluate.main(args) == 0 and calls == []
