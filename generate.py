@@ -31,7 +31,8 @@ Options (--key=value): --duration (s, 10) --out (a .wav/.flac file, or a directo
 CUDA) --compile (the decode-and-sample step compiled, CUDA graphs on a GPU; default: on CUDA only, as compiling
 costs a CPU ~20-45 s) --audio_prompt=FILE --prompt_duration (s of it, 3; resampled to the codec's rate)
 --extend_stride (s, 0.6 x the context) --normalize (loudness: -headroom_db LUFS, 14 | peak: -headroom_db dBFS, 1 |
-none; never above -1 dBFS) --t5=PATH --codec=PATH (instead of the run's) --runs_dir.
+none; never above -1 dBFS) --t5=PATH --codec=PATH (instead of the run's) --runs_dir --quantize (int8 | int4:
+weight-only quantized decoding, quantize.py; fewer bytes per step for some loss of fidelity, see BENCHMARKS.md).
 
 Export writes AudioCraft's layout, so `audiocraft.models.MusicGen.get_pretrained(OUT_DIR)` loads the model and
 `python generate.py --run=OUT_DIR` samples it: the LM's best EMA state with its xp.cfg, and the codec. AudioCraft
@@ -60,6 +61,7 @@ import data
 import env
 import formats
 import model as lm_lib
+import quantize
 from env import UserError, resolve_path
 from formats import SAMPLING_DEFAULTS, MusicGen, load  # noqa: F401  (runs and exports are read in formats.py)
 
@@ -156,7 +158,7 @@ def stat_identity(path):
 # do not depend on its batch.
 OUTPUT_KEYS = ("prompt", "row_seed", "cfg_coef", "top_k", "top_p", "temperature", "frames", "extend_stride",
                "audio_prompt", "audio_prompt_file", "prompt_duration", "normalize", "headroom_db", "source",
-               "source_file", "weights", "codec_source", "dtype", "device", "compile", "torch")
+               "source_file", "weights", "codec_source", "dtype", "device", "compile", "quantize", "torch")
 
 
 def read_previous(paths):
@@ -215,6 +217,7 @@ OPTIONS = {  # env.parse_options' schema: key: default, or (type, None) for "of 
     "seed": (int, None), "batch_size": 8, "device": (str, None), "dtype": (str, None), "compile": (bool, None),
     "audio_prompt": (str, None), "prompt_duration": 3.0, "t5": (str, None), "codec": (str, None),
     "extend_stride": (float, None), "normalize": "loudness", "headroom_db": (float, None), "runs_dir": (str, None),
+    "quantize": "",
 }
 USAGE = "python generate.py --run=RUN [--key=value ...] (python generate.py --help)"
 
@@ -260,6 +263,9 @@ def check_options(o):
         raise UserError(f"--normalize={o['normalize']}: expected loudness, peak or none")
     if o["dtype"] is not None and o["dtype"] not in DTYPES:
         raise UserError(f"--dtype={o['dtype']}: expected one of {', '.join(DTYPES)}")
+    if o["quantize"] not in ("",) + quantize.MODES:
+        raise UserError(f"--quantize={o['quantize']}: expected {' or '.join(quantize.MODES)} (or leave it out: float "
+                        "weights)")
     suffix = Path(o["out"]).suffix.lower()
     if suffix and suffix not in (".wav", ".flac"):
         raise UserError(f"--out={o['out']}: write a .wav or .flac file, or name a directory")
@@ -320,6 +326,8 @@ def generate_main(o):
         env.keep_freed_memory()
     t_load = time.time()
     mg = load(o["run"], o["runs_dir"], o["t5"], o["codec"], device)
+    if o["quantize"]:   # in place, on the device: the decode step reads 4x (int8) or ~6x (int4) fewer weight bytes
+        quantize.quantize(mg.lm, o["quantize"])
     settings = {k: (o[k] if o[k] is not None else mg.defaults[k]) for k in SAMPLING_DEFAULTS}
     check_sampling(settings, f"{mg.source}: ")
     rate = mg.codec.frame_rate
@@ -340,7 +348,8 @@ def generate_main(o):
     stride = lm_lib.window_plan(n_frames, mg.window, stride, prompt_frames)[1]
     print(f"loaded {mg.source} ({mg.weights} weights, {lm_lib.num_params(mg.lm) / 1e6:.2f}M parameters, context "
           f"{mg.max_duration:g} s) and codec {mg.codec_source} in {time.time() - t_load:.1f} s | {device} {dtype}"
-          f"{' | compiled decode' if compiled else ''}", flush=True)
+          f"{' | compiled decode' if compiled else ''}{f' | {mg.lm.quantized} weights' if o['quantize'] else ''}",
+          flush=True)
 
     resolved = {**o, **settings, "device": str(device), "dtype": dtype, "compile": compiled,
                 "extend_stride": round(stride / rate, 6)}
