@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 import codec as codec_lib
 import data
+import demo
 import env
 import model as lm_lib
 import text
@@ -1074,7 +1075,7 @@ def open_splits(cfg, codec, d):
     if dataset == "demo":
         dataset = str(runs / "data" / "demo")
         if d.main:
-            data.make_demo_set(dataset, seed=0)
+            demo.make_demo_set(dataset, seed=0)
     common = dict(codec=codec, segment_duration=cfg.segment_duration, seed=cfg.seed, token_cache=cfg.token_cache,
                   cache_dir=cfg.cache_dir or str(runs / "cache"), min_segment_ratio=cfg.min_segment_ratio,
                   sample_on_weight=cfg.sample_on_weight, sample_on_duration=cfg.sample_on_duration,

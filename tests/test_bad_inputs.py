@@ -25,6 +25,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import _faults_util as fu  # noqa: E402
 import data  # noqa: E402
+import demo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = Path(__file__).with_name("BAD_INPUTS.md")
@@ -435,7 +436,7 @@ CASES = [
 # Running a case and the table
 
 def make_data(root):
-    data.make_demo_set(root / "demo", seed=0, sizes={"train": 4, "valid": 2, "evaluate": 2, "generate": 2})
+    demo.make_demo_set(root / "demo", seed=0, sizes={"train": 4, "valid": 2, "evaluate": 2, "generate": 2})
     return root
 
 

@@ -1,0 +1,150 @@
+"""demo.py: the synthetic demo set (deterministic, reused, replaced safely, never deleting what it did not write,
+nothing half-written on a full disk) and what its descriptions promise about the audio.
+
+    python -m pytest tests/test_demo.py -q --durations=5
+"""
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import codec as codec_lib
+import data
+import demo
+from env import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"train": 5, "valid": 2, "evaluate": 1, "generate": 4}
+torch.set_num_threads(2)
+
+
+def test_demo_set_is_deterministic_reused_and_rebuilt_when_partial(tmp_path):
+    a = demo.make_demo_set(tmp_path / "a", seed=0, sizes=SMALL)
+    b = demo.make_demo_set(tmp_path / "b", seed=0, sizes=SMALL)
+    c = demo.make_demo_set(tmp_path / "c", seed=1, sizes=SMALL)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) == 2 * 12 + 4 + 1  # wav + sidecar per clip, a manifest per split, demo.json
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert (a / "train/clip_0000.wav").read_bytes() != (c / "train/clip_0000.wav").read_bytes()
+    lo, hi = demo.DEMO_SECONDS
+    for split, n in SMALL.items():
+        metas = data.read_manifest(a / split)
+        assert len(metas) == n and all(m.sample_rate == demo.DEMO_RATE and lo <= m.duration <= hi for m in metas)
+        assert sf.info(metas[0].path).channels == 1 and data.read_info(metas[0].path)["description"]
+    stamp = (a / "train/clip_0003.wav").stat().st_mtime_ns
+    demo.make_demo_set(a, seed=0, sizes=SMALL)
+    assert (a / "train/clip_0003.wav").stat().st_mtime_ns == stamp  # complete: reused as is
+    original = (a / "valid/clip_0001.wav").read_bytes()
+    (a / "valid/clip_0001.wav").unlink()
+    demo.make_demo_set(a, seed=0, sizes=SMALL)
+    assert (a / "valid/clip_0001.wav").read_bytes() == original  # partial: rebuilt
+    with open(a / "train/clip_0002.wav", "r+b") as f:
+        f.truncate(1000)
+    demo.make_demo_set(a, seed=0, sizes=SMALL)
+    assert sf.info(a / "train/clip_0002.wav").duration > lo
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".a.tmp")) == []  # nothing left aside
+
+
+def test_demo_set_never_deletes_files_it_did_not_write(tmp_path):
+    """A directory with anything the demo set did not write is refused in one line, and left exactly as it was;
+    an empty one is used, and an older demo set is replaced."""
+    mine = tmp_path / "mine"
+    for rel in ("train/song.wav", "valid/data.jsonl", "notes.txt"):
+        (mine / rel).parent.mkdir(parents=True, exist_ok=True)
+        (mine / rel).write_text(rel)
+    before = sorted((p.relative_to(mine), p.read_bytes()) for p in mine.rglob("*") if p.is_file())
+    r = subprocess.run([sys.executable, str(ROOT / "demo.py"), "set", str(mine)], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith(f"error: demo set {mine}: the path holds files the demo set did not write")
+    assert sorted((p.relative_to(mine), p.read_bytes()) for p in mine.rglob("*") if p.is_file()) == before
+    # a user file slipped into a finished demo set makes it someone else's too
+    done = demo.make_demo_set(tmp_path / "done", seed=0, sizes=SMALL)
+    (done / "train" / "mine.txt").write_text("keep me")
+    with pytest.raises(UserError, match="did not write"):
+        demo.make_demo_set(done, seed=1, sizes=SMALL)
+    assert (done / "train" / "mine.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    assert (demo.make_demo_set(tmp_path / "empty", sizes=SMALL) / "demo.json").is_file()
+    old = demo.make_demo_set(tmp_path / "old", seed=0, sizes=SMALL)
+    new = demo.make_demo_set(old, seed=1, sizes=SMALL)
+    assert json.loads((new / "demo.json").read_text())["seed"] == 1
+
+
+def _limit_file_size(limit):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_full_disk_while_writing_the_demo_set_is_one_line_and_leaves_nothing(tmp_path):
+    """tests/test_faults.py's full disk: files cannot grow past 20 kB, so the first clip cannot be written."""
+    out = tmp_path / "demo"
+    write = ["-c", f"import demo, env; env.cli(lambda argv: print(demo.make_demo_set(argv[0], sizes={SMALL})))", str(out)]
+    r = subprocess.run([sys.executable, *write], capture_output=True, text=True, cwd=ROOT,
+                       preexec_fn=_limit_file_size(20_000))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: could not write the demo set to {out}: File too large; nothing was left")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".demo.lock"]   # no half set, no temporary directory
+    # space is back: the same command writes the whole set
+    r = subprocess.run([sys.executable, *write], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == str(out)
+    assert len(data.read_manifest(out / "train")) == SMALL["train"]
+
+
+def high_share(wav, hz=2000):
+    spec = np.abs(np.fft.rfft(wav)) ** 2
+    return spec[np.fft.rfftfreq(len(wav), 1 / demo.DEMO_RATE) > hz].sum() / spec.sum()
+
+
+def centroid(wav):
+    spec = np.abs(np.fft.rfft(wav)) ** 2
+    return (spec * np.fft.rfftfreq(len(wav), 1 / demo.DEMO_RATE)).sum() / spec.sum()
+
+
+def test_demo_descriptions_say_what_the_audio_does():
+    p = demo.demo_params(np.random.default_rng(5), "train", 0)
+    p.update(register="middle", drums=False, tempo="moderate", bpm=100)
+    render = {t: demo.render_demo(dict(p, timbre=t), rng=np.random.default_rng(1)) for t in demo.TIMBRES}
+    texts = {t: demo.demo_text(dict(p, timbre=t))[0] for t in demo.TIMBRES}
+    assert len(set(texts.values())) == 4 and all(demo.TIMBRES[t] in texts[t].lower() for t in texts)
+    assert high_share(render["sine"]) < 0.01 < 0.05 < high_share(render["sawtooth"])  # pure vs bright
+    assert high_share(render["square"]) > 0.02
+    hop = demo.DEMO_RATE // 100
+    env_sine = np.abs(render["sine"]).reshape(-1, hop).max(1)
+    env_pluck = np.abs(render["plucked"]).reshape(-1, hop).max(1)
+    assert np.median(env_pluck) < 0.6 * np.median(env_sine)  # plucked notes die away
+    low, high = (demo.render_demo(dict(p, register=r), rng=np.random.default_rng(1)) for r in ("low", "high"))
+    assert centroid(high) > 4 * centroid(low)
+    assert "low register" in demo.demo_text(dict(p, register="low"))[0]
+    slow, fast = (demo.render_demo(dict(p, bpm=b, drums=True), rng=np.random.default_rng(1)) for b in (60, 150))
+    onsets = [int((np.diff(np.abs(w).reshape(-1, hop).max(1)) > 0.15).sum()) for w in (slow, fast)]
+    assert onsets[1] > 1.8 * onsets[0]  # faster tempo, more drum hits
+    for template in range(len(demo.TEMPLATES)):
+        desc = demo.demo_text(dict(p, template=template))[0].lower()
+        assert all(w in desc for w in (p["mode"], p["tempo"], "middle register", demo.TIMBRES[p["timbre"]]))
+    desc, side = demo.demo_text(p)
+    assert data.normalize_info(side)["bpm"] == 100.0 and side["instrument"] == p["timbre"]
+
+
+def test_demo_dataset_trains_through_the_cache(tmp_path):
+    root = demo.make_demo_set(tmp_path / "demo", sizes=SMALL)
+    codec = codec_lib.load_codec("debug")
+    ds = data.open_split(str(root), "train", codec=codec, train=True, token_cache=True, cache_dir=str(tmp_path),
+                         segment_duration=3.0)
+    assert len(ds) == 5
+    batch = next(iter(data.make_loader(ds, 4)))
+    assert batch["codes"].shape == (4, 4, 150) and all(batch["descriptions"])
+    gen = data.open_split(str(root), "generate", codec=codec, train=False, cache_dir=str(tmp_path),
+                          segment_duration=3.0)
+    texts = [gen[i]["description"] for i in range(4)]
+    assert [t for t in demo.TIMBRES if any(demo.TIMBRES[t] in x.lower() for x in texts)] == list(demo.TIMBRES)
