@@ -1,13 +1,16 @@
 """The frozen audio tokenizer: an EnCodec port (SEANet encoder/decoder with LSTM, residual vector quantizer).
 
 Loads the weights users hold: AudioCraft's `compression_state_dict.bin` (legacy `weight_g`/`weight_v` or
-`parametrizations.weight.original0/1` names, config from its `xp.cfg`) and Hugging Face EnCodec directories
-(`config.json` + `model.safetensors` or `pytorch_model.bin`), and computes what they compute. Weight norm is
+`parametrizations.weight.original0/1` names, config from its `xp.cfg`), Hugging Face EnCodec directories
+(`config.json` + `model.safetensors` or `pytorch_model.bin`) and codecs trained by train_codec.py (a run directory or
+its signature), and computes what they compute. Weight norm is
 folded into plain weights at load time. `load_codec("debug")` is a tiny seeded codec for tests (demo.py builds it).
 
     python codec.py //reference/encodec_32khz                  # summary and identity of a codec
     python codec.py debug in.wav out.wav                       # encode + decode a file
     python codec.py PATH --export out/compression_state_dict.bin   # write AudioCraft's layout
+    python codec.py PATH --export_hf out/encodec                   # write a Hugging Face EnCodec directory
+    python codec.py SIG in.wav out.wav                             # a codec trained by train_codec.py (SIG or run dir)
 
 Long inputs are processed in time chunks (bounded memory) without changing the math: the convolutions before
 the LSTM have a finite receptive field, so chunks overlap by a margin that covers it; the LSTM runs over the
@@ -185,6 +188,13 @@ def seanet_decoder(cfg):
         mult //= 2
     layers += [nn.ELU(inplace=True), Conv(nf, cfg.channels, cfg.last_kernel_size, cfg=cfg, normed=off < 1)]
     return nn.Sequential(*layers)
+
+
+def run_layers(layers, x):
+    """x through a SEANet stack in one pass (the LSTM's state dropped): the differentiable path training takes."""
+    for layer in layers:
+        x = layer(x)[0] if isinstance(layer, LSTM) else layer(x)
+    return x
 
 
 def _convs(layers):
@@ -551,28 +561,45 @@ def _read_hf(directory):
     return config_from_hf(c, directory, n_codebooks), state
 
 
+def _read_codec_run(directory):
+    """(config, weights) of a train_codec.py run: the latest EMA weights it validated, weight norm already folded."""
+    ckpt = load_tensors(directory / "checkpoint.pt", mmap=True, expected=_EXPECTED)
+    if not isinstance(ckpt, dict) or "codec_config" not in ckpt:
+        raise UserError(f"{directory}: its checkpoint.pt is not a codec's (train.py trains LMs; train_codec.py codecs)")
+    if ckpt.get("best_state") is None:
+        raise UserError(f"{directory}: the codec run has not finished an epoch yet: no weights to tokenize with")
+    return CodecConfig(**ckpt["codec_config"]), ckpt["best_state"]
+
+
 def load_codec(path, stereo=False, pad_mode=None, n_q=None):
     """A frozen Codec (eval, no grad) from an AudioCraft file or directory holding one, a Hugging Face
-    directory, a //reference/... path, or "debug". pad_mode/n_q override the file's (AudioCraft inference used
-    constant padding where the HF config says reflect; n_q keeps the first codebooks)."""
+    directory, a train_codec.py run (its directory, or its signature under the team's runs directory), a
+    //reference/... path, or "debug". pad_mode/n_q override the file's (AudioCraft inference used constant padding
+    where the HF config says reflect; n_q keeps the first codebooks)."""
     if str(path) == "debug":
         from demo import debug_codec_state   # the fixtures import this module: imported here, not above
         cfg, state = debug_codec_state()
         source = "debug"
     else:
         p = resolve_path(path)
+        if not p.exists() and re.fullmatch(r"[0-9a-f]{8}", str(path)):   # a train_codec.py signature
+            from env import run_dir
+            p = run_dir(str(path))
         if not p.exists():
             raise UserError(f"codec {path}: {p} does not exist")
         if p.is_dir() and (p / AUDIOCRAFT_FILE).exists():
             p = p / AUDIOCRAFT_FILE
         elif p.name == "config.json" or p.suffix == ".safetensors":   # a file of an HF directory
             p = p.parent
-        if p.is_dir() and (p / "config.json").exists():
+        if p.is_dir() and (p / "checkpoint.pt").exists():
+            cfg, state = _read_codec_run(p)
+        elif p.is_dir() and (p / "config.json").exists():
             cfg, state = _read_hf(p)
         elif p.is_file():
             cfg, state = _read_audiocraft(p)
         else:
-            raise UserError(f"codec {path}: {p} holds neither {AUDIOCRAFT_FILE} nor a Hugging Face config.json")
+            raise UserError(f"codec {path}: {p} holds neither {AUDIOCRAFT_FILE}, a Hugging Face config.json nor a "
+                            f"train_codec.py checkpoint.pt")
         source = str(p)
     if pad_mode is not None:
         if pad_mode not in ("reflect", "constant"):
@@ -655,6 +682,55 @@ def export_audiocraft_codec(codec, path):
     return path
 
 
+def hf_config(cfg):
+    """The Hugging Face EncodecConfig (config.json) of a codec config."""
+    frame_rate = math.ceil(cfg.sample_rate / cfg.hop)     # transformers' EncodecConfig.frame_rate
+    bits = math.ceil(math.log2(cfg.card))                   # its codebook_nbits
+    # transformers (5.x) builds 1000 * max(target_bandwidths) // (frame_rate * bits) quantizer layers and encodes
+    # with as many; a little over the exact bandwidth, so that float rounding cannot drop one
+    bandwidth = (cfg.n_q + 0.5) * bits * frame_rate / 1000
+    return {"model_type": "encodec", "architectures": ["EncodecModel"], "sampling_rate": cfg.sample_rate,
+            "audio_channels": cfg.channels, "num_filters": cfg.n_filters, "upsampling_ratios": list(cfg.ratios),
+            "hidden_size": cfg.dimension, "codebook_dim": cfg.dimension, "codebook_size": cfg.card,
+            "num_residual_layers": cfg.n_residual_layers, "kernel_size": cfg.kernel_size,
+            "residual_kernel_size": cfg.residual_kernel_size, "last_kernel_size": cfg.last_kernel_size,
+            "dilation_growth_rate": cfg.dilation_base, "compress": cfg.compress, "num_lstm_layers": cfg.lstm,
+            "use_causal_conv": cfg.causal, "pad_mode": cfg.pad_mode, "use_conv_shortcut": not cfg.true_skip,
+            "trim_right_ratio": cfg.trim_right_ratio, "norm_type": "weight_norm", "normalize": False,
+            "chunk_length_s": None, "overlap": None, "target_bandwidths": [bandwidth]}
+
+
+def hf_state(codec):
+    """Our weights in transformers' EncodecModel layout (weight norm as parametrizations.weight.original0/1, as
+    save_pretrained writes them), from the AudioCraft layout by renaming."""
+    state = {}
+    for key, value in audiocraft_state(codec).items():
+        m = re.match(r"quantizer\.vq\.layers\.(\d+)\._codebook\.(\w+)$", key)
+        if m:
+            state[f"quantizer.layers.{m[1]}.codebook.{m[2]}"] = value
+            continue
+        key = re.sub(r"^(encoder|decoder)\.model\.", r"\1.layers.", key)
+        key = key.replace("conv.conv.", "conv.").replace("convtr.convtr.", "conv.")
+        state[key.replace("weight_g", "parametrizations.weight.original0").replace(
+            "weight_v", "parametrizations.weight.original1")] = value
+    return state
+
+
+def export_hf_codec(codec, directory):
+    """Write `codec` as a Hugging Face EnCodec directory (config.json + model.safetensors) that transformers'
+    EncodecModel.from_pretrained loads. Written atomically, file by file."""
+    from safetensors.torch import save as save_safetensors
+    if codec.cfg.norm != "weight_norm":
+        raise UserError("a Hugging Face EnCodec has weight norm on every convolution: this codec has none")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(hf_config(codec.cfg), indent=2) + "\n"
+    blob = save_safetensors({k: v.contiguous() for k, v in hf_state(codec).items()}, metadata={"format": "pt"})
+    write_atomic(directory / "model.safetensors", lambda f: f.write(blob))
+    write_atomic(directory / "config.json", lambda f: f.write(text.encode()))
+    return directory
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv):
@@ -662,7 +738,7 @@ def main(argv):
         print(__doc__)
         return 0
     if len(argv) not in (1, 3):
-        raise UserError("usage: python codec.py PATH [in.wav out.wav | --export OUT]")
+        raise UserError("usage: python codec.py PATH [in.wav out.wav | --export OUT | --export_hf OUT_DIR]")
     codec = load_codec(argv[0])
     c = codec.cfg
     print(f"codec {argv[0]}: {c.sample_rate} Hz, {codec.channels} ch, hop {codec.hop}, {codec.frame_rate:g} frames/s, "
@@ -670,6 +746,8 @@ def main(argv):
           f"{sum(p.numel() for p in codec.parameters()) / 1e6:.1f}M params, identity {codec.identity()}")
     if len(argv) == 3 and argv[1] == "--export":
         print(f"wrote {export_audiocraft_codec(codec, argv[2])}")
+    elif len(argv) == 3 and argv[1] == "--export_hf":
+        print(f"wrote {export_hf_codec(codec, argv[2])}")
     elif len(argv) == 3:
         import soundfile as sf
         try:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from codec import Codec, CodecConfig, LSTM
+from codec import Codec, CodecConfig, run_layers
 from data import SPLITS, AudioMeta, _FileLock, _log, save_audio, write_manifest
 from env import UserError, cli, write_atomic
 
@@ -296,9 +296,7 @@ def _debug_state(seed=1234):
         t.copy_(torch.from_numpy(_hash_uniform(t.numel(), seed + offset).reshape(t.shape)) * bound)
     wav = torch.from_numpy(_debug_signal(sr=cfg.sample_rate))[None, None]
     with torch.no_grad():
-        res = codec.encoder[:codec._enc_split](wav)
-        for layer in codec.encoder[codec._enc_split:]:
-            res = layer(res)[0] if isinstance(layer, LSTM) else layer(res)
+        res = run_layers(codec.encoder, wav)
     res, books = res[0].T, []   # [frames, dim]
     for q in range(cfg.n_q):
         centroids, assign = _kmeans(res, cfg.card, 10, seed + 1000 + q)

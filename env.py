@@ -296,6 +296,13 @@ def _owner_alive(owner):
     return True
 
 
+def set_status(run_dir, word):
+    """A run directory's status file: running (with this process and host, so that run_status can tell a killed
+    run), done, failed or preempted."""
+    owner = f"{os.getpid()} {socket.gethostname()}\n" if word == "running" else ""
+    (Path(run_dir) / "status").write_text(f"{word}\n{owner}")
+
+
 def describe():
     env = get_env()
     lines = [f"team        {env.team}", f"cluster     {env.cluster}", f"team file   {env.config_file}",
