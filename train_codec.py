@@ -287,7 +287,7 @@ def mel_spectrogram(wav, sample_rate, n_fft, hop, n_mels=64, f_min=64.0, normali
     x = F.pad(x, (0, (frames - 1) * hop + n_fft - x.shape[-1]))
     window = torch.hann_window(n_fft, device=wav.device, dtype=wav.dtype)
     spec = torch.stft(x, n_fft, hop, window=window, center=False, return_complex=True)  # [B*C, freqs, frames]
-    power = spec.real.square() + spec.imag.square()   # |z|^2 without abs(), whose gradient is NaN at 0
+    power = spec.real.square() + spec.imag.square()   # |z|^2, no square root taken
     if normalized:
         power = power / window.square().sum()
     filters = mel_filters(n_fft, n_mels, sample_rate, f_min).to(wav.device, wav.dtype)
@@ -807,7 +807,7 @@ def _train(cfg, d):
                     with torch.autocast(**autocast):
                         adv, feat = generator_losses(disc, out, wav)
                     losses.update({k: v.float() for k, v in (("adv", adv), ("feat", feat)) if getattr(cfg, k) > 0})
-                finite = all(math.isfinite(float(v)) for v in [*losses.values(), commit])
+                finite = all(math.isfinite(float(v.detach())) for v in [*losses.values(), commit])
                 if finite:
                     if balancer:
                         average = (lambda xs: [x / d.world_size for x in all_sum(d, xs)]) if d.world_size > 1 else None
