@@ -574,10 +574,15 @@ def _read_codec_run(directory):
 def load_codec(path, stereo=False, pad_mode=None, n_q=None):
     """A frozen Codec (eval, no grad) from an AudioCraft file or directory holding one, a Hugging Face
     directory, a train_codec.py run (its directory, or its signature under the team's runs directory), a
-    //reference/... path, or "debug". pad_mode/n_q override the file's (AudioCraft inference used constant padding
+    //reference/... path, "demo" (the demo's trained codec, shipped in assets/) or "debug". pad_mode/n_q override the file's (AudioCraft inference used constant padding
     where the HF config says reflect; n_q keeps the first codebooks)."""
+    if str(path) == "demo":
+        from demo import DEMO_CODEC   # the fixtures import this module: imported here, not above
+        if not DEMO_CODEC.is_file():
+            raise UserError(f"codec demo: {DEMO_CODEC} is missing: make it again with `python demo.py codec`")
+        path = DEMO_CODEC
     if str(path) == "debug":
-        from demo import debug_codec_state   # the fixtures import this module: imported here, not above
+        from demo import debug_codec_state
         cfg, state = debug_codec_state()
         source = "debug"
     else:

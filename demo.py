@@ -5,6 +5,9 @@ so that a tiny model trained on it for a minute learns to follow the text. The d
 EnCodec-shaped codec for tests (`load_codec("debug")`).
 
     python demo.py set OUT_DIR [--seed=0]          # write the synthetic demo set
+    python demo.py codec                           # train the demo codec again: rebuilds assets/demo_codec.bin
+    python demo.py measure-codec CODEC             # SI-SNR, mel distance, pitch accuracy on held-out clips
+    python demo.py measure-registers SAMPLES_DIR   # do "high register" samples sound higher than "low" ones?
 """
 import argparse
 import json
@@ -21,25 +24,28 @@ import torch
 
 from codec import Codec, CodecConfig, run_layers
 from data import SPLITS, AudioMeta, _FileLock, _log, save_audio, write_manifest
+import env
 from env import UserError, cli, write_atomic
 
 # ----------------------------------------------------------------------------------------------------------
 # The demo set: procedural music whose descriptions say what the audio is
 
-DEMO_VERSION = 1
-DEMO_RATE = 32000
+DEMO_VERSION = 2
+DEMO_RATE = 16000      # the demo codec's rate: half the compute of 32 kHz, and every note's harmonics up to 8 kHz
 DEMO_SIZES = {"train": 256, "valid": 24, "evaluate": 24, "generate": 8}
 DEMO_SECONDS = (4.0, 6.0)
 TIMBRES = {"sine": "soft sine wave", "square": "square wave synth", "sawtooth": "bright sawtooth synth",
            "plucked": "plucked string"}
-REGISTERS = {"low": 36, "middle": 55, "high": 74}   # lowest tonic (MIDI note) of each register
+REGISTERS = {"low": 36, "middle": 48, "high": 60}   # lowest tonic (MIDI note) of each register: an octave apart
 TEMPOS = {"slow": (60, 80), "moderate": (96, 116), "fast": (132, 160)}
 SCALES = {"major": (0, 2, 4, 5, 7, 9, 11), "minor": (0, 2, 3, 5, 7, 8, 10)}
 NOTE_NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
 PROGRESSIONS = ((0, 3, 4, 0), (0, 5, 3, 4), (0, 4, 5, 3), (5, 3, 0, 4))  # triad roots (scale degrees) per bar
+MELODY_DEGREES = (3, 12)   # the melody moves between these scale degrees above the tonic (about an octave and a half)
 TEMPLATES = ("A {tempo} {mode} melody on a {instrument} in a {register} register, {bpm} bpm{drums}.",
              "{Instrument}, {tempo} tempo, {key} {mode}, {register} register{drums}.",
              "A {tempo} tune in {key} {mode} played by a {instrument}, {register} register, {bpm} bpm{drums}.")
+TABLE = 2048   # samples per wavetable period
 
 
 def demo_params(rng, split, i):
@@ -56,36 +62,9 @@ def demo_params(rng, split, i):
     return p
 
 
-def _voice(timbre, onsets, lengths, midis, n, sr):
-    """Back-to-back notes (onsets and lengths in seconds; midis [notes] or [notes, voices] for chords),
-    vectorised over samples -> [n] float32."""
-    first = np.minimum((np.asarray(onsets) * sr).astype(np.int64), n)
-    counts = np.diff(first, append=n)                                  # samples of each note
-    rep = lambda v: np.repeat(np.asarray(v, dtype=np.float32), counts)  # noqa: E731 (per note -> per sample)
-    since = (np.arange(n, dtype=np.float32) - rep(first)) / sr         # seconds since the note's onset
-    left = rep(lengths) - since                                        # seconds until its end
-    x = np.zeros(n, np.float32)
-    for midi in np.asarray(midis, dtype=np.float64).reshape(len(first), -1).T:
-        cycles = rep(440 * 2 ** ((midi - 69) / 12)) * since
-        cycles -= np.floor(cycles)                                     # phase in [0, 1) (numpy's % is slow)
-        if timbre == "sine":
-            x += np.sin(2 * np.pi * cycles)
-        elif timbre == "square":    # odd harmonics at 1/k: hollow
-            x += np.where(cycles < 0.5, np.float32(0.7), np.float32(-0.7))
-        elif timbre == "sawtooth":  # every harmonic at 1/k: bright
-            x += 1.4 * cycles - 0.7
-        else:                       # plucked: a mellow triangle (odd harmonics at 1/k^2), dying away below
-            x += 2.8 * np.abs(cycles - 0.5) - 0.7
-    env = np.minimum(1, since / 0.005) * np.clip(left / 0.02, 0, 1)    # no clicks at either end
-    if timbre == "plucked":
-        env *= np.exp(-since / 0.3)
-    return x * env
-
-
-def render_demo(p, sr=DEMO_RATE, rng=None):
-    """wav [S] float32 of one clip: a melody over one triad per bar, with optional kick/noise drums."""
-    rng = rng or np.random.default_rng(0)
-    n = int(p["duration"] * sr)
+def demo_score(p, rng):
+    """The notes of one clip: {melody: [(onset s, length s, midi)], chords: [(onset, length, (root, third, fifth))],
+    beats: [onset]}: a melody that steps around the scale over one triad per bar of four beats."""
     beat, scale = 60 / p["bpm"], SCALES[p["mode"]]
     tonic = REGISTERS[p["register"]] + p["tonic"]
 
@@ -93,20 +72,71 @@ def render_demo(p, sr=DEMO_RATE, rng=None):
         octave, step = divmod(degree, 7)
         return tonic + 12 * octave + scale[step]
 
-    onsets, lengths, midis, t, degree = [], [], [], 0.0, 7 + int(rng.integers(5))
+    melody, t, degree = [], 0.0, 7 + int(rng.integers(3))
     while t < p["duration"]:
         length = beat * float(rng.choice([0.5, 0.5, 1, 1, 1, 2]))
-        onsets.append(t), lengths.append(length), midis.append(pitch(degree))
-        degree = int(np.clip(degree + rng.choice([-2, -1, -1, 0, 1, 1, 2, 3, -3]), 2, 16))
+        melody.append((t, length, pitch(degree)))
+        degree = int(np.clip(degree + rng.choice([-2, -1, -1, 0, 1, 1, 2, 3, -3]), *MELODY_DEGREES))
         t += length
-    wav = 0.5 * _voice(p["timbre"], onsets, lengths, midis, n, sr)
     progression = PROGRESSIONS[int(rng.integers(len(PROGRESSIONS)))]
-    bars = np.arange(math.ceil(p["duration"] / (4 * beat)))
-    chords = [[pitch(progression[b % 4] + k) for k in (0, 2, 4)] for b in bars]  # root, third, fifth
-    wav += 0.12 * _voice(p["timbre"], 4 * beat * bars, np.full(len(bars), 4 * beat), chords, n, sr)
+    bars = range(math.ceil(p["duration"] / (4 * beat)))
+    chords = [(4 * beat * b, 4 * beat, tuple(pitch(progression[b % 4] + k) for k in (0, 2, 4))) for b in bars]
+    return {"melody": melody, "chords": chords, "beats": [k * beat for k in range(int(p["duration"] / beat) + 1)]}
+
+
+@lru_cache(maxsize=None)
+def _wavetable(timbre, midi, sr):
+    """One period of the timbre at that pitch, its harmonics kept below 0.9 x Nyquist (no aliasing) -> [TABLE]."""
+    k = np.arange(1, TABLE // 2)
+    f0 = 440 * 2 ** ((midi - 69) / 12)
+    if timbre == "sine":
+        amp = (k == 1) * 1.0
+    elif timbre == "square":      # odd harmonics at 1/k: hollow
+        amp = (k % 2 == 1) / k * 0.7 * 4 / np.pi
+    elif timbre == "sawtooth":    # every harmonic at 1/k: bright
+        amp = 1 / k * 0.7 * 2 / np.pi
+    else:                         # plucked: a mellow triangle (odd harmonics at 1/k^2), dying away below
+        amp = (k % 2 == 1) * (-1.0) ** ((k - 1) // 2) / k ** 2 * 0.7 * 8 / np.pi ** 2
+    amp = np.where(k * f0 < 0.45 * sr, amp, 0.0)
+    spectrum = np.zeros(TABLE // 2 + 1, complex)
+    spectrum[1:TABLE // 2] = -0.5j * TABLE * amp      # sine series: irfft gives sum_k amp_k sin(2 pi k t)
+    return np.fft.irfft(spectrum, TABLE).astype(np.float32)
+
+
+def _voice(timbre, onsets, lengths, midis, n, sr):
+    """Back-to-back notes (onsets and lengths in seconds; midis [notes] or [notes, voices] for chords),
+    vectorised over samples -> [n] float32."""
+    first = np.minimum((np.asarray(onsets) * sr).astype(np.int64), n)
+    counts = np.diff(first, append=n)                                  # samples of each note
+    rep = lambda v: np.repeat(np.asarray(v), counts)                   # noqa: E731 (per note -> per sample)
+    since = (np.arange(n, dtype=np.float32) - rep(first).astype(np.float32)) / sr   # seconds since the onset
+    left = rep(np.asarray(lengths, dtype=np.float32)) - since         # seconds until its end
+    note = rep(np.arange(len(first)))                                  # which note each sample belongs to
+    x = np.zeros(n, np.float32)
+    for midi in np.asarray(midis, dtype=np.float64).reshape(len(first), -1).T:
+        tables = np.stack([_wavetable(timbre, float(m), sr) for m in midi])   # [notes, TABLE]
+        cycles = rep((440 * 2 ** ((midi - 69) / 12)).astype(np.float32)) * since
+        cycles -= np.floor(cycles)                                     # phase in [0, 1) (numpy's % is slow)
+        x += tables[note, (cycles * TABLE).astype(np.int64) % TABLE]
+    env = np.minimum(1, since / 0.005) * np.clip(left / 0.02, 0, 1)    # no clicks at either end
+    if timbre == "plucked":
+        env *= np.exp(-since / 0.3)
+    return x * env
+
+
+def render_demo(p, sr=DEMO_RATE, rng=None, score=None):
+    """wav [S] float32 of one clip: its score (demo_score, drawn from rng unless given) with optional kick/noise
+    drums on the beats."""
+    rng = rng or np.random.default_rng(0)
+    score = score or demo_score(p, rng)
+    n = int(p["duration"] * sr)
+    onsets, lengths, midis = zip(*score["melody"])
+    wav = 0.5 * _voice(p["timbre"], onsets, lengths, midis, n, sr)
+    onsets, lengths, triads = zip(*score["chords"])
+    wav += 0.12 * _voice(p["timbre"], onsets, lengths, triads, n, sr)
     if p["drums"]:
-        for k in range(int(p["duration"] / beat) + 1):
-            a = int(k * beat * sr)
+        for k, onset in enumerate(score["beats"]):
+            a = int(onset * sr)
             m = min(n - a, int(0.15 * sr))
             if m <= 0:
                 break
@@ -117,6 +147,14 @@ def render_demo(p, sr=DEMO_RATE, rng=None):
                 hit = rng.standard_normal(m) * np.exp(-tt / 0.03) * 0.6
             wav[a:a + m] += 0.45 * hit.astype(np.float32)
     return (wav * (0.8 / max(1e-6, float(np.abs(wav).max())))).astype(np.float32)
+
+
+def demo_clip(seed, split, i, sr=DEMO_RATE):
+    """(params, score, wav) of clip i of a split of the demo set with that seed: what make_demo_set writes."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), i])
+    p = demo_params(rng, split, i)
+    score = demo_score(p, rng)
+    return p, score, render_demo(p, sr, rng, score)
 
 
 def demo_text(p):
@@ -160,14 +198,12 @@ def _ours(root):
 def _write_demo_set(root, seed, sizes):
     """Every file of the set under root (a new directory) -> the list of (relative path, size)."""
     files = []
-    for s, split in enumerate(SPLITS):
+    for split in SPLITS:
         d = root / split
         d.mkdir()
         metas = []
         for i in range(sizes.get(split, 0)):
-            rng = np.random.default_rng([seed, s, i])
-            p = demo_params(rng, split, i)
-            wav = render_demo(p, DEMO_RATE, rng)
+            p, _, wav = demo_clip(seed, split, i)
             desc, side = demo_text(p)
             stem = f"clip_{i:04d}"
             save_audio(d / f"{stem}.wav", wav, DEMO_RATE)
@@ -313,6 +349,112 @@ def debug_codec_state():
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The demo codec: trained on the demo set by config/codec_demo.py, shipped as assets/demo_codec.bin
+
+DEMO_CODEC = Path(__file__).resolve().parent / "assets" / "demo_codec.bin"
+DEMO_CODEC_CONFIG = Path(__file__).resolve().parent / "config" / "codec_demo.py"
+DEMO_CODEC_THREADS = 2   # CPU results depend on the thread count: pinned, so that the same command gives the same bits
+
+
+def build_demo_codec(extra=()):
+    """Train the demo codec (config/codec_demo.py on the CPU, DEMO_CODEC_THREADS threads) and export it to
+    assets/demo_codec.bin in AudioCraft's compression_state_dict.bin layout. On the same kind of CPU and torch
+    version this rebuilds the shipped file bit for bit. -> its path."""
+    import train_codec
+    from codec import export_audiocraft_codec, load_codec
+    torch.set_num_threads(DEMO_CODEC_THREADS)
+    cfg = train_codec.parse_config(train_codec.Config, [str(DEMO_CODEC_CONFIG), "--device=cpu", *extra])
+    code = train_codec.train(cfg)
+    if code:
+        raise UserError(f"training the demo codec stopped (exit {code}); run the same command again to resume it")
+    run = env.run_dir(train_codec.config_signature(cfg), cfg.runs_dir or None)
+    return export_audiocraft_codec(load_codec(run), DEMO_CODEC)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measuring what the demo promises: the codec keeps pitch and timbre; the LM follows the register it is asked for
+
+def midi_of(hz):
+    return 69 + 12 * np.log2(np.maximum(hz, 1e-9) / 440)
+
+
+def fundamental(wav, sr, lo=50.0, hi=2500.0):
+    """The frequency (Hz) of the strongest spectral peak between lo and hi, refined by a parabola through the log
+    magnitudes around it. For the demo's timbres (harmonics at 1/k or 1/k^2) under a melody 12 dB above each chord
+    voice, that is the melody note's fundamental."""
+    n = max(1 << 15, 1 << math.ceil(math.log2(len(wav))))
+    spec = np.log(np.abs(np.fft.rfft(wav * np.hanning(len(wav)), n)) + 1e-12)
+    a, b = int(lo * n / sr), int(hi * n / sr)
+    k = a + int(spec[a:b].argmax())
+    left, mid, right = spec[k - 1], spec[k], spec[k + 1]
+    offset = 0.5 * (left - right) / (left - 2 * mid + right) if left - 2 * mid + right < 0 else 0.0
+    return (k + offset) * sr / n
+
+
+def melody_pitch_errors(wav, original, score, sr, min_length=0.15):
+    """Per sustained melody note (at least min_length s): the error in semitones of the fundamental of `wav` (a
+    reconstruction) against the score, for the notes whose fundamental the estimator finds in `original` (within
+    half a semitone): notes masked by the accompaniment or drums are left out, not counted as codec errors."""
+    errors = []
+    for onset, length, midi in score["melody"]:
+        a, b = int((onset + 0.04) * sr), int((onset + length - 0.03) * sr)
+        if (b - a) < min_length * sr or b > len(original):
+            continue
+        if abs(midi_of(fundamental(original[a:b], sr)) - midi) > 0.5:
+            continue
+        errors.append(float(midi_of(fundamental(wav[a:b], sr)) - midi))
+    return errors
+
+
+@torch.no_grad()
+def measure_codec(codec, seed=0, split="evaluate", count=DEMO_SIZES["evaluate"]):
+    """What a codec does to held-out demo clips (the evaluate split, which neither codec nor LM trains on):
+    {sisnr (dB), mel (distance), pitch (fraction of sustained melody notes within a semitone), notes, clips}."""
+    from train_codec import mel_distance, si_snr   # the trainer's metrics; imported here: it imports train.py
+    sisnr, mel, errors = [], [], []
+    for i in range(count):
+        _, score, wav = demo_clip(seed, split, i, codec.sample_rate)
+        x = torch.from_numpy(wav)[None, None]
+        y = codec.decode(codec.encode(x))[..., :x.shape[-1]].float()
+        sisnr.append(float(si_snr(y, x)))
+        mel.append(float(mel_distance(y, x, codec.sample_rate)))
+        errors += melody_pitch_errors(y[0, 0].numpy(), wav, score, codec.sample_rate)
+    errors = np.abs(errors)
+    return {"sisnr": float(np.mean(sisnr)), "mel": float(np.mean(mel)), "pitch": float(np.mean(errors < 1.0)),
+            "pitch_median_error": float(np.median(errors)), "notes": len(errors), "clips": count}
+
+
+def median_pitch(wav, sr, frame=0.1):
+    """The median fundamental (MIDI) of a recording's louder frames (above a tenth of the loudest frame's energy)."""
+    n = int(frame * sr)
+    frames = [wav[a:a + n] for a in range(0, len(wav) - n + 1, n // 2)]
+    energy = np.array([float(np.square(f).sum()) for f in frames])
+    loud = [f for f, e in zip(frames, energy) if e > 0.1 * energy.max()]
+    return float(np.median([midi_of(fundamental(f, sr)) for f in loud])) if loud else float("nan")
+
+
+def measure_registers(directory):
+    """Samples (NNN.wav + NNN.json with their description, as the generate stage and generate.py write them) asked
+    for a "low register" or a "high register": their median pitches -> {low, high (MIDI, per sample), gap (mean high
+    minus mean low, semitones), ordered (fraction of (high, low) pairs where the high one is higher)}."""
+    import soundfile as sf
+    pitches = {"low": [], "high": []}
+    for meta_path in sorted(Path(directory).glob("*.json")):
+        meta = json.loads(meta_path.read_text())
+        text = (meta.get("description") or meta.get("prompt") or "").lower()
+        register = next((r for r in pitches if f"{r} register" in text), None)
+        if register is None or not meta_path.with_suffix(".wav").is_file():
+            continue
+        wav, sr = sf.read(meta_path.with_suffix(".wav"), dtype="float32", always_2d=True)
+        pitches[register].append(median_pitch(wav.mean(1), sr))
+    low, high = pitches["low"], pitches["high"]
+    if not low or not high:
+        raise UserError(f"{directory}: needs samples whose descriptions ask for a low register and a high register")
+    ordered = np.mean([h > lo for h in high for lo in low])
+    return {"low": low, "high": high, "gap": float(np.mean(high) - np.mean(low)), "ordered": float(ordered)}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Command line
 
 def main(argv):
@@ -321,9 +463,30 @@ def main(argv):
     p = sub.add_parser("set", help="write the synthetic demo set")
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    sub.add_parser("codec", help="train the demo codec (config/codec_demo.py) and write assets/demo_codec.bin; "
+                                 "--key=value goes to train_codec.py")
+    p = sub.add_parser("measure-codec", help="SI-SNR, mel distance and pitch accuracy on held-out demo clips")
+    p.add_argument("codec", help="codec path, run directory or signature, //reference/..., debug")
+    p = sub.add_parser("measure-registers", help="median pitch of samples asked for a low vs a high register")
+    p.add_argument("samples", help="a directory of NNN.wav + NNN.json (a run's samples/<epoch>, generate.py --out)")
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and args.cmd != "codec":
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if args.cmd == "set":
         print(make_demo_set(args.out, args.seed))
+    elif args.cmd == "codec":
+        print(f"wrote {build_demo_codec(overrides)}")
+    elif args.cmd == "measure-codec":
+        from codec import load_codec
+        m = measure_codec(load_codec(args.codec))
+        print(f"codec {args.codec} on {m['clips']} held-out demo clips: SI-SNR {m['sisnr']:.2f} dB | mel distance "
+              f"{m['mel']:.3f} | {100 * m['pitch']:.0f}% of {m['notes']} sustained melody notes within a semitone "
+              f"(median error {m['pitch_median_error']:.2f} semitones)")
+    else:
+        m = measure_registers(args.samples)
+        print(f"{args.samples}: median pitch of 'low register' samples {', '.join(f'{x:.1f}' for x in m['low'])}; "
+              f"'high register' {', '.join(f'{x:.1f}' for x in m['high'])} (MIDI) | high - low {m['gap']:+.1f} "
+              f"semitones | {100 * m['ordered']:.0f}% of (high, low) pairs in order")
     return 0
 
 

@@ -33,6 +33,9 @@ TRAIN = [str(ROOT / "config/debug.py"), "--dim=32", "--n_layers=1", "--n_heads=2
          "--batch_size=4", "--epochs=1", "--updates_per_epoch=1", "--generate_every=0", "--evaluate_every=0",
          "--num_workers=0"]
 
+CODEC = ["--n_filters=2", "--dimension=8", "--lstm=0", "--card=16", "--adv=0", "--feat=0", "--epochs=1",
+         "--updates_per_epoch=1", "--batch_size=2", "--num_workers=0", "--generate_every=0"]
+
 
 class Evil:
     """Unpickling this calls open(marker, "w"): a stand-in for any code a pickle can run."""
@@ -107,6 +110,11 @@ class Ctx:
         return "train.py", TRAIN + list(extra) + [f"--runs_dir={self.tmp / 'runs'}",
                                                   f"--dataset={dataset or self.data / 'demo'}",
                                                   f"--cache_dir={self.tmp / 'cache' if dataset else self.data / 'cache'}"]
+
+
+    def train_codec(self, *extra, dataset=None):
+        return "train_codec.py", CODEC + list(extra) + [f"--runs_dir={self.tmp / 'runs'}",
+                                                         f"--dataset={dataset or self.data / 'demo'}"]
 
 
 @dataclass
@@ -352,6 +360,16 @@ CASES = [
     Case("tokenize-codec-missing", "data.py tokenize", "a codec path that does not exist",
          lambda c: ("data.py", ["tokenize", str(dataset(c, manifest_lines(_row(c, "a.wav"))) / "train"),
                                 str(c.tmp / "cache"), f"--codec={c.tmp / 'nope'}"]), ("<tmp>/nope", "does not exist")),
+    # -- train_codec.py
+    Case("codec-segment-hop", "train_codec.py", "a segment that is not a whole number of codec frames",
+         lambda c: c.train_codec("--segment_duration=0.99"),
+         ("segment_duration=0.99 s", "the codec's hop 640", "use a multiple of 0.02 s")),
+    Case("codec-audio-short", "train_codec.py", "audio shorter than a training segment",
+         lambda c: c.train_codec("--segment_duration=1.0", dataset=dataset(c, manifest_lines(
+             {"path": str(wav(c.tmp / "short.wav", seconds=0.5)), "duration": 0.5, "sample_rate": 32000}))),
+         ("every file is shorter than segment_duration=1.0 s", "0.50 s", "lower segment_duration")),
+    Case("codec-unknown-key", "train_codec.py", "a misspelt key", lambda c: c.train_codec("--n_filter=4"),
+         ('unknown key "n_filter"', 'did you mean "n_filters"')),
     # -- generate.py
     Case("generate-no-run", "generate.py", "no --run", lambda c: ("generate.py", ["--prompt=piano"]),
          ("--run is required",)),

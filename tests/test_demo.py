@@ -124,11 +124,22 @@ def test_demo_descriptions_say_what_the_audio_does():
     env_pluck = np.abs(render["plucked"]).reshape(-1, hop).max(1)
     assert np.median(env_pluck) < 0.6 * np.median(env_sine)  # plucked notes die away
     low, high = (demo.render_demo(dict(p, register=r), rng=np.random.default_rng(1)) for r in ("low", "high"))
-    assert centroid(high) > 4 * centroid(low)
+    assert centroid(high) > 2 * centroid(low)
+    scores = {r: demo.demo_score(dict(p, register=r), np.random.default_rng(1)) for r in ("low", "high")}
+    assert [m + 24 for _, _, m in scores["low"]["melody"]] == [m for _, _, m in scores["high"]["melody"]]  # 2 octaves
+    wav = demo.render_demo(dict(p, timbre="sawtooth", register="high"), rng=np.random.default_rng(1))
+    assert high_share(wav, hz=0.45 * demo.DEMO_RATE) < 1e-4       # harmonics stop below Nyquist: no aliasing
     assert "low register" in demo.demo_text(dict(p, register="low"))[0]
-    slow, fast = (demo.render_demo(dict(p, bpm=b, drums=True), rng=np.random.default_rng(1)) for b in (60, 150))
-    onsets = [int((np.diff(np.abs(w).reshape(-1, hop).max(1)) > 0.15).sum()) for w in (slow, fast)]
-    assert onsets[1] > 1.8 * onsets[0]  # faster tempo, more drum hits
+    def snares(wav):   # noise bursts: the only energy above 3 kHz under a sine melody
+        frames = np.fft.rfft(wav[:len(wav) // hop * hop].reshape(-1, hop) * np.hanning(hop), axis=1)
+        high = (np.abs(frames[:, 3000 * hop // demo.DEMO_RATE:]) ** 2).sum(1)
+        starts = np.flatnonzero(np.diff((high > 0.05 * high.max()).astype(int)) == 1)
+        return 1 + int((np.diff(starts) > 10).sum()) if len(starts) else 0   # one per 100 ms at most
+
+    slow, fast, quiet = (demo.render_demo(dict(p, timbre="sine", bpm=b, drums=d), rng=np.random.default_rng(1))
+                         for b, d in ((60, True), (150, True), (150, False)))
+    beats = [len(demo.demo_score(dict(p, bpm=b), np.random.default_rng(1))["beats"]) // 2 for b in (60, 150)]
+    assert [snares(slow), snares(fast)] == beats and high_share(quiet, 3000) < 1e-4   # every other beat
     for template in range(len(demo.TEMPLATES)):
         desc = demo.demo_text(dict(p, template=template))[0].lower()
         assert all(w in desc for w in (p["mode"], p["tempo"], "middle register", demo.TIMBRES[p["timbre"]]))
