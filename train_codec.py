@@ -77,7 +77,7 @@ class Config:
     q_dropout: bool = False           # train each batch on 1..n_q codebooks (variable bandwidth)
     vq_decay: float = 0.99            # EMA decay of the codebook updates
     kmeans_iters: int = 50            # k-means on the first batch starts each codebook
-    dead_code_threshold: float = 2.0  # a code whose EMA use count falls below this takes a vector of the batch
+    dead_code_threshold: float = 0.1  # a code used less than this fraction of the average code takes a batch vector
     commitment: float = 1.0           # weight of the commitment loss (outside the balancer, as AudioCraft)
     # losses: with the balancer, weight / sum of weights is the share of the output's gradient each loss gives
     l1: float = 0.1                   # waveform L1
@@ -475,7 +475,7 @@ class TrainableCodec(nn.Module):
     assigned to it (AudioCraft's EuclideanCodebook `cluster_size` and `embed_avg`). The codebooks are the codec's
     own `codebooks` buffer, so codec.encode/decode work on this model as they are."""
 
-    def __init__(self, cfg, decay=0.99, kmeans_iters=50, dead_code_threshold=2.0, eps=1e-5):
+    def __init__(self, cfg, decay=0.99, kmeans_iters=50, dead_code_threshold=0.1, eps=1e-5):
         super().__init__()
         self.codec = Codec(cfg)
         for m in self.codec.modules():
@@ -518,15 +518,13 @@ class TrainableCodec(nn.Module):
 
     @torch.no_grad()
     def _kmeans_init(self, q, r, generator, d):
-        """Codebook q from k-means on the first batch's residuals (rank 0's, broadcast)."""
-        books, counts = kmeans(r, self.codec.cfg.card, self.kmeans_iters, generator)
+        """Codebook q from k-means on the first batch's residuals, gathered from every rank (AudioCraft uses rank
+        0's): every rank computes the same centroids, as one process with the whole batch would."""
+        books, counts = kmeans(_gathered(r, d), self.codec.cfg.card, self.kmeans_iters, generator)
         self.codec.codebooks[q] = books
         self.embed_avg[q] = books
         self.cluster_size[q] = counts
         self.inited[q] = 1
-        if d is not None and d.world_size > 1:
-            for t in (self.codec.codebooks, self.embed_avg, self.cluster_size, self.inited):
-                dist.broadcast(t, 0)
 
     @torch.no_grad()
     def _update(self, q, r, idx, generator, d):
@@ -541,15 +539,16 @@ class TrainableCodec(nn.Module):
             counts, sums = both[:, 0], both[:, 1:]
         if not (torch.isfinite(counts).all() and torch.isfinite(sums).all()):
             return   # a non-finite batch (the update is skipped too) must not poison the codebooks
-        dead = self.cluster_size[q] < self.threshold
-        if self.threshold > 0 and dead.any():
-            # AudioCraft replaces the codeword only, which the normalisation below overwrites in the same step;
-            # its statistics are reset too here, so that the new codeword lives until it is used or decays.
-            fresh = sample_vectors(r, card, generator)
-            if d is not None and d.world_size > 1:
-                dist.broadcast(fresh, 0)
-            self.embed_avg[q][dead] = fresh[dead] * self.threshold
-            self.cluster_size[q][dead] = self.threshold
+        # Dead: used less than `threshold` times as often as the average code. AudioCraft counts absolutely (below 2
+        # uses per update), which at small batches is most codes; its replacement was harmless only because the
+        # normalisation below overwrote it in the same step. Here the statistics are reset too, to the average
+        # code's, so that a replaced code lives ~230 updates (log 0.1 / log 0.99) unless the data finds it.
+        average = counts.sum() / card
+        dead = self.cluster_size[q] < self.threshold * average
+        if self.threshold > 0 and dead.any():   # the same decision on every rank: the counts are global
+            fresh = sample_vectors(_gathered(r, d), card, generator)
+            self.embed_avg[q][dead] = fresh[dead] * average
+            self.cluster_size[q][dead] = average
         self.cluster_size[q].mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_avg[q].mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size[q].sum()
@@ -571,6 +570,15 @@ class TrainableCodec(nn.Module):
                     target.load_state_dict(live[name].state_dict())
             out.codebooks.copy_(self.codec.codebooks)
         return {k: v.detach().cpu().clone() for k, v in out.state_dict().items()}
+
+
+def _gathered(x, d):
+    """x [N, D] of every rank, concatenated in rank order: the whole global batch, the same on every rank."""
+    if d is None or d.world_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(d.world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
 
 
 @contextlib.contextmanager
@@ -840,8 +848,9 @@ def _train(cfg, d):
                 if in_epoch % cfg.log_every == 0 or in_epoch == cfg.updates_per_epoch:
                     dt = time.time() - t_log
                     rate = n_log * cfg.batch_size * cfg.segment_duration / dt   # seconds of audio per second
+                    means = [v / d.world_size for v in all_sum(d, [float(v) for v in metrics.values()])]  # all ranks'
                     log(f"epoch {s['epoch']} step {in_epoch}/{cfg.updates_per_epoch} | "
-                        + " | ".join(f"{k} {float(v):.4g}" for k, v in metrics.items())
+                        + " | ".join(f"{k} {v:.4g}" for k, v in zip(metrics, means))
                         + f" | n_q {n_q} | lr {lr:.1e} | {rate:.3g}x real time | data "
                         f"{100 * t_data / max(1e-9, time.time() - t0):.0f}%")
                     t_log, n_log = time.time(), 0
