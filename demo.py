@@ -353,7 +353,7 @@ def debug_codec_state():
 
 DEMO_CODEC = Path(__file__).resolve().parent / "assets" / "demo_codec.bin"
 DEMO_CODEC_CONFIG = Path(__file__).resolve().parent / "config" / "codec_demo.py"
-DEMO_CODEC_THREADS = 2   # CPU results depend on the thread count: pinned, so that the same command gives the same bits
+DEMO_CODEC_THREADS = 1   # CPU results depend on the thread count: pinned, so that the same command gives the same bits
 
 
 def build_demo_codec(extra=()):
