@@ -28,11 +28,11 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 import env
+import formats
 import model as lm
 from env import UserError, cli
 
@@ -77,8 +77,8 @@ def parse(argv):
                 raise UserError(f"--{key}={value}: expected {'an integer' if kind is int else 'a number'}")
     if opts["size"] not in SIZES:
         raise UserError(f"--size={opts['size']}: one of {', '.join(SIZES)}")
-    if opts["dtype"] not in ("", "float32", "bfloat16", "float16"):
-        raise UserError(f"--dtype={opts['dtype']}: one of float32, bfloat16, float16")
+    if opts["dtype"] and opts["dtype"] not in lm.DTYPES:
+        raise UserError(f"--dtype={opts['dtype']}: one of {', '.join(lm.DTYPES)}")
     try:
         device = torch.device(opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
@@ -88,7 +88,7 @@ def parse(argv):
     opts["device"] = device
     if opts["clock"] not in CLOCKS or (opts["clock"] == "cpu" and device.type != "cpu"):
         raise UserError(f"--clock={opts['clock']}: wall, or cpu (on a CPU device)")
-    opts["dtype"] = getattr(torch, opts["dtype"] or ("bfloat16" if device.type == "cuda" else "float32"))
+    opts["dtype"] = lm.DTYPES[opts["dtype"] or ("bfloat16" if device.type == "cuda" else "float32")]
     mode = argv[0]
     batch, seconds = GPU_SHAPES[mode] if device.type == "cuda" else \
         CPU_SHAPES.get((mode, opts["size"]), CPU_SHAPES[mode])
@@ -276,9 +276,10 @@ def common_notes(a, load_start):
 # The models: ours and transformers' with the same weights
 
 def build_lm(a):
+    """Our LM at a size, on precomputed text states (T5's projection only, as transformers' decoder takes them)."""
     torch.manual_seed(0)
-    cfg = lm.LMConfig(**SIZES[a["size"]], cfg_dropout=0.0)
-    return lm.MusicGenLM(cfg).to(a["device"]), cfg
+    ours = lm.build_lm({**SIZES[a["size"]], "cfg_dropout": 0.0}, with_t5=False).to(a["device"])
+    return ours, ours.cfg
 
 
 def require_transformers():
@@ -288,22 +289,37 @@ def require_transformers():
         raise UserError(f"the reference needs transformers ({e}): pip install transformers, or --reference=false")
 
 
-def _model_util():
-    """tests/_model_util.py: the converter and cache helper the parity tests use."""
+def transformers_reference(model):
+    """transformers' MusicgenForCausalLM with our LM's weights (eager attention; the parity tests use it too)."""
     require_transformers()
-    sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
-    try:
-        import _model_util
-    finally:
-        sys.path.pop(0)
-    return _model_util
+    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
+    c = model.cfg
+    hf_cfg = MusicgenDecoderConfig(
+        vocab_size=c.card, num_codebooks=c.n_q, hidden_size=c.dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, ffn_dim=c.hidden_scale * c.dim, activation_function="gelu",
+        pad_token_id=c.card, bos_token_id=c.card, dropout=0.0, attn_implementation="eager")
+    hf = MusicgenForCausalLM(hf_cfg).eval()
+    hf.load_state_dict(formats.to_transformers_state_dict(model.state_dict()), strict=True)
+    gc = hf.generation_config
+    gc.decoder_start_token_id = gc.pad_token_id = c.card
+    gc.num_return_sequences = 1
+    return hf
+
+
+def transformers_cache():
+    """generate()'s keyword for an explicit two-part cache (self- and cross-attention), in the spelling of the
+    installed transformers: 5.24 renamed `past_key_values` to `cache` (and rejects the old name in generate)."""
+    import inspect
+    from transformers import DynamicCache, EncoderDecoderCache, MusicgenForCausalLM
+    name = "cache" if "cache" in inspect.signature(MusicgenForCausalLM.forward).parameters else "past_key_values"
+    return {name: EncoderDecoderCache(DynamicCache(), DynamicCache())}
 
 
 def transformers_lm(ours):
     """transformers' MusicgenForCausalLM with our weights (its default SDPA attention), and the text projection
     (in transformers it belongs to MusicgenForConditionalGeneration: enc_to_dec_proj)."""
     device = ours.out_norm.weight.device
-    ref = _model_util().transformers_reference(ours).to(device)
+    ref = transformers_reference(ours).to(device)
     ref.set_attn_implementation("sdpa")
     proj = torch.nn.Linear(ours.cfg.text_dim, ours.cfg.dim).to(device)
     proj.load_state_dict(ours.conditioner.output_proj.state_dict())
@@ -433,9 +449,9 @@ def generate_calls(a, ours, cfg, ref=None):
     with torch.no_grad():
         condition, condition_mask = ours.conditioner(states, mask)                           # [B, L, dim]
     if a["compile"]:
-        # static shapes in decode_step; on CUDA "reduce-overhead" replays it as a CUDA graph
-        mode = "reduce-overhead" if device.type == "cuda" else "default"
-        ours.decode_step = torch.compile(ours.decode_step, mode=mode, fullgraph=True)
+        # the decode-and-sample step with static shapes, as generate.py compiles it; on CUDA "reduce-overhead"
+        # replays it as a CUDA graph
+        lm.compile_decode(ours)
     out = {}
 
     def gen_ours():
@@ -453,7 +469,7 @@ def generate_calls(a, ours, cfg, ref=None):
                 out["transformers"] = ref.generate(
                     input_ids=start, attention_mask=torch.ones_like(start), encoder_hidden_states=memory,
                     guidance_scale=3.0, do_sample=True, top_k=250, temperature=1.0, max_length=n + cfg.n_q,
-                    **_model_util().transformers_cache())
+                    **transformers_cache())
 
         calls["transformers"] = gen_ref
     return calls, out, (B, n, L)
@@ -484,8 +500,10 @@ def bench_generate(a):
              f"parameters); {shape_note(a, 'generate')} = {n} frames, {steps} decode steps, text {L} positions; "
              f"{str(a['dtype']).split('.')[-1]} weights; CFG coef 3 (conditional and null rows batched: {2 * B} rows), "
              "top-k 250 sampling",
-             "ours: " + ("decode_step compiled" + (" (reduce-overhead: CUDA graphs)" if device.type == "cuda" else "")
-                         if a["compile"] else "eager") + ", static KV cache; transformers: eager, its dynamic cache",
+             "ours: " + ("decode and sampling step compiled (model.compile_decode" +
+                         (", reduce-overhead: CUDA graphs)" if device.type == "cuda" else ")")
+                         if a["compile"] else "eager") + ", static KV cache, keyed-noise sampling; transformers: "
+             "eager, its dynamic cache",
              f"real time = audio seconds generated per second; weights B/s = weight bytes read per step x "
              f"steps/s (measured copy bandwidth {_si(bandwidth)}B/s)"] + common_notes(a, load_start)
     print_table(f"bench generate: {a['size']}", notes,
@@ -531,13 +549,12 @@ def chord_signal(B, seconds, sr=32000):
 
 
 def bench_codec(a):
-    from codec import load_codec
     device, B, seconds = a["device"], a["batch_size"], a["seconds"]
     wav = chord_signal(B, seconds)
     hf = transformers_encodec("cpu", wav)
     with tempfile.TemporaryDirectory() as tmp:   # our loader reads the reference's own files: identical weights
         hf.save_pretrained(tmp)
-        ours = load_codec(tmp).to(device)
+        ours = formats.load_codec(tmp).to(device)
     hf = hf.to(device)
     wav = wav.to(device)
     if a["compile"]:   # layer by layer: the codec runs slices of its Sequentials, which a compiled parent would miss
@@ -587,9 +604,8 @@ def bench_codec(a):
 
 def bench_data(a):
     import data
-    from codec import load_codec
     device, B, seconds = a["device"], a["batch_size"], a["seconds"]
-    codec = load_codec(a["codec"]).to(device)
+    codec = formats.load_codec(a["codec"]).to(device)
     load_start = load()
     rows, speeds = [], {}
     for cached in (True, False):

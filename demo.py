@@ -361,12 +361,12 @@ def build_demo_codec(extra=()):
     assets/demo_codec.bin in AudioCraft's compression_state_dict.bin layout. On the same kind of CPU and torch
     version this rebuilds the shipped file bit for bit. -> its path."""
     import train_codec
-    from codec import export_audiocraft_codec, load_codec
+    from formats import export_audiocraft_codec, load_codec
     torch.set_num_threads(DEMO_CODEC_THREADS)
-    cfg = train_codec.parse_config(train_codec.Config, [str(DEMO_CODEC_CONFIG), "--device=cpu", *extra])
-    code = train_codec.train(cfg)
+    code = train_codec.main([str(DEMO_CODEC_CONFIG), "--device=cpu", *extra])
     if code:
         raise UserError(f"training the demo codec stopped (exit {code}); run the same command again to resume it")
+    cfg = env.parse_config(train_codec.Config, [str(DEMO_CODEC_CONFIG), *extra])
     run = env.run_dir(train_codec.config_signature(cfg), cfg.runs_dir or None)
     return export_audiocraft_codec(load_codec(run), DEMO_CODEC)
 
@@ -477,7 +477,7 @@ def main(argv):
     elif args.cmd == "codec":
         print(f"wrote {build_demo_codec(overrides)}")
     elif args.cmd == "measure-codec":
-        from codec import load_codec
+        from formats import load_codec
         m = measure_codec(load_codec(args.codec))
         print(f"codec {args.codec} on {m['clips']} held-out demo clips: SI-SNR {m['sisnr']:.2f} dB | mel distance "
               f"{m['mel']:.3f} | {100 * m['pitch']:.0f}% of {m['notes']} sustained melody notes within a semitone "

@@ -16,238 +16,75 @@ AudioCraft's extend_stride does. Every file gets a .json beside it with the prom
 command that regenerates it (the same audio on the same device and torch version). The prompt at index i draws
 its randomness from seed + i alone (its `row_seed`), so `--prompt=THAT --seed=ROW_SEED` regenerates one file of
 a batch by itself, at any --batch_size: the same codes (decoding a different batch may round the audio
-differently, by a 16-bit step).
+differently, by a 16-bit step). train.py's generate stage samples with the same sampler (model.sample) and row
+seeds seed + epoch + i, so its sample i of an epoch is `--prompt=THAT --seed=SEED+EPOCH+i` here (same dtype).
+
+Long runs: SIGTERM, SIGUSR1 or Ctrl-C stop between two decode steps; the files already written stay (each wav
+with its .json: a file is written whole or not at all) and the exit status is 75. Running the same command again
+makes only the missing files: an output whose .json records the same settings (prompt, row seed, sampling,
+duration, weights file, device, dtype, torch) is kept; without --seed, a partly made set takes up the seed of its
+files, and a complete set is made afresh with a new random seed.
 
 Options (--key=value): --duration (s, 10) --out (a .wav/.flac file, or a directory) --cfg_coef --top_k --top_p
---temperature (default: the run's settings) --seed (default: random, printed and saved) --batch_size (8)
---device (cuda when there is one) --dtype (float32 | bfloat16 | float16 autocast; bfloat16 on CUDA)
---audio_prompt=FILE --prompt_duration (s of it, 3; resampled to the codec's rate) --extend_stride (s, 0.6 x the
-context) --normalize (loudness: -headroom_db LUFS, 14 | peak: -headroom_db dBFS, 1 | none; never above -1 dBFS)
---t5=PATH --codec=PATH (instead of the run's) --runs_dir.
+--temperature (default: the run's settings) --seed (default: random, printed and saved; 0 to 2**63-1)
+--batch_size (8) --device (cuda, then mps, then cpu) --dtype (float32 | bfloat16 | float16 autocast; bfloat16 on
+CUDA) --compile (the decode-and-sample step compiled, CUDA graphs on a GPU; default: on CUDA only, as compiling
+costs a CPU ~20-45 s) --audio_prompt=FILE --prompt_duration (s of it, 3; resampled to the codec's rate)
+--extend_stride (s, 0.6 x the context) --normalize (loudness: -headroom_db LUFS, 14 | peak: -headroom_db dBFS, 1 |
+none; never above -1 dBFS) --t5=PATH --codec=PATH (instead of the run's) --runs_dir.
 
 Export writes AudioCraft's layout, so `audiocraft.models.MusicGen.get_pretrained(OUT_DIR)` loads the model and
 `python generate.py --run=OUT_DIR` samples it: the LM's best EMA state with its xp.cfg, and the codec. AudioCraft
 conditions released-style models on T5: a model trained here with conditioner=t5 means the same thing there. A
 model with our lookup-table conditioner (conditioner=lut) exports with that conditioner's weights and settings,
 which nanomusicgen reloads exactly; AudioCraft loads it only with lut_layers=0, and then tokenizes text its own
-way, so its text conditioning is meaningless there. AudioCraft's MusicGen asserts that its default extend_stride
-(18 s) is shorter than the context, so a context of 18 s or less is written as 30 s in xp.cfg (generate.py keeps
-the true one).
+way, so its text conditioning is meaningless there. A model trained with mask_memory=True (config/debug.py) masks
+padded text positions, which AudioCraft cannot: its logits there equal ours for one prompt at a time but differ on
+the padded rows of a batch of prompts of different lengths. Export prints each such difference in a `note:` line
+and records it in xp.cfg (nanomusicgen.audiocraft_differences). AudioCraft's MusicGen asserts that its default
+extend_stride (18 s) is shorter than the context, so a context of 18 s or less is written as 30 s in xp.cfg
+(generate.py keeps the true one). formats.py reads and writes these files.
 """
-import difflib
 import json
 import math
 import os
 import random
 import shlex
-import shutil
 import sys
 import time
-from dataclasses import dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
-import yaml
 
-import codec as codec_lib
 import data
 import env
+import formats
 import model as lm_lib
-import text
 from env import UserError, resolve_path
+from formats import SAMPLING_DEFAULTS, MusicGen, load  # noqa: F401  (runs and exports are read in formats.py)
 
-# AudioCraft's MusicGen.set_generation_params defaults, for exports that do not say otherwise
-SAMPLING_DEFAULTS = {"cfg_coef": 3.0, "top_k": 250, "top_p": 0.0, "temperature": 1.0}
-# The run config keys that rebuild the text conditioner, with train.py's defaults (for a config that lacks one)
-CONDITIONER_DEFAULTS = {"conditioner": "t5", "t5_path": "//reference/t5-base", "t5_dtype": "float32",
-                        "text_max_length": 0, "lut_tokenizer": "bytes", "lut_dim": 256, "lut_layers": 0}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PEAK_CEILING_DB = -1.0       # no sample above -1 dBFS after normalisation: no clipping, room for resampling overshoot
-
-
-@dataclass
-class MusicGen:
-    """What sampling needs: the LM (its text conditioner inside), the codec, and what the weights came with."""
-    lm: lm_lib.MusicGenLM
-    lm_cfg: lm_lib.LMConfig
-    codec: codec_lib.Codec
-    max_duration: float     # seconds of one generation window: the segment duration the model was trained on
-    defaults: dict          # the sampling settings of the run or export (cfg_coef, top_k, top_p, temperature)
-    conditioner: dict       # the CONDITIONER_DEFAULTS keys: how to rebuild the text conditioner
-    source: Path            # the checkpoint.pt or state_dict.bin the weights came from
-    weights: str            # best_state | ema | model (a run without a valid stage yet) | export
-    codec_source: str
-    signature: str = ""
-
-    @property
-    def window(self):       # frames per generation window
-        return max(1, int(round(self.max_duration * self.codec.frame_rate)))
+DTYPES = lm_lib.DTYPES      # the one table of precisions (--dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Loading: runs (config.json + checkpoint.pt) and AudioCraft exports (state_dict.bin [+ compression_state_dict.bin])
-
-def find_run(run, runs_dir=None):
-    """--run -> the checkpoint.pt (or other checkpoint file) of a run, or the state_dict.bin of an export."""
-    name = str(run)
-    if name.startswith("//") or "/" in name or os.sep in name or Path(name).expanduser().exists():
-        path = resolve_path(name)
-        if not path.exists():
-            raise UserError(f"--run={name}: {path} does not exist")
-    else:
-        path = env.run_dir(name, runs_dir)
-        if not path.is_dir():
-            raise UserError(f"--run={name}: no run {name} in {path.parent} and no such path (give a run signature, "
-                            f"a run directory or an AudioCraft export directory; --runs_dir sets where runs live)")
-    if path.is_dir():
-        for file in ("state_dict.bin", "checkpoint.pt"):
-            if (path / file).is_file():
-                return path / file
-        raise UserError(f"--run={name}: {path} holds neither checkpoint.pt (a run) nor state_dict.bin (an AudioCraft "
-                        f"export)")
-    return path
-
-
-def _build_conditioner(settings, dim, with_t5=True):
-    """The text conditioner a run used, in eval mode. with_t5=False leaves a frozen T5 out (None): the projection
-    after it (model.ProjectedCondition) carries all its trained weights, which is all export needs."""
-    if settings["conditioner"] == "t5" and not with_t5:
-        return None
-    try:
-        return text.build_conditioner(
-            settings["conditioner"], dim, t5_path=settings["t5_path"], t5_dtype=settings["t5_dtype"],
-            text_max_length=settings["text_max_length"], lut_tokenizer=settings["lut_tokenizer"],
-            lut_dim=settings["lut_dim"], lut_layers=settings["lut_layers"]).eval()
-    except UserError as e:
-        hint = " (pass --t5=PATH to a Hugging Face T5 directory)" if settings["conditioner"] == "t5" else ""
-        raise UserError(f"{e}{hint}") from None
-
-
-def _load_codec(path, lm_cfg):
-    try:
-        codec = codec_lib.load_codec(path)
-    except UserError as e:
-        raise UserError(f"{e} (pass --codec=PATH to use another codec)") from None
-    if (codec.n_q, codec.card) != (lm_cfg.n_q, lm_cfg.card):
-        raise UserError(f"codec {path} has n_q={codec.n_q}, card={codec.card} but the LM has n_q={lm_cfg.n_q}, "
-                        f"card={lm_cfg.card}: pass the codec the model was trained with (--codec=PATH)")
-    return codec
-
-
-def load_run(ckpt_path, t5=None, codec=None, with_t5=True):
-    """A run's checkpoint -> MusicGen with its best EMA state (else its EMA, else its live weights)."""
-    ckpt = env.load_tensors(ckpt_path, mmap=True)   # mapped: the optimizer state is never read
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise UserError(f"{ckpt_path}: not a nanomusicgen checkpoint (no `model` state)")
-    config_file = ckpt_path.parent / "config.json"
-    cfg = json.loads(config_file.read_text()) if config_file.is_file() else ckpt.get("config")
-    if not isinstance(cfg, dict):
-        raise UserError(f"{ckpt_path}: no config.json beside it and no `config` inside")
-    lm_cfg = lm_lib.LMConfig(**{f.name: tuple(cfg[f.name]) if isinstance(cfg[f.name], list) else cfg[f.name]
-                                for f in fields(lm_lib.LMConfig) if f.name in cfg})
-    settings = {k: cfg.get(k, v) for k, v in CONDITIONER_DEFAULTS.items()}
-    settings["t5_path"] = t5 or settings["t5_path"]
-    conditioner = _build_conditioner(settings, lm_cfg.dim, with_t5)
-    state, weights = ckpt["model"], "model"
-    ema = (ckpt.get("ema") or {}).get("state")
-    if ckpt.get("best_state"):
-        state, weights = {**state, **ckpt["best_state"]}, "best_state"
-    elif ema:
-        state, weights = {**state, **ema}, "ema"
-    # build without initialising (the weights come from the file), then take the loaded tensors as parameters
-    with torch.device("meta"):
-        lm = lm_lib.MusicGenLM(lm_cfg, conditioner)
-    lm_lib.check_state_dict(lm, state, str(ckpt_path))
-    lm.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, assign=True)
-    codec_path = codec or cfg.get("codec", "//reference/encodec_32khz")
-    defaults = {k: cfg.get(k, v) for k, v in SAMPLING_DEFAULTS.items()}
-    return MusicGen(lm.eval(), lm_cfg, _load_codec(codec_path, lm_cfg), float(cfg.get("segment_duration", 30.0)),
-                    defaults, settings, ckpt_path, weights, str(codec_path), cfg.get("signature", ""))
-
-
-def _read_xp(path):
-    """xp.cfg of a state_dict.bin without reading its tensors twice (memory-mapped), as a dict."""
-    try:
-        xp = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("xp.cfg")
-    except Exception:   # an old (non-zip) file cannot be mapped: read it whole; read_audiocraft_lm names bad files
-        xp = lm_lib.read_audiocraft_lm(path)[0]["xp.cfg"]
-    xp = yaml.safe_load(xp) if isinstance(xp, str) else xp
-    if not isinstance(xp, dict):
-        raise UserError(f"{path}: xp.cfg is not a YAML mapping (not an AudioCraft state_dict.bin?)")
-    return xp
-
-
-def _dig(tree, key, default=None):
-    for part in key.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return default
-        tree = tree[part]
-    return tree
-
-
-def load_export(path, t5=None, codec=None):
-    """An AudioCraft state_dict.bin (released MusicGen or our export) -> MusicGen. The codec is the
-    compression_state_dict.bin beside it unless --codec says otherwise."""
-    xp = _read_xp(path)
-    kind = _dig(xp, "conditioners.description.model")
-    ours = _dig(xp, "nanomusicgen.conditioner") or {}
-    settings = dict(CONDITIONER_DEFAULTS, conditioner=kind)
-    if kind == "t5":
-        name = str(_dig(xp, "conditioners.description.t5.name", "t5-base")).split("/")[-1]
-        settings["t5_path"] = t5 or f"//reference/{name}"
-    elif kind == "lut" and ours:
-        settings.update({k: ours[k] for k in ("t5_dtype", "text_max_length", "lut_tokenizer", "lut_dim", "lut_layers")
-                         if k in ours})
-        tok = settings["lut_tokenizer"]
-        if text.tokenizer_file(tok) is not None:  # the export carries its tokenizer file beside state_dict.bin
-            prefix = "tiktoken:" if tok.startswith("tiktoken:") else ""
-            settings["lut_tokenizer"] = prefix + str(path.parent / tok[len(prefix):])
-    else:
-        raise UserError(f"{path}: text conditioner {kind!r} is not supported (T5, or the lookup table of a "
-                        f"nanomusicgen export)")
-    lm, lm_cfg = lm_lib.load_audiocraft_lm(path, _build_conditioner(settings, _dig(xp, "transformer_lm.dim")))
-    codec_path = codec or path.parent / codec_lib.AUDIOCRAFT_FILE
-    if codec is None and not codec_path.is_file():
-        raise UserError(f"{path.parent}: no {codec_lib.AUDIOCRAFT_FILE} beside state_dict.bin: pass --codec=PATH "
-                        f"(e.g. //reference/encodec_32khz)")
-    defaults = {"cfg_coef": _dig(xp, "classifier_free_guidance.inference_coef", 3.0),
-                "top_k": _dig(xp, "generate.lm.top_k", 250), "top_p": _dig(xp, "generate.lm.top_p", 0.0),
-                "temperature": _dig(xp, "generate.lm.temp", 1.0)}
-    return MusicGen(lm.eval(), lm_cfg, _load_codec(codec_path, lm_cfg),
-                    float(_dig(xp, "nanomusicgen.segment_duration") or _dig(xp, "dataset.segment_duration", 30.0)),
-                    defaults, settings, path, "export",
-                    str(codec_path), str(_dig(xp, "nanomusicgen.signature", "")))
-
-
-def load(run, runs_dir=None, t5=None, codec=None, device="cpu"):
-    """--run (signature, run directory, checkpoint file, export directory, //reference/...) -> MusicGen on device."""
-    path = find_run(run, runs_dir)
-    mg = load_export(path, t5, codec) if path.name == "state_dict.bin" else load_run(path, t5, codec)
-    mg.lm.to(device)
-    mg.codec.to(device)
-    return mg
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Sampling
+# Sampling: model.sample does the work; here progress, stop checks and the files
 
 class Progress:
-    """Counts LM steps through a forward hook on the final norm (one call per step) and prints steps/s and the
-    speed against real time: in place on a terminal, a line every 10 s in a log."""
+    """model.sample's on_step: prints steps/s and the speed against real time (in place on a terminal, a line every
+    10 s in a log), and stops at a stop signal (env.check_stop: SIGTERM, SIGUSR1, Ctrl-C) between two steps."""
 
-    def __init__(self, label, total_steps, audio_seconds, enabled=True):
-        self.label, self.total, self.audio = label, max(total_steps, 1), audio_seconds
-        self.enabled, self.tty = enabled, sys.stdout.isatty()
-        self.steps, self.t0 = 0, time.time()
+    def __init__(self, label, audio_seconds, enabled=True):
+        self.label, self.audio, self.enabled, self.tty = label, audio_seconds, enabled, sys.stdout.isatty()
+        self.steps, self.total, self.t0 = 0, 1, time.time()
         self.shown = self.t0   # the first line after one interval: the first steps warm up
 
-    def hook(self, *_):
-        self.steps += 1
+    def __call__(self, done, total):
+        self.steps, self.total = done, max(total, 1)
         now = time.time()
         if self.enabled and now - self.shown >= (0.5 if self.tty else 10.0):
             self.shown = now
             print(self.line(now), end="\r" if self.tty else "\n", flush=True)
+        env.check_stop()
 
     def line(self, now=None):
         dt = max((now or time.time()) - self.t0, 1e-9)
@@ -255,63 +92,6 @@ class Progress:
         eta = dt * (self.total - self.steps) / max(self.steps, 1)
         return (f"{self.label} | step {self.steps}/{self.total} | {self.steps / dt:.1f} steps/s | "
                 f"{done / dt:.2f}x real time | eta {eta:.0f}s   ")
-
-
-def _steps(lm, n_frames, prompt_frames):
-    """LM steps generate() takes for n_frames after a prompt: from the first pattern step holding an unknown
-    frame to the end of the layout."""
-    tables = lm_lib.pattern_tables(lm.cfg.pattern, lm.cfg.n_q, lm.delays, n_frames, False)
-    held = tables.code_step[:, prompt_frames]
-    return tables.S - int(held[held < tables.S].min())
-
-
-@torch.no_grad()
-def sample_codes(mg, descriptions, n_frames, prompt=None, cfg_coef=3.0, top_k=250, top_p=0.0, temperature=1.0,
-                 generator=None, stride=None, progress=None, seeds=None):
-    """descriptions (None or "": unconditional) -> codes [B, K, n_frames], starting with the prompt's codes
-    [B, K, T0] unchanged. seeds (one int per description) key each row's randomness (model.keyed_noise), else
-    generator draws for the whole batch. Past one window (mg.window frames) a window slides by `stride` frames
-    and starts from the previous window's last (window - stride) frames (AudioCraft's extend_stride). progress:
-    a label to print steps/s under, or None."""
-    lm, window = mg.lm, mg.window
-    rate = mg.codec.frame_rate
-    T0 = 0 if prompt is None else prompt.shape[-1]
-    if not T0 < min(n_frames, window):
-        raise UserError(f"the audio prompt ({T0 / rate:g} s) must be shorter than the duration ({n_frames / rate:g} s)"
-                        f" and the model's context ({mg.max_duration:g} s): lower --prompt_duration")
-    stride = max(1, int(round(0.6 * window))) if stride is None else stride
-    if n_frames > window and not 0 < stride < window:
-        raise UserError(f"extend_stride={stride / rate:g} s: must be at least one frame ({1 / rate:g} s) and shorter "
-                        f"than the model's context ({mg.max_duration:g} s)")
-    plan, offset, t0 = [], 0, T0           # (window length, prompt frames) of each window
-    while True:
-        length = min(n_frames - offset, window)
-        plan.append((length, t0))
-        if offset + length >= n_frames:
-            break
-        offset, t0 = offset + stride, length - stride
-    descriptions = [d or None for d in descriptions]
-    if seeds is not None:
-        seeds = torch.as_tensor(seeds, dtype=torch.int64)
-    condition, mask = lm.conditioner(descriptions)
-    meter = Progress(progress or "", sum(_steps(lm, n, p) for n, p in plan), len(descriptions) * (n_frames - T0)
-                     / rate, enabled=progress is not None)
-    handle = lm.out_norm.register_forward_hook(meter.hook)
-    try:
-        pieces = []
-        for i, (length, t0) in enumerate(plan):
-            meter.label = f"{progress} | window {i + 1}/{len(plan)}" if len(plan) > 1 else progress
-            keys = None if seeds is None else lm_lib.mix_seeds(seeds, i) if i else seeds
-            codes = lm.generate(condition, mask, length, cfg_coef=cfg_coef, temperature=temperature, top_k=top_k,
-                                top_p=top_p, prompt=prompt if t0 else None, generator=generator,
-                                seeds=keys)                                              # [B, K, length]
-            pieces.append(codes[..., t0:] if pieces else codes)
-            prompt = codes[..., stride:]
-    finally:
-        handle.remove()
-    if progress is not None:
-        print(meter.line(), flush=True)
-    return torch.cat(pieces, -1)
 
 
 def read_prompt_audio(path, seconds, codec):
@@ -324,143 +104,135 @@ def read_prompt_audio(path, seconds, codec):
     return torch.from_numpy(wav)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Normalisation: ITU-R BS.1770 loudness (K-weighted, gated) or peak, and never above PEAK_CEILING_DB
-
-def _k_weighting(n, sample_rate):
-    """BS.1770's K-weighting (a +4 dB shelf above ~1.7 kHz, then a ~38 Hz high-pass) as a frequency response on
-    the rfft bins of n samples. Bilinear-transform parameters that give the standard's 48 kHz coefficients
-    exactly, so other rates get the same curve."""
-    z = np.exp(-2j * np.pi * np.fft.rfftfreq(n))           # z^-1 on the unit circle
-    K = math.tan(math.pi * 1681.974450955533 / sample_rate)
-    Q, Vh = 0.7071752369554196, 10 ** (3.999843853973347 / 20)
-    Vb = Vh ** 0.4996667741545416
-    shelf = (Vh + Vb * K / Q + K * K + 2 * (K * K - Vh) * z + (Vh - Vb * K / Q + K * K) * z * z) / \
-        (1 + K / Q + K * K + 2 * (K * K - 1) * z + (1 - K / Q + K * K) * z * z)
-    K, Q = math.tan(math.pi * 38.13547087602444 / sample_rate), 0.5003270373238773
-    a0 = 1 + K / Q + K * K
-    high_pass = a0 * (1 - z) ** 2 / (a0 + 2 * (K * K - 1) * z + (1 - K / Q + K * K) * z * z)
-    return shelf * high_pass
+def available_memory(device):
+    """Bytes that can still be allocated on device (a GPU: free memory; the host: MemAvailable), or None."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return None
 
 
-def loudness(wav, sample_rate):
-    """Integrated loudness in LUFS of wav [C, S] (channels weighted 1, as BS.1770 does left, right and centre):
-    400 ms blocks every 100 ms, absolute gate -70 LUFS, relative gate -10 LU. -inf for silence."""
-    x = np.asarray(wav, dtype=np.float64).reshape(-1, np.shape(wav)[-1])
-    pad = sample_rate // 2                                 # room for the filters' tails (the FFT wraps around)
-    n = x.shape[-1] + pad
-    y = np.fft.irfft(np.fft.rfft(x, n) * _k_weighting(n, sample_rate), n)[:, :x.shape[-1]]
-    block, hop = int(0.4 * sample_rate), int(0.1 * sample_rate)
-    starts = range(0, max(y.shape[-1] - block, 0) + 1, hop)
-    power = np.array([(y[:, s:s + block] ** 2).mean(-1).sum() for s in starts])   # [blocks]
-    with np.errstate(divide="ignore"):
-        lufs = -0.691 + 10 * np.log10(power)
-        gated = power[lufs > -70]
-        if not len(gated):
-            return float("-inf")
-        gated = power[(lufs > -70) & (lufs > -0.691 + 10 * np.log10(gated.mean()) - 10)]
-        return float(-0.691 + 10 * np.log10(gated.mean()))
+def memory_needed(mg, batch, n_frames, text_len, dtype, device):
+    """Rough peak bytes of one batch -> (on device, on the host): the KV cache of one window (with CFG's rows),
+    the codes (generated, the windows' pieces and their concatenation), the decoded audio; on the host the audio
+    again, and per file the loudness analysis (float64, its FFT) and the encoded file."""
+    steps = lm_lib.generation_steps(mg.lm_cfg, mg.lm.delays, min(n_frames, mg.window), 0)[1]
+    cache = lm_lib.cache_bytes(mg.lm_cfg, 2 * batch, steps, text_len, 4 if dtype == "float32" else 2)
+    samples = n_frames * mg.codec.hop * mg.codec.channels
+    on_device = cache + 3 * batch * mg.lm_cfg.n_q * n_frames * 8 + batch * samples * 4
+    host = batch * samples * 4 + samples * 48
+    return (on_device, host) if device.type != "cpu" else (0, on_device + host)
 
 
-def normalize(wav, sample_rate, strategy="loudness", headroom_db=None):
-    """wav [C, S] -> (wav, gain_db). loudness: to -headroom_db LUFS (14: AudioCraft's samples); peak: peak at
-    -headroom_db dBFS (default 1); none: unchanged. Then, whatever the strategy, lowered so no sample exceeds
-    PEAK_CEILING_DB: the file never clips. Silence stays silence."""
-    peak = float(wav.abs().max())
-    if peak == 0:
-        return wav, 0.0
-    gain_db = 0.0
-    if strategy == "loudness":
-        level = loudness(wav.numpy(), sample_rate)
-        gain_db = -(14.0 if headroom_db is None else headroom_db) - level if math.isfinite(level) else 0.0
-    elif strategy == "peak":
-        gain_db = -(1.0 if headroom_db is None else headroom_db) - 20 * math.log10(peak)
-    gain_db = min(gain_db, PEAK_CEILING_DB - 20 * math.log10(peak))
-    if strategy == "none" and peak <= 1.0:
-        gain_db = 0.0
-    return wav * 10 ** (gain_db / 20), gain_db
+def check_memory(o, mg, batch, n_frames, text_len, dtype, device):
+    """Refuse, before sampling, a --duration x --batch_size that cannot fit, with the numbers and what to lower."""
+    lower = "lower --duration" + (" or --batch_size" if batch > 1 else "")
+    for need, where in zip(memory_needed(mg, batch, n_frames, text_len, dtype, device), (device, torch.device("cpu"))):
+        free = available_memory(where) if need else None
+        if free is not None and need > free:
+            raise UserError(f"--duration={o['duration']:g} s for a batch of {batch}: needs about {need / 2 ** 30:.3g} "
+                            f"GiB of {'host' if where.type == 'cpu' else where} memory, {free / 2 ** 30:.3g} GiB are "
+                            f"free: {lower}")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Export
+def _stat(path):
+    """A file's identity for the resume check: its size and modification time (a checkpoint.pt that a running job
+    rewrites is other weights)."""
+    try:
+        st = Path(path).stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    except (OSError, TypeError, ValueError):
+        return None
 
-def export(run, out_dir, runs_dir=None, codec=None):
-    """A run's best EMA state -> out_dir/state_dict.bin (AudioCraft's layout with xp.cfg) and
-    out_dir/compression_state_dict.bin (its codec); a lookup-table conditioner's tokenizer file goes beside them.
-    Needs no T5: only the trained projection after it is part of the weights. -> (MusicGen, files written)."""
-    path = find_run(run, runs_dir)
-    if path.name == "state_dict.bin":
-        raise UserError(f"{path.parent} is already an AudioCraft export: nothing to export")
-    out = Path(os.path.expanduser(str(out_dir)))
-    if (out / "state_dict.bin").exists() or (out / codec_lib.AUDIOCRAFT_FILE).exists():
-        raise UserError(f"{out} already holds an export: pick another directory or remove it first")
-    mg = load_run(path, codec=codec, with_t5=False)
-    cond = dict(mg.conditioner)
-    extra = {
-        "sample_rate": mg.codec.sample_rate, "channels": mg.codec.channels,
-        # AudioCraft's max_duration (one generation window); its MusicGen asserts that its default extend_stride
-        # (18 s) is shorter, so shorter contexts say 30 s there and keep the true one for us
-        "dataset.segment_duration": mg.max_duration if mg.max_duration > 18 else 30.0,
-        "classifier_free_guidance.inference_coef": mg.defaults["cfg_coef"],
-        "generate.lm": {"use_sampling": True, "temp": mg.defaults["temperature"], "top_k": mg.defaults["top_k"],
-                        "top_p": mg.defaults["top_p"]},
-        "nanomusicgen": {"signature": mg.signature, "weights": mg.weights, "codec": mg.codec_source,
-                         "segment_duration": mg.max_duration},
-    }
-    tokenizer_file = None
-    if cond["conditioner"] == "t5":   # AudioCraft knows t5-* and google/flan-t5-* by name
-        name = Path(str(cond["t5_path"])).name
-        if name in lm_lib.T5_DIMS or name.startswith("flan-t5-"):
-            extra["conditioners.description.t5.name"] = ("google/" if name.startswith("flan") else "") + name
-    else:
-        lut = mg.lm.conditioner
-        extra["conditioners.description"] = {"model": "lut", "lut": {
-            "n_bins": lut.tokenizer.vocab_size, "dim": cond["lut_dim"], "tokenizer": "noop",
-            "pad_idx": lut.tokenizer.pad_id}}
-        spec = str(cond["lut_tokenizer"])
-        if text.tokenizer_file(spec) is not None:
-            prefix = "tiktoken:" if spec.startswith("tiktoken:") else ""
-            tokenizer_file = resolve_path(text.tokenizer_file(spec))
-            cond["lut_tokenizer"] = prefix + "lut_tokenizer" + tokenizer_file.suffix
-    extra["nanomusicgen"]["conditioner"] = cond
-    out.mkdir(parents=True, exist_ok=True)
-    written = [lm_lib.export_audiocraft_lm(mg.lm, mg.lm_cfg, out, extra)]
-    written.append(codec_lib.export_audiocraft_codec(mg.codec, out / codec_lib.AUDIOCRAFT_FILE))
-    if tokenizer_file is not None:
-        written.append(Path(shutil.copyfile(tokenizer_file, out / cond["lut_tokenizer"].split(":")[-1])))
-    return mg, written
+
+# What makes a file: a .json beside an output with these values (and the same row_seed) is that output, and a
+# re-run of the same command skips it. The batch, the batch size and timings are not among them: a row's codes
+# do not depend on its batch.
+OUTPUT_KEYS = ("prompt", "row_seed", "cfg_coef", "top_k", "top_p", "temperature", "frames", "extend_stride",
+               "audio_prompt", "audio_prompt_file", "prompt_duration", "normalize", "headroom_db", "source",
+               "source_file", "weights", "codec_source", "dtype", "device", "compile", "torch")
+
+
+def read_previous(paths):
+    """{index: .json of an output whose wav and json both exist} (unreadable ones are simply made again)."""
+    found = {}
+    for i, path in enumerate(paths):
+        meta_path = path.with_suffix(".json")
+        if path.is_file() and meta_path.is_file():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(meta, dict):
+                found[i] = meta
+    return found
+
+
+def resume(previous, wanted, seed, n):
+    """-> (seed, indices already made). previous: read_previous(); wanted(i, seed): the OUTPUT_KEYS values of
+    output i. With --seed, the outputs that match are kept. Without, a partial set that matches under one seed is
+    an interrupted run of the same command: its seed is taken up and the set completed; otherwise (nothing there,
+    or a complete set) a new random seed is drawn and every file made afresh."""
+    same = lambda i, s: all(previous[i].get(k) == v for k, v in wanted(i, s).items())  # noqa: E731
+    if seed is None:
+        seeds = {m.get("seed") for i, m in previous.items()
+                 if isinstance(m.get("seed"), int) and not isinstance(m.get("seed"), bool) and same(i, m["seed"])}
+        matching = [i for i, m in previous.items() if m.get("seed") in seeds]
+        if len(seeds) == 1 and len(matching) < n:
+            return seeds.pop(), matching
+        return random.SystemRandom().randrange(2 ** 31), []
+    return seed, [i for i in previous if same(i, seed)]
+
+
+def write_output(path, audio, sample_rate, meta, advice):
+    """The wav (or flac) and its .json, each written atomically; a .json that cannot be written takes its wav
+    with it, so an output is both files or neither."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"could not create {path.parent}: {e.strerror or e}{advice}") from None
+    env.write_atomic(path, lambda f: f.write(data.audio_bytes(audio, sample_rate, path.suffix)), advice)
+    try:
+        env.write_atomic(path.with_suffix(".json"),
+                         lambda f: f.write((json.dumps(meta, indent=1, allow_nan=False) + "\n").encode()), advice)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 
-OPTIONS = {  # name: (type, default)
-    "run": (str, None), "prompt": (str, None), "prompts": (str, None), "duration": (float, 10.0),
-    "out": (str, "out.wav"), "cfg_coef": (float, None), "top_k": (int, None), "top_p": (float, None),
-    "temperature": (float, None), "seed": (int, None), "batch_size": (int, 8), "device": (str, None),
-    "dtype": (str, None), "audio_prompt": (str, None), "prompt_duration": (float, 3.0), "t5": (str, None),
-    "codec": (str, None), "extend_stride": (float, None), "normalize": (str, "loudness"),
-    "headroom_db": (float, None), "runs_dir": (str, None),
+OPTIONS = {  # env.parse_options' schema: key: default, or (type, None) for "of this type, default None"
+    "run": (str, None), "prompt": (str, None), "prompts": (str, None), "duration": 10.0, "out": "out.wav",
+    "cfg_coef": (float, None), "top_k": (int, None), "top_p": (float, None), "temperature": (float, None),
+    "seed": (int, None), "batch_size": 8, "device": (str, None), "dtype": (str, None), "compile": (bool, None),
+    "audio_prompt": (str, None), "prompt_duration": 3.0, "t5": (str, None), "codec": (str, None),
+    "extend_stride": (float, None), "normalize": "loudness", "headroom_db": (float, None), "runs_dir": (str, None),
 }
-EXPORT_OPTIONS = ("runs_dir", "codec")
+USAGE = "python generate.py --run=RUN [--key=value ...] (python generate.py --help)"
 
 
-def parse_options(args, allowed=OPTIONS):
-    """--key=value pairs -> {key: typed value}; unknown keys and bad values name themselves."""
-    opts = {k: v[1] for k, v in OPTIONS.items() if k in allowed}
-    for arg in args:
-        if not arg.startswith("--") or "=" not in arg:
-            raise UserError(f"unexpected argument {arg!r}: options are --key=value (python generate.py --help)")
-        key, value = arg[2:].split("=", 1)
-        if key not in allowed:
-            match = difflib.get_close_matches(key, allowed, n=1)
-            raise UserError(f"unknown option --{key}" + (f' (did you mean "--{match[0]}"?)' if match else ""))
-        kind = OPTIONS[key][0]
-        try:
-            opts[key] = kind(value)
-        except ValueError:
-            raise UserError(f"--{key}={value}: not {'an int' if kind is int else 'a number'}") from None
-    return opts
+def parse_options(argv):
+    """--key=value pairs -> {key: typed value}: env.parse_options, the wording of every entry point."""
+    return env.parse_options(argv, OPTIONS, usage=USAGE)[1]
+
+
+def check_sampling(values, where="--"):
+    """cfg_coef, top_k, top_p, temperature (None: the run's), from the command line or from the run."""
+    rules = (("cfg_coef", lambda v: math.isfinite(v), "must be a finite number"),
+             ("top_k", lambda v: v >= 0, "must be >= 0 (0: no top-k)"),
+             ("top_p", lambda v: 0 <= v <= 1, "must be between 0 and 1"),
+             ("temperature", lambda v: 0 <= v < math.inf, "must be a finite number >= 0 (0: greedy)"))
+    for key, ok, rule in rules:
+        if values[key] is not None and not ok(values[key]):
+            raise UserError(f"{where}{key}={values[key]}: {rule}")
 
 
 def check_options(o):
@@ -469,17 +241,19 @@ def check_options(o):
         raise UserError("--run is required: a run signature, a run directory or an AudioCraft export directory")
     if o["prompt"] is not None and o["prompts"] is not None:
         raise UserError("give --prompt or --prompts, not both")
-    for key, ok, rule in (("duration", 0 < o["duration"] < math.inf, "must be positive (seconds)"),
-                          ("prompt_duration", o["prompt_duration"] > 0, "must be positive (seconds)"),
+    positive = lambda v: 0 < v < math.inf  # noqa: E731
+    for key, ok, rule in (("duration", positive(o["duration"]), "must be positive (seconds)"),
+                          ("prompt_duration", positive(o["prompt_duration"]), "must be positive (seconds)"),
                           ("batch_size", o["batch_size"] >= 1, "must be at least 1"),
-                          ("top_k", o["top_k"] is None or o["top_k"] >= 0, "must be >= 0 (0: no top-k)"),
-                          ("top_p", o["top_p"] is None or 0 <= o["top_p"] <= 1, "must be between 0 and 1"),
-                          ("temperature", o["temperature"] is None or o["temperature"] >= 0,
-                           "must be >= 0 (0: greedy)"),
-                          ("extend_stride", o["extend_stride"] is None or o["extend_stride"] > 0,
-                           "must be positive (seconds)")):
+                          ("extend_stride", o["extend_stride"] is None or positive(o["extend_stride"]),
+                           "must be positive (seconds)"),
+                          ("headroom_db", o["headroom_db"] is None or 0 <= o["headroom_db"] < math.inf,
+                           "must be a finite number of dB >= 0"),
+                          ("seed", o["seed"] is None or 0 <= o["seed"] <= lm_lib.MAX_SEED,
+                           f"must be between 0 and {lm_lib.MAX_SEED}")):
         if not ok:
             raise UserError(f"--{key}={o[key]}: {rule}")
+    check_sampling(o)
     if o["audio_prompt"] is not None and not resolve_path(o["audio_prompt"]).is_file():
         raise UserError(f"--audio_prompt={o['audio_prompt']}: no such file")
     if o["normalize"] not in ("loudness", "peak", "none"):
@@ -489,13 +263,7 @@ def check_options(o):
     suffix = Path(o["out"]).suffix.lower()
     if suffix and suffix not in (".wav", ".flac"):
         raise UserError(f"--out={o['out']}: write a .wav or .flac file, or name a directory")
-    if o["device"] is not None:
-        try:
-            device = torch.device(o["device"])
-        except RuntimeError:
-            raise UserError(f"--device={o['device']}: not a torch device (cpu, cuda, cuda:1, mps)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"--device={o['device']}: CUDA is not available on this machine")
+    env.resolve_device(o["device"])   # the one place a device is picked and checked (meta, a missing GPU)
 
 
 def read_prompts(o):
@@ -521,75 +289,133 @@ def output_paths(out, n):
     return [out / f"{i:03d}.wav" for i in range(n)]
 
 
+def check_outputs(out, paths):
+    """Before any work: every output (and its .json) is a regular file or nothing yet, and the nearest existing
+    folder above it is a folder."""
+    for path in paths:
+        for file in (path, path.with_suffix(".json")):
+            if file.exists() and not file.is_file():
+                raise UserError(f"--out={out}: {file} exists and is not a file (a directory?): remove it or choose "
+                                f"another --out")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise UserError(f"--out={out}: {folder} is a file, not a directory: remove it or choose another --out")
+
+
 def generate_main(o):
     check_options(o)
     descriptions = read_prompts(o)
-    device = torch.device(o["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
+    n = len(descriptions)
+    if o["seed"] is not None and o["seed"] + n - 1 > lm_lib.MAX_SEED:
+        raise UserError(f"--seed={o['seed']}: prompt i draws from seed + i, so with {n} prompts the seed must be at "
+                        f"most {lm_lib.MAX_SEED - n + 1}")
+    paths = output_paths(o["out"], n)
+    check_outputs(o["out"], paths)
+    device = env.resolve_device(o["device"])
     dtype = o["dtype"] or ("bfloat16" if device.type == "cuda" else "float32")
+    compiled = o["compile"] if o["compile"] is not None else device.type == "cuda"
     if device.type == "cpu":
         env.keep_freed_memory()
-    seed = o["seed"] if o["seed"] is not None else random.SystemRandom().randrange(2 ** 31)
     t_load = time.time()
     mg = load(o["run"], o["runs_dir"], o["t5"], o["codec"], device)
     settings = {k: (o[k] if o[k] is not None else mg.defaults[k]) for k in SAMPLING_DEFAULTS}
+    check_sampling(settings, f"{mg.source}: ")
     rate = mg.codec.frame_rate
     n_frames = max(1, int(round(o["duration"] * rate)))
-    # AudioCraft's 18 s for its 30 s context
-    stride_s = o["extend_stride"] if o["extend_stride"] is not None else round(0.6 * mg.max_duration, 3)
-    prompt = None
-    if o["audio_prompt"] is not None:
-        wav = read_prompt_audio(o["audio_prompt"], o["prompt_duration"], mg.codec)
-        prompt = mg.codec.encode(wav[None].to(device))                                # [1, K, T0]
-    paths = output_paths(o["out"], len(descriptions))
+    prompt_wav = None if o["audio_prompt"] is None else read_prompt_audio(o["audio_prompt"], o["prompt_duration"],
+                                                                          mg.codec)           # [C, S]
+    prompt_frames = 0 if prompt_wav is None else -(-prompt_wav.shape[-1] // mg.codec.hop)
+    if prompt_frames and not prompt_frames < min(n_frames, mg.window):
+        raise UserError(f"the audio prompt ({prompt_frames / rate:g} s) must be shorter than the duration "
+                        f"({o['duration']:g} s) and the model's context ({mg.max_duration:g} s): lower --prompt_duration")
+    stride = None if o["extend_stride"] is None else int(round(o["extend_stride"] * rate))
+    if n_frames > mg.window and stride is not None and not 0 < stride < mg.window:
+        raise UserError(f"--extend_stride={o['extend_stride']:g} s: must be at least one frame ({1 / rate:g} s) and "
+                        f"shorter than the model's context ({mg.max_duration:g} s)")
+    B = min(o["batch_size"], n)
+    text_len = max(len((d or "").encode()) for d in descriptions) + 2
+    check_memory(o, mg, B, n_frames, text_len, dtype, device)
+    stride = lm_lib.window_plan(n_frames, mg.window, stride, prompt_frames)[1]
     print(f"loaded {mg.source} ({mg.weights} weights, {lm_lib.num_params(mg.lm) / 1e6:.2f}M parameters, context "
-          f"{mg.max_duration:g} s) and codec {mg.codec_source} in {time.time() - t_load:.1f} s | {device} {dtype} | "
-          f"seed {seed}", flush=True)
+          f"{mg.max_duration:g} s) and codec {mg.codec_source} in {time.time() - t_load:.1f} s | {device} {dtype}"
+          f"{' | compiled decode' if compiled else ''}", flush=True)
 
-    resolved = {**o, **settings, "seed": seed, "device": str(device), "dtype": dtype, "extend_stride": stride_s}
+    resolved = {**o, **settings, "device": str(device), "dtype": dtype, "compile": compiled,
+                "extend_stride": round(stride / rate, 6)}
+    common = {"frames": n_frames, "audio_prompt_file": _stat(resolve_path(o["audio_prompt"]))
+              if o["audio_prompt"] else None, "source": str(mg.source), "source_file": _stat(mg.source),
+              "weights": mg.weights, "codec_source": mg.codec_source, "torch": torch.__version__}
+
+    def wanted(i, seed):
+        values = {**resolved, **common, "prompt": descriptions[i], "row_seed": seed + i}
+        return {k: values[k] for k in OUTPUT_KEYS}
+    seed, done = resume(read_previous(paths), wanted, o["seed"], n)
+    todo = [i for i in range(n) if i not in done]
+    resolved["seed"] = seed
     command = shlex.join(["python", "generate.py"] + [f"--{k}={v}" for k, v in resolved.items() if v is not None])
-    B = o["batch_size"]
-    batches = [range(i, min(i + B, len(descriptions))) for i in range(0, len(descriptions), B)]
-    for b, items in enumerate(batches):
-        t0 = time.time()
-        batch = [descriptions[i] for i in items]
-        with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "float32"):
-            codes = sample_codes(mg, batch, n_frames, None if prompt is None else prompt.expand(len(batch), -1, -1),
-                                 seeds=[seed + i for i in items], stride=int(round(stride_s * rate)),
-                                 progress=f"batch {b + 1}/{len(batches)}",
-                                 **settings)                                             # [b, K, n_frames]
-        wav = mg.codec.decode(codes).float().cpu()                                      # [b, C, n_frames * hop]
-        seconds = time.time() - t0
-        for j, i in enumerate(items):
-            audio, gain_db = normalize(wav[j], mg.codec.sample_rate, o["normalize"], o["headroom_db"])
-            paths[i].parent.mkdir(parents=True, exist_ok=True)
-            data.save_audio(paths[i], audio, mg.codec.sample_rate)
-            meta = {**resolved, "prompt": descriptions[i], "index": i, "row_seed": seed + i, "batch": b,
-                    "file": paths[i].name,
-                    "source": str(mg.source), "weights": mg.weights, "signature": mg.signature,
-                    "codec_source": mg.codec_source, "text_conditioner": mg.conditioner["conditioner"],
-                    "max_duration": mg.max_duration, "frames": n_frames, "sample_rate": mg.codec.sample_rate,
-                    "prompt_frames": 0 if prompt is None else prompt.shape[-1], "gain_db": round(gain_db, 2),
-                    "seconds": round(seconds, 2), "torch": torch.__version__, "command": command}
-            paths[i].with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
-        print(f"batch {b + 1}/{len(batches)}: {len(items)} x {n_frames / rate:g} s in {seconds:.1f} s "
-              f"({len(items) * n_frames / rate / seconds:.2f}x real time) -> "
-              f"{', '.join(str(paths[i]) for i in items[:3])}{' ...' if len(items) > 3 else ''}", flush=True)
+    print(f"seed {seed}" + (f" | {len(done)} of {n} files already made with these settings: making the other "
+                            f"{len(todo)}" if done else ""), flush=True)
+    if not todo:
+        print(f"nothing to do: all {n} files exist with these settings (another --seed makes new ones)")
+        return 0
+    prompt = None if prompt_wav is None else mg.codec.encode(prompt_wav[None].to(device))   # [1, K, T0]
+    if compiled:
+        lm_lib.compile_decode(mg.lm)
+    advice = f"; free some space and run the same command again (with --seed={seed}): finished files are kept"
+    batches = [todo[i:i + B] for i in range(0, len(todo), B)]
+    written = 0
+    try:
+        for b, items in enumerate(batches):
+            env.check_stop()
+            t0 = time.time()
+            batch = [descriptions[i] for i in items]
+            label = f"batch {b + 1}/{len(batches)}"
+            meter = Progress(label, len(items) * (n_frames - prompt_frames) / rate)
+            with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "float32"):
+                codes = lm_lib.sample(mg.lm, batch, n_frames, window=mg.window, stride=stride,
+                                      prompt=None if prompt is None else prompt.expand(len(batch), -1, -1),
+                                      seeds=[seed + i for i in items], on_step=meter, **settings)  # [b, K, n_frames]
+            print(meter.line(), flush=True)
+            wav = mg.codec.decode(codes).float().cpu()                                  # [b, C, n_frames * hop]
+            seconds = time.time() - t0
+            for j, i in enumerate(items):
+                audio, gain_db = data.normalize(wav[j], mg.codec.sample_rate, o["normalize"], o["headroom_db"])
+                meta = {**resolved, **common, "prompt": descriptions[i], "index": i, "row_seed": seed + i,
+                        "batch": b, "file": paths[i].name, "signature": mg.signature,
+                        "text_conditioner": mg.conditioner["conditioner"], "max_duration": mg.max_duration,
+                        "sample_rate": mg.codec.sample_rate, "prompt_frames": prompt_frames,
+                        "gain_db": round(gain_db, 2), "seconds": round(seconds, 2), "command": command}
+                write_output(paths[i], audio, mg.codec.sample_rate, meta, advice)
+                written += 1
+            print(f"{label}: {len(items)} x {n_frames / rate:g} s in {seconds:.1f} s "
+                  f"({len(items) * n_frames / rate / seconds:.2f}x real time) -> "
+                  f"{', '.join(str(paths[i]) for i in items[:3])}{' ...' if len(items) > 3 else ''}", flush=True)
+    except env.Stopped as e:
+        print(f"\nstopped by {e} after writing {written} of {len(todo)} files; the same command (or with "
+              f"--seed={seed}) makes the rest; exit {env.EXIT_REQUEUE} asks for a requeue", flush=True)
+        return env.EXIT_REQUEUE
     return 0
 
 
-def export_main(args):
-    positional = [a for a in args if not a.startswith("--")]
-    if len(positional) != 2:
-        raise UserError("usage: python generate.py export RUN OUT_DIR [--runs_dir=DIR] [--codec=PATH]")
-    o = parse_options([a for a in args if a.startswith("--")], EXPORT_OPTIONS)
-    mg, written = export(positional[0], positional[1], o["runs_dir"], o["codec"])
+def export_main(argv):
+    """python generate.py export [--format=audiocraft|hf] RUN OUT_DIR: a run (or a model in the other format) as
+    AudioCraft's files or as a transformers MusicGen directory (formats.export), and what AudioCraft / transformers
+    compute differently for this model, one line each."""
+    (run, out), o = env.parse_options(argv, formats.EXPORT_OPTIONS, positionals=(2, 2),
+                                      usage="python generate.py export RUN OUT_DIR [--format=audiocraft|hf] "
+                                            "[--runs_dir=DIR] [--codec=PATH] [--t5=PATH]")
+    mg, written, differences = formats.export(run, out, o["runs_dir"], o["codec"], o["format"], o["t5"])
     print(f"exported {mg.source} ({mg.weights} weights, {lm_lib.num_params(mg.lm) / 1e6:.2f}M parameters): "
           + ", ".join(str(p) for p in written))
-    print(f"load it with audiocraft.models.MusicGen.get_pretrained('{positional[1]}') or python generate.py "
-          f"--run={positional[1]}")
-    if mg.conditioner["conditioner"] != "t5":
-        print("note: this model conditions on a lookup-table text encoder; AudioCraft conditions released-style "
-              "models on T5 and tokenizes LUT text its own way, so only nanomusicgen follows its prompts")
+    if o["format"] == "hf":
+        print(f"load it with transformers.MusicgenForConditionalGeneration.from_pretrained('{out}') (and "
+              f"AutoProcessor), or python generate.py --run={out}")
+    else:
+        print(f"load it with audiocraft.models.MusicGen.get_pretrained('{out}') or python generate.py --run={out}")
+    for line in differences:
+        print(f"note: {line}")
     return 0
 
 
@@ -603,4 +429,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    env.install_stop_handlers()   # SIGTERM, SIGUSR1, Ctrl-C: stop between two steps, keep the finished files
     env.cli(main)

@@ -1,8 +1,9 @@
 """The MusicGen language model: codebook patterns, the transformer (AudioCraft's weights), CFG dropout, the loss,
-generation with a static KV cache and classifier-free guidance, and AudioCraft `state_dict.bin` import/export.
+generation with a static KV cache and classifier-free guidance, and build_lm, which turns settings into a model.
 
-    python model.py //reference/musicgen-small         # a state_dict.bin (dir or file): print its config and size
-    python model.py config                             # print the default LMConfig and its parameter count
+    python model.py                                     # the default LMConfig: parameters and training FLOPs
+    python model.py --dim=1536 --n_layers=48 --n_heads=24   # another size (any LMConfig field as --key=value)
+    python formats.py lm //reference/musicgen-small     # a released state_dict.bin (formats.py reads and writes files)
 
 Weight compatibility: parameter names and shapes are AudioCraft's `LMModel` (emb.{k}, transformer.layers.{i}.
 {self_attn,cross_attention}.in_proj_weight (fused Q|K|V), out_proj, linear1/2, norm1/norm_cross/norm2, out_norm,
@@ -11,26 +12,31 @@ and our `best_state` exports without renaming. Shapes: B batch, K codebooks (n_q
 codebook pattern, L text positions, card codebook size (the special "no code" token is card).
 
 Speed: `layer.compile()` on each of model.transformer.layers compiles in place and keeps the state-dict names;
-`model.decode_step` has static shapes for torch.compile(mode="reduce-overhead") / CUDA graphs; compute_loss does
-no host sync (it checks code values only for CPU tensors).
+`compile_decode(lm)` compiles the decode-and-sample step with static shapes (CUDA graphs on a GPU); compute_loss
+does no host sync (it checks code values only for CPU tensors).
+
+Sampling (generate.py and train.py's generate stage): `sample(lm, descriptions, n_frames, window=..., seeds=...)`.
 """
+import contextlib
 import functools
 import math
-import os
-import sys
+import numbers
+import re
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
-from env import UserError, load_tensors, resolve_path, write_atomic
+import text
+from env import UserError, cli, parse_options
+from text import sin_embedding  # AudioCraft's create_sin_embedding; the lookup-table text encoder shares it
 
 PATTERNS = ("delay", "parallel", "unroll", "coarse_first", "musiclm")
 FUSES = ("cross", "prepend", "sum")
+# The precisions a model computes in (autocast dtype, --dtype): train.py, generate.py and bench.py
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -182,15 +188,6 @@ def revert_logits(logits, tables):
 # ----------------------------------------------------------------------------------------------------------
 # The transformer
 
-def sin_embedding(positions, dim, max_period=10000.0):
-    """AudioCraft's create_sin_embedding: cat(cos, sin), frequency exponent i / (half - 1).
-    positions [...] -> [..., dim] float32"""
-    half = dim // 2
-    exponent = torch.arange(half, device=positions.device, dtype=torch.float32) / (half - 1)
-    phase = positions.float()[..., None] / (torch.full([], float(max_period), device=positions.device) ** exponent)
-    return torch.cat([torch.cos(phase), torch.sin(phase)], -1)
-
-
 def _pooled(cond, mask):
     """AudioCraft's sum fuse adds a condition of matching length; for text we add its masked mean to every step.
     cond [B, L, dim] (zeros where masked), mask [B, L] -> [B, 1, dim]"""
@@ -202,13 +199,18 @@ def _dropout(x, p):
 
 
 class Attention(nn.Module):
-    """Only the parameters (AudioCraft's names); the attention itself lives in Layer.forward."""
+    """The parameters (AudioCraft's names) and the fused projection; the attention itself lives in Layer.forward."""
 
     def __init__(self, dim):
         super().__init__()
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))   # rows Q | K | V, heads contiguous
         self.out_proj = nn.Linear(dim, dim, bias=False)
         nn.init.kaiming_uniform_(self.in_proj_weight, a=math.sqrt(5))    # nn.Linear's default, as AudioCraft keeps it
+
+    def project(self, x, rows=slice(None), weight=None):
+        """x [..., dim] -> x W[rows]^T for the fused W = in_proj_weight (rows Q | K | V, or a part of them); weight:
+        W[rows] when the caller already split it. The one place W is applied: adapters.py adds its update here."""
+        return F.linear(x, self.in_proj_weight[rows] if weight is None else weight)
 
 
 class Layer(nn.Module):
@@ -243,7 +245,7 @@ class Layer(nn.Module):
         `positions` [T] and read whole under self_mask. cross_kv: precomputed cross-attention (k, v) [B, H, L, D]."""
         p = self.dropout if self.training else 0.0
         d = x.shape[-1]
-        q, k, v = F.linear(self.norm1(x), self.self_attn.in_proj_weight).chunk(3, -1)
+        q, k, v = self.self_attn.project(self.norm1(x)).chunk(3, -1)
         q, k, v = self._split(q), self._split(k), self._split(v)
         if kv is not None:
             kv[0].index_copy_(2, positions, k.to(kv[0].dtype))
@@ -255,10 +257,11 @@ class Layer(nn.Module):
         x = x + _dropout(self.self_attn.out_proj(self._merge(a)), p)
         if self.cross_attention is not None:
             # one split, not two slices: the backward then writes one [3 dim, dim] gradient, not two zero-filled ones
-            w_q, w_kv = self.cross_attention.in_proj_weight.split([d, 2 * d])
-            q = self._split(F.linear(self.norm_cross(x), w_q))
+            attn = self.cross_attention
+            w_q, w_kv = attn.in_proj_weight.split([d, 2 * d])
+            q = self._split(attn.project(self.norm_cross(x), slice(0, d), w_q))
             if cross_kv is None:
-                k, v = (self._split(t) for t in F.linear(memory, w_kv).chunk(2, -1))
+                k, v = (self._split(t) for t in attn.project(memory, slice(d, None), w_kv).chunk(2, -1))
             else:
                 k, v = cross_kv
             a = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=cross_mask, dropout_p=p)
@@ -376,8 +379,13 @@ class MusicGenLM(nn.Module):
     def _embed(self, sequence):  # [B, K, S] -> [B, S, dim]
         return sum(self.emb[k](sequence[:, k]) for k in range(self.cfg.n_q))
 
+    def head_weight(self):
+        """The output layers' weights as one [K * card, dim] matrix (one matmul for every codebook); adapters.py adds
+        its update here."""
+        return torch.cat([linear.weight for linear in self.linears], 0)
+
     def _heads(self, h, w=None):  # [B, S, dim] -> [B, S, K, card]: one matmul for all codebooks
-        w = torch.cat([linear.weight for linear in self.linears], 0) if w is None else w
+        w = self.head_weight() if w is None else w
         return F.linear(h, w).unflatten(-1, (self.cfg.n_q, self.cfg.card))
 
     def _fuse(self, x, condition, mask):
@@ -521,7 +529,7 @@ class MusicGenLM(nn.Module):
         cross_kv = [None] * cfg.n_layers
         if memory is not None:
             for i, layer in enumerate(self.transformer.layers):
-                kv = F.linear(memory, layer.cross_attention.in_proj_weight[cfg.dim:])
+                kv = layer.cross_attention.project(memory, slice(cfg.dim, None))
                 cross_kv[i] = tuple(layer._split(t) for t in kv.chunk(2, -1))
         key_valid = None
         if cfg.fuse == "prepend" and cfg.mask_memory:
@@ -530,7 +538,7 @@ class MusicGenLM(nn.Module):
         if cfg.fuse == "sum":
             fuse_add = _pooled(condition * mask[..., None].to(condition.dtype), mask.bool())
         pos_table = sin_embedding(torch.arange(n_max, device=device), cfg.dim, cfg.max_period)
-        heads = torch.cat([linear.weight for linear in self.linears], 0)
+        heads = self.head_weight()
         cache = DecodeCache(k, v, cross_kv, cross_mask, key_valid, fuse_add, pos_table, heads)
         if device.type == "cuda":
             # a CUDA graph of decode_step must neither copy these in at every replay nor skip the graph because
@@ -540,14 +548,26 @@ class MusicGenLM(nn.Module):
         h = self._run_cached(x, torch.arange(x.shape[1], device=device), cache, x.shape[1])
         return cache, self._heads(h[:, -1:], heads)[:, -1].float()
 
+    def sample_step(self, tokens, pos, cache, step, seeds, guided, cfg_coef, temperature, top_k, top_p, n_keys=None):
+        """One decode step and its sampling: tokens [B, K, 1] (the codes of the last step) at position pos [1] ->
+        codes [B, K] for sequence step `step` (int64 [1], a tensor so that a compiled step is not specialised on
+        it). compile_decode compiles this whole function: the decode, the guidance and the ~25 small ops of the
+        keyed noise in one graph (one CUDA graph with mode="reduce-overhead")."""
+        if guided:
+            tokens = torch.cat([tokens, tokens])
+        logits = self.decode_step(tokens, pos, cache, n_keys)
+        return pick_next(logits, step, seeds, guided, cfg_coef, temperature, top_k, top_p)
+
     @torch.no_grad()
     def generate(self, condition, condition_mask, n_frames, cfg_coef=3.0, temperature=1.0, top_k=250, top_p=0.0,
-                 prompt=None, generator=None, greedy=False, seeds=None):
+                 prompt=None, generator=None, greedy=False, seeds=None, on_step=None):
         """condition [B, L, dim] (None: unconditional), prompt [B, K, T0] codes kept as they are -> codes
         [B, K, n_frames]. With a condition and cfg_coef != 1, conditional and null-condition rows run as one
         batch: logits = uncond + cfg_coef * (cond - uncond). greedy or temperature 0: argmax; else softmax
-        sampling with top_p (when > 0) or top_k (when > 0), drawing from generator, or with seeds (int64 [B]) from
-        keyed_noise, so that each row's music depends on its own seed only, not on its batch."""
+        sampling with top_p (when > 0) or top_k (when > 0) from keyed_noise of the row seeds (int64 [B]): each
+        row's music depends on its own seed only, not on its batch. Without seeds, the seeds are drawn from
+        generator (or torch's global RNG). on_step() is called after every sampled step, outside any compiled
+        code. A step compiled by compile_decode runs with static shapes (the whole cache under a mask)."""
         cfg = self.cfg
         device = self.out_norm.weight.device
         if prompt is not None:
@@ -556,6 +576,12 @@ class MusicGenLM(nn.Module):
         B = condition.shape[0] if condition is not None else prompt.shape[0] if prompt is not None else 1
         if prompt is not None and prompt.shape[0] != B:
             raise UserError(f"prompt: batch {prompt.shape[0]} but condition has batch {B}")
+        greedy = greedy or temperature <= 0
+        if greedy:
+            seeds = None
+        elif seeds is None:
+            seeds = torch.randint(0, 2 ** 62, (B,), generator=generator,
+                                  device=generator.device if generator is not None else "cpu")
         if seeds is not None:
             seeds = torch.as_tensor(seeds, dtype=torch.int64).to(device)
             if seeds.shape != (B,):
@@ -566,48 +592,74 @@ class MusicGenLM(nn.Module):
         if condition is None:
             condition = torch.zeros(B, 1, cfg.dim, device=device)
             condition_mask = torch.zeros(B, 1, dtype=torch.bool, device=device)
-            use_cfg = False
+            guided = False
         else:
             self.check_condition(condition, condition_mask)
             condition, condition_mask = condition.to(device), condition_mask.to(device).bool()
-            use_cfg = cfg_coef != 1.0
-        if use_cfg:
+            guided = cfg_coef != 1.0
+        if guided:
             # the null condition: zeros with an all-False mask (length L so both halves batch together; with
             # cross-attention and no memory mask any length gives the same result)
             condition = torch.cat([condition, torch.zeros_like(condition)])
             condition_mask = torch.cat([condition_mask, torch.zeros_like(condition_mask)])
 
         tables = self._tables(n_frames, False, device)   # cached tables are made outside inference mode
-        cpu_tables = self._tables(n_frames, False, "cpu")
         S = tables.S
-        steps = cpu_tables.code_step[:, T0]
-        start = int(steps[steps < S].min())          # the first step holding frame T0 (host-side table)
-        rows = (lambda t: torch.cat([t, t])) if use_cfg else (lambda t: t)
-        # a decode_step replaced by a compiled one (model.decode_step = torch.compile(...)) gets static shapes
-        static = "decode_step" in self.__dict__
+        start = generation_steps(cfg, self.delays, n_frames, T0)[0]
+        settings = (guided, cfg_coef, temperature, top_k, top_p)
+        compiled = self.__dict__.get("compiled_step")    # set by compile_decode
         with torch.inference_mode():   # less work per op than no_grad alone; the codes are cloned out of it
             codes = torch.full((B, cfg.n_q, n_frames), -1, dtype=torch.long, device=device)  # -1: not generated
             if T0:
                 codes[..., :T0] = prompt
             sequence = build_sequence(codes, tables, cfg.card)                           # [B, K, S]
-            cache, logits = self._start_cache(condition, condition_mask, rows(sequence[..., :start]), S - 1)
+            first = sequence[..., :start]
+            cache, logits = self._start_cache(condition, condition_mask, torch.cat([first, first]) if guided else first,
+                                              S - 1)
             P = cache.pos_table.shape[0] - (S - 1)
             pos = torch.full((1,), P + start - 1, dtype=torch.long, device=device)
-            for s in range(start, S):
-                if s > start:
-                    pos += 1
-                    if static:
-                        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are no longer read
-                    logits = self.decode_step(rows(sequence[..., s - 1:s]), pos, cache, None if static else P + s)
-                if use_cfg:
-                    cond, uncond = logits.chunk(2)
-                    logits = uncond + cfg_coef * (cond - uncond)
-                noise = None if seeds is None else (lambda index, s=s: keyed_noise(seeds, s, index))
-                nxt = sample_next(logits, temperature, top_k, top_p, generator, greedy, noise)   # [B, K]
-                # only unknown entries take the sample: prompt codes stay, steps without a code keep the special
-                sequence[..., s] = torch.where(sequence[..., s] == -1, nxt, sequence[..., s])
+            step = torch.full((1,), start, dtype=torch.long, device=device)
+            # compile_decode asked for this step compiled: it runs so even where the caller forces compiled code
+            # eager (train.py's eval mode does, for its per-block compiled layers, which the prefill above ran)
+            stance = torch.compiler.set_stance("default") if compiled is not None else contextlib.nullcontext()
+            with stance:
+                for s in range(start, S):
+                    if s == start:
+                        nxt = pick_next(logits, step, seeds, *settings)                     # [B, K]
+                    else:
+                        pos += 1
+                        step += 1
+                        tokens = sequence[..., s - 1:s]
+                        if compiled is not None:
+                            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are no longer read
+                            nxt = compiled(tokens, pos, cache, step, seeds, *settings)
+                        else:
+                            nxt = self.sample_step(tokens, pos, cache, step, seeds, *settings, n_keys=P + s)
+                    # only unknown entries take the sample: prompt codes stay, steps without a code keep the special
+                    sequence[..., s] = torch.where(sequence[..., s] == -1, nxt, sequence[..., s])
+                    if on_step is not None:
+                        on_step()
             codes = revert_sequence(sequence, tables, -1)
         return codes.clone()
+
+
+def generation_steps(cfg, delays, n_frames, prompt_frames):
+    """-> (first, S): generating n_frames after prompt_frames runs the pattern steps first..S-1, from the first step
+    holding an unknown frame to the end of the layout (host-side tables)."""
+    tables = pattern_tables(cfg.pattern, cfg.n_q, delays, n_frames, False)
+    steps = tables.code_step[:, prompt_frames]
+    return int(steps[steps < tables.S].min()), tables.S
+
+
+def pick_next(logits, step, seeds, guided, cfg_coef, temperature, top_k, top_p):
+    """Logits [N, K, card] of sequence step `step` -> codes [B, K]: guidance (N = 2B: conditional rows, then the
+    null-condition rows), then sample_next with the keyed noise of the row seeds (None: greedy)."""
+    if guided:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + cfg_coef * (cond - uncond)
+    if seeds is None:
+        return logits.argmax(-1)
+    return sample_next(logits, temperature, top_k, top_p, noise=functools.partial(keyed_noise, seeds, step))
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=0.0, generator=None, greedy=False, noise=None):
@@ -642,18 +694,121 @@ def hash32(x):
 def keyed_noise(seeds, step, index):
     """Exp(1) draws [B, K, n] for the vocabulary entries index [B, K, n] of codebooks 0..K-1, that depend only on
     (seeds[b], step, k, entry): a row draws the same numbers whatever else is in its batch, so a prompt and its
-    seed give the same music alone or in any batch. seeds: int64 [B]."""
+    seed give the same music alone or in any batch. seeds: int64 [B] in [0, 2**63) (the high 32 bits are folded
+    in; hash32(0) = 0, so seeds below 2**32 draw what they always drew); step: an int or an int64 [1] tensor."""
     B, K = index.shape[:2]
-    key = hash32(hash32(seeds & 0xFFFFFFFF) ^ (step & 0xFFFFFFFF))                     # [B]
+    key = hash32(hash32(_fold(seeds)) ^ (step & 0xFFFFFFFF))                           # [B]
     entry = (torch.arange(K, device=index.device)[:, None] << 20) | index              # [B, K, n], card < 2**20
     bits = hash32(key[:, None, None] ^ ((entry * 0x9E3779B1) & 0xFFFFFFFF))
     u = ((bits >> 8).to(torch.float32) + 0.5) * 2.0 ** -24                            # uniform in (0, 1)
     return -torch.log(u)
 
 
+def _fold(seeds):
+    """int64 seeds in [0, 2**63) -> [0, 2**32): the high half hashed into the low one. hash32(0) = 0, so a seed
+    below 2**32 is itself (what it drew before seeds could be larger), and seed + 2**32 is not seed."""
+    return (seeds & 0xFFFFFFFF) ^ hash32(seeds >> 32)
+
+
 def mix_seeds(seeds, stream):
     """Seeds for another stream of draws (a later window of a long generation) from the same per-row seeds."""
-    return hash32((seeds & 0xFFFFFFFF) ^ hash32(torch.full_like(seeds, stream)))
+    return hash32(_fold(seeds) ^ hash32(torch.full_like(seeds, stream)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sampler: windows, prompts, per-row seeds and progress, for generate.py and train.py's generate stage
+
+MAX_SEED = 2 ** 63 - 1
+
+
+def window_plan(n_frames, window, stride, prompt_frames=0):
+    """-> [(frames, prompt frames)] per window. A piece longer than one window (the model's context, in frames)
+    slides: each window after the first starts from the last (window - stride) frames of the one before, as
+    AudioCraft's extend_stride does. stride None: 0.6 x window (AudioCraft's 18 s for 30 s)."""
+    stride = max(1, int(round(0.6 * window))) if stride is None else stride
+    if not 0 <= prompt_frames < min(n_frames, window):
+        raise UserError(f"prompt of {prompt_frames} frames: must be shorter than the piece ({n_frames} frames) and "
+                        f"the model's context ({window} frames)")
+    if n_frames > window and not 0 < stride < window:
+        raise UserError(f"stride of {stride} frames: must be at least one frame and shorter than the model's context "
+                        f"({window} frames)")
+    plan, offset, t0 = [], 0, prompt_frames
+    while True:
+        length = min(n_frames - offset, window)
+        plan.append((length, t0))
+        if offset + length >= n_frames:
+            return plan, stride
+        offset, t0 = offset + stride, length - stride
+
+
+def sample_steps(lm, plan):
+    """LM steps the windows of a plan take (what on_step counts): per window, from its first step holding an
+    unknown frame to the end of its layout."""
+    return sum(S - first for first, S in (generation_steps(lm.cfg, lm.delays, n, t0) for n, t0 in plan))
+
+
+def check_seeds(seeds, n):
+    """seeds: one int per row in [0, MAX_SEED] -> int64 [n]."""
+    seeds = list(seeds)
+    if len(seeds) != n:
+        raise UserError(f"seeds: {len(seeds)} for {n} descriptions: one seed per row")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+            raise UserError(f"seed {seed!r}: must be an integer between 0 and {MAX_SEED}")
+    return torch.tensor([int(seed) for seed in seeds], dtype=torch.int64)
+
+
+@torch.no_grad()
+def sample(lm, descriptions, n_frames, *, window, stride=None, prompt=None, cfg_coef, top_k, top_p, temperature,
+           seeds, on_step=None):
+    """The sampler of generate.py and train.py's generate stage. descriptions (None or "": unconditional) ->
+    codes [B, K, n_frames], starting with prompt's codes [B, K, T0] unchanged. Row b draws its randomness from
+    seeds[b] alone (keyed_noise), so a description and its seed give the same codes alone or in any batch.
+    Longer than `window` frames (the model's context), windows slide by `stride` frames (window_plan); window i > 0
+    draws from mix_seeds(seeds, i). on_step(done, total) is called between decode steps (the place for progress
+    and stop checks: a hook inside a compiled step would break fullgraph). Run under the caller's autocast;
+    compile_decode(lm) beforehand for the compiled step."""
+    descriptions = [d or None for d in descriptions]
+    seeds = check_seeds(seeds, len(descriptions))
+    plan, stride = window_plan(n_frames, window, stride, 0 if prompt is None else prompt.shape[-1])
+    total, done = sample_steps(lm, plan), 0
+
+    def step():
+        nonlocal done
+        done += 1
+        on_step(done, total)
+    condition, mask = lm.conditioner(descriptions)
+    pieces = []
+    for i, (length, t0) in enumerate(plan):
+        codes = lm.generate(condition, mask, length, cfg_coef=cfg_coef, temperature=temperature, top_k=top_k,
+                            top_p=top_p, prompt=prompt if t0 else None, seeds=mix_seeds(seeds, i) if i else seeds,
+                            on_step=step if on_step is not None else None)               # [B, K, length]
+        pieces.append(codes[..., t0:] if pieces else codes)
+        prompt = codes[..., stride:]
+    return torch.cat(pieces, -1)
+
+
+def compile_decode(lm, mode=None):
+    """Compile lm's decode-and-sample step for generate()/sample(): static shapes (the whole KV cache under a
+    mask), fullgraph; on CUDA mode "reduce-overhead" replays it as a CUDA graph (recorded again for each new
+    cache, i.e. each window). Keeps the state dict untouched. -> lm. decompile_decode(lm) undoes it."""
+    device = lm.out_norm.weight.device
+    mode = mode or ("reduce-overhead" if device.type == "cuda" else "default")
+    lm.compiled_step = torch.compile(lm.sample_step, mode=mode, fullgraph=True)
+    return lm
+
+
+def decompile_decode(lm):
+    lm.__dict__.pop("compiled_step", None)
+    return lm
+
+
+def cache_bytes(cfg: LMConfig, rows, steps, cond_len, itemsize):
+    """Bytes of generate()'s KV cache for `rows` (2 x batch with CFG) and `steps` pattern steps of one window:
+    self-attention keys and values for every step (and prepended text), cross-attention ones for the text."""
+    positions = steps + (cond_len if cfg.fuse == "prepend" else 0)
+    cross = 2 * cond_len if cfg.fuse == "cross" else 0
+    return rows * cfg.n_layers * cfg.dim * (2 * positions + cross) * itemsize
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -684,266 +839,63 @@ def flops_per_token(cfg: LMConfig, seq_len: int, cond_len: int) -> float:
     return 6.0 * (dense + heads + attn + text / seq_len)
 
 
-# Peak dense bf16 FLOP/s per device (torchtitan's table), for MFU; an unlisted device has none.
-PEAK_FLOPS = {"H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12,
-              "L40S": 362e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12, "B200": 2.25e15, "MI300X": 1300e12}
+# Peak dense bf16 FLOP/s per device (vendors' datasheets, torchtitan's table), for MFU; an unlisted device has none.
+# Matched as whole words of the device name, the longest name first: "L40S" before "L40" before "L4", "H100 NVL"
+# before "H100". GPUs without bf16 tensor cores (V100, T4) are not listed: train.py refuses bf16 there.
+PEAK_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+              "A100": 312e12, "A10G": 125e12, "A10": 125e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12,
+              "B200": 2.25e15, "MI300X": 1300e12}
 
 
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+def peak_flops(device, name=None):
+    """Peak dense bf16 FLOP/s of a CUDA device (name: its torch.cuda.get_device_name), or None."""
+    if name is None:
+        if device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(device)
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if re.search(rf"(?<![\w-]){re.escape(key)}(?!\w)", name):
+            return PEAK_FLOPS[key]
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# AudioCraft checkpoints: state_dict.bin = {'best_state': flat state dict, 'xp.cfg': YAML text}
+# Settings -> model: the one builder (train.py, generate.py, bench.py and formats.py's importers call it)
 
-T5_DIMS = {"t5-small": 512, "t5-base": 768, "t5-large": 1024, "t5-3b": 1024, "t5-11b": 1024}
-TEXT_DIM_T5 = {512: "t5-small", 768: "t5-base", 1024: "t5-large"}
-
-
-def _clean_state_dict(sd):
-    """Drop wrappers' prefixes (torch.compile's _orig_mod., DDP's module.)."""
-    out = {}
-    for key, value in sd.items():
-        key = key.replace("._orig_mod.", ".")
-        while key.startswith(("_orig_mod.", "module.")):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
+def lm_config(settings):
+    """LMConfig from a dict holding its fields (train.py's Config, a config.json: lists become tuples); a missing
+    field takes LMConfig's default, which is Config's."""
+    return LMConfig(**{f.name: tuple(settings[f.name]) if isinstance(settings[f.name], list) else settings[f.name]
+                       for f in fields(LMConfig) if f.name in settings})
 
 
-def xp_config(cfg: LMConfig, extra=None):
-    """The xp.cfg AudioCraft's builders read (get_lm_model, get_conditioner_provider, MusicGen.get_pretrained).
-    Keys we add that AudioCraft does not know live under `nanomusicgen` (its builders ignore them)."""
-    delays = list(pattern_delays(cfg.pattern, cfg.n_q, cfg.delays))
-    n_q = cfg.n_q
-    xp = {
-        "device": "cpu",
-        "dtype": "float32",
-        "autocast": False,
-        "sample_rate": 32000,
-        "channels": 1,
-        "compression_model_checkpoint": "//pretrained/facebook/encodec_32khz",
-        "efficient_attention_backend": "torch",
-        "lm_model": "transformer_lm",
-        "dataset": {"segment_duration": 30.0},
-        "codebooks_pattern": {
-            "modeling": cfg.pattern,
-            "delay": {"delays": delays if cfg.pattern == "delay" else list(range(n_q)),
-                      "flatten_first": 0, "empty_initial": 0},
-            "unroll": {"flattening": list(range(n_q)), "delays": delays if cfg.pattern == "unroll" else [0] * n_q},
-            "musiclm": {"group_by": 2},
-            "coarse_first": {"delays": delays if cfg.pattern == "coarse_first" else [0] * (n_q - 1)},
-        },
-        "transformer_lm": {
-            "dim": cfg.dim, "num_heads": cfg.n_heads, "num_layers": cfg.n_layers, "hidden_scale": cfg.hidden_scale,
-            "n_q": n_q, "card": cfg.card, "dropout": float(cfg.dropout), "emb_lr": None, "activation": "gelu",
-            "norm_first": True, "bias_ff": False, "bias_attn": False, "bias_proj": False, "past_context": None,
-            "causal": True, "custom": False, "memory_efficient": True, "attention_as_float32": False,
-            "layer_scale": None, "positional_embedding": "sin", "max_period": float(cfg.max_period), "xpos": False,
-            "checkpointing": "none", "weight_init": "gaussian", "depthwise_init": "current", "zero_bias_init": True,
-            "norm": "layer_norm", "cross_attention": cfg.fuse == "cross", "qk_layer_norm": False,
-            "qk_layer_norm_cross": False, "attention_dropout": None, "kv_repeat": 1, "two_step_cfg": False,
-        },
-        "classifier_free_guidance": {"training_dropout": float(cfg.cfg_dropout), "inference_coef": 3.0},
-        "attribute_dropout": {},
-        "fuser": {"cross_attention_pos_emb": False, "cross_attention_pos_emb_scale": 1,
-                  "sum": [], "prepend": [], "cross": [], "input_interpolate": []},
-        "conditioners": {"description": {"model": "t5", "t5": {
-            "name": TEXT_DIM_T5.get(cfg.text_dim, "t5-base"), "finetune": False, "word_dropout": 0.3,
-            "normalize_text": False}}},
-        "nanomusicgen": {"text_dim": cfg.text_dim, "mask_memory": cfg.mask_memory,
-                         "cfg_dropout_per_batch": cfg.cfg_dropout_per_batch},
-    }
-    xp["fuser"][cfg.fuse] = ["description"]
-    for key, value in (extra or {}).items():
-        _merge(xp, key, value)
-    return xp
+def build_lm(settings, *, with_t5=True, meta=False):
+    """The LM and its text conditioner from settings: a dict of train.py Config's keys (LMConfig's fields and the
+    conditioning keys of text.SETTINGS; other keys are ignored, a missing one takes Config's default).
+
+    with_t5=False leaves a frozen T5 out: conditioner=t5 then gets ProjectedCondition, the projection after T5 that
+    holds all of its trained weights (exports, importers, benchmarks on precomputed states). meta=True builds the
+    LM's parameters on the meta device, uninitialised, for weights loaded with load_state_dict(assign=True); the
+    conditioner is built for real either way (T5 reads its weights from disk, and is not part of a state dict)."""
+    cfg = lm_config(settings)
+    conditioner = None
+    if with_t5 or settings.get("conditioner", text.SETTINGS["conditioner"]) != "t5":
+        conditioner = text.build_conditioner(settings, cfg.dim)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        return MusicGenLM(cfg, conditioner)
 
 
-def _merge(tree, key, value):
-    """Set dotted `key` in nested dict `tree`, merging dicts."""
-    *parents, last = key.split(".")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    if isinstance(value, dict) and isinstance(tree.get(last), dict):
-        for k, v in value.items():
-            _merge(tree[last], k, v)
-    else:
-        tree[last] = list(value) if isinstance(value, tuple) else value
+def summary(model):
+    """The model's config, parameters and training FLOPs per step (1500 steps, 64 text positions), two lines."""
+    return (f"{model.cfg}\nparameters: {num_params(model):,}; training FLOPs per step at 1500 steps, 64 text tokens: "
+            f"{flops_per_token(model.cfg, 1500, 64):.3e}")
 
 
-def export_audiocraft_lm(model, cfg: LMConfig, path, extra=None):
-    """Write <path>/state_dict.bin (or `path` itself when it names a .bin file) that AudioCraft's
-    MusicGen.get_pretrained / load_lm_model read. extra: keys to add or override in xp.cfg, dotted or nested
-    (e.g. {'conditioners.description.t5.name': 't5-large', 'dataset.segment_duration': 10}). Returns the file."""
-    path = Path(os.path.expanduser(str(path)))
-    if path.suffix != ".bin":
-        path.mkdir(parents=True, exist_ok=True)
-        path = path / "state_dict.bin"
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    model = getattr(model, "_orig_mod", model)
-    model = getattr(model, "module", model)
-    state = {k: v.detach().cpu().contiguous() for k, v in _clean_state_dict(model.state_dict()).items()}
-    pkg = {"best_state": state, "xp.cfg": yaml.safe_dump(xp_config(cfg, extra), sort_keys=False),
-           "version": "nanomusicgen", "exported": True}
-    write_atomic(path, lambda f: torch.save(pkg, f))
-    return path
-
-
-def _lookup(xp, key, default=None):
-    """Dotted lookup in the parsed xp.cfg, following OmegaConf's ${a.b} interpolations."""
-    node = xp
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    if isinstance(node, str) and node.startswith("${") and node.endswith("}") and ":" not in node:
-        return _lookup(xp, node[2:-1], default)
-    return node
-
-
-def config_from_xp(xp, state=None, source="xp.cfg"):
-    """LMConfig from AudioCraft's xp.cfg; features our model does not implement are a UserError."""
-    if _lookup(xp, "lm_model", "transformer_lm") != "transformer_lm":
-        raise UserError(f"{source}: lm_model={_lookup(xp, 'lm_model')} is not supported (only transformer_lm)")
-    tl = _lookup(xp, "transformer_lm")
-    if not isinstance(tl, dict):
-        raise UserError(f"{source}: no transformer_lm section: not an AudioCraft LM checkpoint")
-    required = ("dim", "num_heads", "num_layers", "n_q", "card")
-    missing = [k for k in required if _lookup(xp, f"transformer_lm.{k}") is None]
-    if missing:
-        raise UserError(f"{source}: xp.cfg lacks transformer_lm.{', transformer_lm.'.join(missing)}")
-    expected = {"norm_first": True, "bias_ff": False, "bias_attn": False, "bias_proj": False, "causal": True,
-                "activation": "gelu", "norm": "layer_norm", "positional_embedding": "sin", "layer_scale": None,
-                "qk_layer_norm": False, "qk_layer_norm_cross": False, "kv_repeat": 1, "past_context": None}
-    for key, want in expected.items():
-        got = _lookup(xp, f"transformer_lm.{key}", want)
-        if got != want:
-            raise UserError(f"{source}: transformer_lm.{key}={got} is not supported (MusicGen's LM has {want})")
-    if _lookup(xp, "transformer_lm.positional_scale", 1.0) != 1.0:
-        raise UserError(f"{source}: transformer_lm.positional_scale is not supported")
-    conds = _lookup(xp, "conditioners") or {}
-    extra_conds = sorted(set(conds) - {"description", "args"})
-    if extra_conds or "description" not in conds:
-        raise UserError(f"{source}: conditioners {sorted(conds)} not supported: nanomusicgen conditions on a "
-                        f"text 'description' only (no melody/chroma, style or CLAP conditioners)")
-    fuse = [m for m in FUSES if "description" in (_lookup(xp, f"fuser.{m}") or [])]
-    if len(fuse) != 1:
-        raise UserError(f"{source}: fuser must put 'description' in exactly one of {', '.join(FUSES)}")
-    if _lookup(xp, "fuser.cross_attention_pos_emb", False):
-        raise UserError(f"{source}: fuser.cross_attention_pos_emb=true is not supported")
-    pattern = _lookup(xp, "codebooks_pattern.modeling", "parallel")
-    n_q = int(_lookup(xp, "transformer_lm.n_q"))
-    delays = ()
-    if pattern in ("delay", "unroll", "coarse_first"):
-        delays = tuple(_lookup(xp, f"codebooks_pattern.{pattern}.delays") or ())
-        if delays == pattern_delays(pattern, n_q, ()):
-            delays = ()        # the default, spelled as LMConfig's default
-    if pattern == "delay" and (_lookup(xp, "codebooks_pattern.delay.flatten_first", 0)
-                               or _lookup(xp, "codebooks_pattern.delay.empty_initial", 0)):
-        raise UserError(f"{source}: codebooks_pattern.delay flatten_first / empty_initial are not supported")
-    flattening = _lookup(xp, "codebooks_pattern.unroll.flattening")
-    if pattern == "unroll" and flattening is not None and list(flattening) != list(range(n_q)):
-        raise UserError(f"{source}: codebooks_pattern.unroll.flattening={flattening} not supported (only range(n_q))")
-    if pattern == "musiclm" and _lookup(xp, "codebooks_pattern.musiclm.group_by", 2) != 2:
-        raise UserError(f"{source}: codebooks_pattern.musiclm.group_by must be 2")
-    text_dim = _lookup(xp, "nanomusicgen.text_dim")
-    proj = (state or {}).get("condition_provider.conditioners.description.output_proj.weight")
-    if text_dim is None and proj is not None:
-        text_dim = proj.shape[1]
-    if text_dim is None:
-        model_type = _lookup(xp, "conditioners.description.model")
-        if model_type == "t5":
-            text_dim = T5_DIMS.get(str(_lookup(xp, "conditioners.description.t5.name")).split("/")[-1], 768)
-        else:
-            text_dim = _lookup(xp, f"conditioners.description.{model_type}.dim", 768)
-    cfg = LMConfig(
-        dim=int(_lookup(xp, "transformer_lm.dim")), n_layers=int(_lookup(xp, "transformer_lm.num_layers")),
-        n_heads=int(_lookup(xp, "transformer_lm.num_heads")),
-        hidden_scale=int(_lookup(xp, "transformer_lm.hidden_scale", 4)), n_q=n_q,
-        card=int(_lookup(xp, "transformer_lm.card")),
-        pattern=pattern, delays=delays, text_dim=int(text_dim), fuse=fuse[0],
-        mask_memory=bool(_lookup(xp, "nanomusicgen.mask_memory", False)),
-        dropout=float(_lookup(xp, "transformer_lm.dropout", 0.0) or 0.0),
-        cfg_dropout=float(_lookup(xp, "classifier_free_guidance.training_dropout", 0.3)),
-        cfg_dropout_per_batch=bool(_lookup(xp, "nanomusicgen.cfg_dropout_per_batch", False)),
-        max_period=float(_lookup(xp, "transformer_lm.max_period", 10000.0)))
-    if cfg.pattern not in PATTERNS:
-        raise UserError(f"{source}: codebooks_pattern.modeling={cfg.pattern} is not one of {', '.join(PATTERNS)}")
-    return cfg
-
-
-def check_state_dict(model, state, source):
-    """Strict-load check with a readable error: counts and first names of missing and unexpected keys, shapes."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        def first(names, sep=", "):
-            return sep.join(names[:3]) + (sep + "..." if len(names) > 3 else "")
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({first(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({first(unexpected)})")
-        if shapes:
-            parts.append(f"{len(shapes)} shape mismatches ({first(shapes, '; ')})")
-        raise UserError(f"{source}: checkpoint does not fit the model built from its config: " + "; ".join(parts))
-
-
-def read_audiocraft_lm(path, map_location="cpu"):
-    """-> (package dict, file path). Accepts a directory holding state_dict.bin, a file, or //reference/..."""
-    path = resolve_path(path)
-    if path.is_dir():
-        path = path / "state_dict.bin"
-    if not path.is_file():
-        raise UserError(f"{path}: no such file (expected an AudioCraft LM state_dict.bin or a directory holding one)")
-    pkg = load_tensors(path, map_location=map_location)
-    if not isinstance(pkg, dict) or "best_state" not in pkg or "xp.cfg" not in pkg:
-        keys = sorted(pkg)[:6] if isinstance(pkg, dict) else type(pkg).__name__
-        raise UserError(f"{path}: not an AudioCraft LM state_dict.bin (needs 'best_state' and 'xp.cfg', has {keys})")
-    return pkg, path
-
-
-def load_audiocraft_lm(path, conditioner=None, map_location="cpu"):
-    """AudioCraft `state_dict.bin` (released MusicGen or our export) -> (model in eval mode, LMConfig).
-    conditioner: a text.py conditioner whose parameters (output_proj, ...) the checkpoint carries; None:
-    ProjectedCondition(text_dim, dim)."""
-    pkg, path = read_audiocraft_lm(path, map_location)
-    xp = pkg["xp.cfg"]
-    if isinstance(xp, str):
-        xp = yaml.safe_load(xp)
-    if not isinstance(xp, dict):
-        raise UserError(f"{path}: xp.cfg is not a YAML mapping")
-    state = _clean_state_dict(pkg["best_state"])
-    cfg = config_from_xp(xp, state, str(path))
-    # build without initialising (the weights come from the file), then take the loaded tensors as parameters
-    with torch.device("meta"):
-        model = MusicGenLM(cfg, conditioner)
-    check_state_dict(model, state, str(path))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval(), cfg
+def main(argv):
+    _, o = parse_options(argv, LMConfig, usage="python model.py [--key=value ...] (LMConfig's fields)")
+    print(summary(build_lm(o, with_t5=False, meta=True)))
+    return 0
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    try:
-        if args[:1] == ["config"] or not args:
-            cfg = LMConfig()
-            with torch.device("meta"):
-                model = MusicGenLM(cfg)
-        else:
-            model, cfg = load_audiocraft_lm(args[0])
-        print(cfg)
-        print(f"parameters: {num_params(model):,}; training FLOPs per step at 1500 steps, 64 text tokens: "
-              f"{flops_per_token(cfg, 1500, 64):.3e}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

@@ -3,9 +3,11 @@
 Owns a port of the T5 encoder that loads Hugging Face T5 directories (t5-*, t5 v1.1, flan-t5: `config.json`,
 safetensors or bin weights, `spiece.model`) with a sentencepiece tokenizer giving `T5Tokenizer`'s ids;
 AudioCraft's T5 conditioner (frozen T5 + trained `output_proj`, word dropout, empty descriptions fully masked);
-and a lookup-table conditioner with its own tokenizer for training from scratch without T5.
+and a lookup-table conditioner with its own tokenizer for training from scratch without T5. model.build_lm builds
+the conditioner a config names (build_conditioner); SETTINGS holds the conditioning keys and their defaults.
 
-    python text.py tokenizer data/train/data.jsonl lut.model --vocab_size=4000   # sentencepiece on a manifest's text
+    python text.py words:4096 "lofi piano, rain" "80s synth pop"                  # how a tokenizer spec splits text
+    python data.py tokenizer data/train/data.jsonl lut.model --vocab_size=4000   # sentencepiece on a manifest's text
     python train.py config/base.py --conditioner=lut --lut_tokenizer=lut.model   # then train with it
 
 T5 stays frozen and outside the module tree: not in `parameters()`, `state_dict()`, the optimizer or EMA; it
@@ -26,9 +28,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from env import UserError, cli, load_tensors, resolve_path, write_atomic
+from env import UserError, cli, parse_options, read_weights, resolve_path, write_atomic
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # float16 overflows in T5's feed-forward
+T5_DTYPES = ("float32", "bfloat16")  # float16 overflows in T5's feed-forward
+# The conditioning keys of train.py's Config, with its defaults: model.build_lm fills a missing key from here
+SETTINGS = {"conditioner": "t5", "t5_path": "//reference/t5-base", "t5_dtype": "float32", "word_dropout": 0.3,
+            "text_max_length": 0, "lut_tokenizer": "bytes", "lut_dim": 256, "lut_layers": 0}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -46,8 +51,10 @@ R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 class Tokenizer:
     """Text -> ids ending with EOS, so an empty text is one token (as T5Tokenizer does).
 
-    spec: a sentencepiece `.model` file, `bytes` (UTF-8 bytes, nothing to load), `words[:N]` (each word hashed
-    into N bins, default 4096, nothing to load) or `tiktoken:<local BPE file>`.
+    spec: `bytes` (UTF-8 bytes: the default, any text, nothing to load), `words[:N]` (each word hashed into N bins,
+    default 4096, nothing to load: what a small model learns from fastest, the debug recipe's), a sentencepiece
+    `.model` file (T5's own kind; `python data.py tokenizer` trains one on a data set's descriptions) or
+    `tiktoken:<local BPE file>` (an existing GPT-style vocabulary such as cl100k_base.tiktoken).
     t5=True also maps T5's special strings (`</s>`, `<extra_id_0>`, ...) inside the text, as T5Tokenizer does.
     max_length > 0 truncates longer texts to that many ids (EOS kept last) and counts them in `truncated`."""
 
@@ -121,7 +128,7 @@ def load_sentencepiece(path):
     import sentencepiece as spm
     file = resolve_path(path)
     if not file.is_file():
-        raise UserError(f"sentencepiece model {path} not found (train one with: python text.py tokenizer "
+        raise UserError(f"sentencepiece model {path} not found (train one with: python data.py tokenizer "
                         f"MANIFEST OUT.model --vocab_size=N)")
     try:
         return spm.SentencePieceProcessor(model_file=str(file))
@@ -275,38 +282,6 @@ def hf_key(name):
     return f"encoder.block.{i}.{part}.weight"
 
 
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
-
-
-def read_weights(directory, names):
-    """{name: tensor} for the checkpoint names wanted, reading only those (T5 files also hold the decoder)."""
-    file = next((directory / f for f in WEIGHT_FILES if (directory / f).is_file()), None)
-    if file is None:
-        raise UserError(f"T5 directory {directory}: no weights (expected one of {', '.join(WEIGHT_FILES)})")
-    if file.name.endswith(".index.json"):  # sharded: {"weight_map": {name: shard file}}
-        weight_map = json.loads(file.read_text())["weight_map"]
-        shards = {}
-        for name in names:
-            if name in weight_map:
-                shards.setdefault(weight_map[name], []).append(name)
-        files = {directory / shard: wanted for shard, wanted in shards.items()}
-    else:
-        files = {file: names}
-    out = {}
-    for path, wanted in files.items():
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    out.update({n: f.get_tensor(n) for n in wanted if n in f.keys()})
-            except Exception as e:  # safetensors has its own error types
-                raise UserError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-        else:
-            state = load_tensors(path, mmap=True)
-            out.update({n: state[n] for n in wanted if n in state})
-    return out
-
-
 def t5_directory(path):
     directory = resolve_path(path)
     if not directory.is_dir():
@@ -319,31 +294,48 @@ def t5_directory(path):
     return directory
 
 
-def load_t5(path, dtype="float32", max_length=0):
-    """(T5Encoder frozen in eval mode on the CPU, its Tokenizer) from a Hugging Face T5 directory or //reference/."""
-    if dtype not in DTYPES:
-        raise UserError(f"t5_dtype={dtype!r}: expected one of {list(DTYPES)} (T5 overflows in float16)")
+def t5_config(path):
+    """(the T5's config.json as a dict, the prefix of its weights' names) of a Hugging Face T5 directory, or of a
+    transformers MusicGen directory, whose T5 is its text encoder: config.json's `text_encoder`, `text_encoder.*`."""
     directory = t5_directory(path)
     try:
         raw = json.loads((directory / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"T5 directory {directory}: config.json is not readable JSON ({e}): copy it from the "
                         f"Hugging Face model") from None
+    if isinstance(raw, dict) and isinstance(raw.get("text_encoder"), dict):
+        raw, prefix = raw["text_encoder"], "text_encoder."
+        if raw.get("model_type", "t5") != "t5":
+            raise UserError(f"{directory}/config.json: text_encoder is a {raw.get('model_type')!r} model, not T5")
+        return raw, prefix
+    if not isinstance(raw, dict):
+        raise UserError(f"T5 directory {directory}: config.json holds a {type(raw).__name__}, not a T5 config")
+    return raw, ""
+
+
+def load_t5(path, dtype="float32", max_length=0):
+    """(T5Encoder frozen in eval mode on the CPU, its Tokenizer) from a Hugging Face T5 directory or //reference/,
+    or the text encoder of a transformers MusicGen directory."""
+    if dtype not in T5_DTYPES:
+        raise UserError(f"t5_dtype={dtype!r}: expected one of {list(T5_DTYPES)} (T5 overflows in float16)")
+    directory = t5_directory(path)
+    raw, prefix = t5_config(directory)
     config = T5Config(**{f.name: raw[f.name] for f in fields(T5Config) if f.name in raw})
     with torch.device("meta"):  # no random init: every tensor comes from the file
         model = T5Encoder(config)
     wanted = {name: hf_key(name) for name in model.state_dict()}
-    found = read_weights(directory, list(wanted.values()) + ["shared.weight"])
+    found = read_weights(directory, [prefix + k for k in [*wanted.values(), "shared.weight"]], "T5 directory")
+    found = {k[len(prefix):]: v for k, v in found.items()}
     found.setdefault("encoder.embed_tokens.weight", found.get("shared.weight"))  # tied: often stored once
     state = {}
     for name, param in model.state_dict().items():
         tensor = found.get(wanted[name])
         if tensor is None:
-            raise UserError(f"T5 directory {directory}: weights lack {wanted[name]} (not a T5 checkpoint?)")
+            raise UserError(f"T5 directory {directory}: weights lack {prefix}{wanted[name]} (not a T5 checkpoint?)")
         if tensor.shape != param.shape:
-            raise UserError(f"T5 directory {directory}: {wanted[name]} has shape {list(tensor.shape)}, config.json "
-                            f"implies {list(param.shape)}")
-        state[name] = tensor.to(DTYPES[dtype])
+            raise UserError(f"T5 directory {directory}: {prefix}{wanted[name]} has shape {list(tensor.shape)}, "
+                            f"config.json implies {list(param.shape)}")
+        state[name] = tensor.to(getattr(torch, dtype))
     model.load_state_dict(state, assign=True)
     model.eval().requires_grad_(False)
     return model, Tokenizer(directory / "spiece.model", max_length=max_length, t5=True)
@@ -373,7 +365,7 @@ class FrozenT5:
 
     def __init__(self, path, dtype, max_length, cache_size):
         self.model, self.tokenizer = load_t5(path, dtype, max_length)
-        self.dtype = DTYPES[dtype]
+        self.dtype = getattr(torch, dtype)
         self.cache, self.cache_size = OrderedDict(), cache_size  # text -> hidden [L_i, d_model] (LRU order)
         self.calls = 0  # encoder forward passes, for tests and benchmarks
 
@@ -395,7 +387,7 @@ class FrozenT5:
         if todo:
             ids, valid = self.tokenizer(list(todo))
             lengths = valid.sum(1).tolist()
-            ids, valid = ids.to(device), valid.to(device)
+            ids, valid = to_device(ids, device), to_device(valid, device)
             # Its own precision: the trainer's autocast must not turn T5 to float16 (AudioCraft does the same).
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 hidden = self.model(ids, valid)  # hidden: [N, L, d_model]
@@ -411,13 +403,21 @@ class FrozenT5:
         return out
 
 
+def to_device(t, device):
+    """A CPU tensor on `device` without a host sync: a pageable copy to a GPU waits for the whole queue, a pinned one
+    with non_blocking does not (the training step must not stall on its text)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def pad_rows(rows, width, device, dtype):
     """Rows [L_i, width] (None: an empty description) -> x [B, L, width] zero-padded, mask [B, L] (L >= 1)."""
     empty = torch.zeros(1, width, device=device, dtype=dtype)
     x = nn.utils.rnn.pad_sequence([empty if r is None else r for r in rows], batch_first=True)  # x: [B, L, width]
     lengths = torch.tensor([0 if r is None else r.shape[0] for r in rows])
     mask = torch.arange(x.shape[1])[None] < lengths[:, None]  # mask: [B, L] bool
-    return x, mask.to(device)
+    return x, to_device(mask, device)
 
 
 class T5Conditioner(nn.Module):
@@ -443,19 +443,21 @@ class T5Conditioner(nn.Module):
         return torch.where(mask[..., None], condition, 0.0), mask
 
 
-def sinusoids(length, dim, device):
-    """[length, dim] positions as `cat(cos, sin)`, max period 10000, like the LM's."""
+def sin_embedding(positions, dim, max_period=10000.0):
+    """Sinusoidal positions, AudioCraft's create_sin_embedding: cat(cos, sin), frequency exponent i / (half - 1). The
+    LM's (model.py) and the lookup-table encoder's. positions [...] -> [..., dim] float32 (an odd dim: a zero last)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=device) / max(half - 1, 1))
-    angles = torch.arange(length, device=device)[:, None] * freqs[None]
-    return F.pad(torch.cat([angles.cos(), angles.sin()], dim=-1), (0, dim - 2 * half))
+    exponent = torch.arange(half, device=positions.device, dtype=torch.float32) / max(half - 1, 1)
+    phase = positions.float()[..., None] / (torch.full([], float(max_period), device=positions.device) ** exponent)
+    emb = torch.cat([torch.cos(phase), torch.sin(phase)], -1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 class LUTConditioner(nn.Module):
     """A trainable text encoder for training from scratch: token embeddings + sinusoidal positions, optionally a few
     bidirectional transformer layers (padding masked), then output_proj; same forward contract as T5Conditioner.
 
-    tokenizer: 'bytes', a sentencepiece .model (python text.py tokenizer ...) or 'tiktoken:<local BPE file>'."""
+    tokenizer: a Tokenizer spec: bytes, words:N, a sentencepiece .model (python data.py tokenizer) or tiktoken:FILE."""
 
     def __init__(self, tokenizer, output_dim, dim=256, n_layers=0, word_dropout=0.0, max_length=256):
         super().__init__()
@@ -473,59 +475,41 @@ class LUTConditioner(nn.Module):
         texts = prepare_texts(descriptions, self.word_dropout, self.training)
         device = self.embed.weight.device
         ids, valid = self.tokenizer(texts)
-        ids, valid = ids.to(device), valid.to(device)  # [B, L]
-        x = self.embed(ids) + sinusoids(ids.shape[1], self.embed.embedding_dim, device)  # x: [B, L, dim]
+        ids, valid = to_device(ids, device), to_device(valid, device)  # [B, L]
+        positions = sin_embedding(torch.arange(ids.shape[1], device=device), self.embed.embedding_dim)
+        x = self.embed(ids) + positions  # x: [B, L, dim]
         for layer in self.layers:
             # Empty texts still hold their EOS, so no row is all padding (which would give NaN attention).
             x = layer(x, src_key_padding_mask=~valid)
-        mask = valid & torch.tensor([t != "" for t in texts], device=device)[:, None]  # mask: [B, L] bool
+        mask = valid & to_device(torch.tensor([t != "" for t in texts]), device)[:, None]  # mask: [B, L] bool
         condition = self.output_proj(self.norm(x))  # condition: [B, L, output_dim]
         return torch.where(mask[..., None], condition, 0.0), mask
 
 
-def build_conditioner(kind, output_dim, *, t5_path="//reference/t5-base", t5_dtype="float32", word_dropout=0.0,
-                      text_max_length=0, lut_tokenizer="bytes", lut_dim=256, lut_layers=0):
-    """The conditioner a config names: 't5' (frozen T5, AudioCraft's) or 'lut' (trained from scratch)."""
-    if kind == "t5":
-        return T5Conditioner(t5_path, output_dim, word_dropout=word_dropout, dtype=t5_dtype,
-                             max_length=text_max_length)
-    if kind == "lut":
-        return LUTConditioner(lut_tokenizer, output_dim, dim=lut_dim, n_layers=lut_layers,
-                              word_dropout=word_dropout, max_length=text_max_length)
-    raise UserError(f"conditioner={kind!r}: expected 't5' or 'lut'")
+def conditioning(settings):
+    """The conditioning keys of a dict of settings (train.py's Config, a config.json), defaults filled in."""
+    return {k: settings.get(k, default) for k, default in SETTINGS.items()}
+
+
+def build_conditioner(settings, output_dim):
+    """The conditioner `settings` names (train.py's conditioning keys, a dict; a missing key takes SETTINGS'):
+    conditioner='t5' (frozen T5, AudioCraft's) or 'lut' (trained from scratch). model.build_lm calls it."""
+    s = conditioning(settings)
+    if s["conditioner"] == "t5":
+        return T5Conditioner(s["t5_path"], output_dim, word_dropout=s["word_dropout"], dtype=s["t5_dtype"],
+                             max_length=s["text_max_length"])
+    if s["conditioner"] == "lut":
+        return LUTConditioner(s["lut_tokenizer"], output_dim, dim=s["lut_dim"], n_layers=s["lut_layers"],
+                              word_dropout=s["word_dropout"], max_length=s["text_max_length"])
+    raise UserError(f"conditioner={s['conditioner']!r}: expected 't5' or 'lut'")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training a tokenizer on a manifest's text
+# Training a sentencepiece tokenizer (python data.py tokenizer: on a manifest's descriptions)
 
-def manifest_texts(manifest):
-    """Each item's description and its metadata as the text augmentation writes it ("genre: rock. bpm: 120")."""
-    import data  # manifests and sidecars are data.py's; only this command needs them
-    metas = data.read_manifest(manifest)
-    texts, with_text, bad = [], 0, []
-    for n, meta in enumerate(metas, 1):
-        try:
-            info = data.read_info(meta.path)
-        except data.BadFile as e:
-            bad.append(str(e))
-            continue
-        found = [t for t in (info["description"], data.describe({**info, "description": ""})) if t]
-        texts += found
-        with_text += bool(found)
-        if n % 10000 == 0 or n == len(metas):
-            print(f"read {n}/{len(metas)} manifest entries, {with_text} with text", flush=True)
-    if bad:
-        print(f"skipped {len(bad)} unreadable sidecars, the first: {bad[0]}", flush=True)
-    if not texts:
-        raise UserError(f"manifest {manifest}: none of its {len(metas)} entries has text (a sidecar <audio>.json "
-                        f"with a description or {'/'.join(data.MERGED_FIELDS)}); nothing written")
-    return texts
-
-
-def train_tokenizer(manifest, out, vocab_size):
-    """A sentencepiece unigram model with T5's special ids (<pad> 0, </s> 1, <unk> 2) on the manifest's text."""
+def train_sentencepiece(texts, out, vocab_size):
+    """A sentencepiece unigram model with T5's special ids (<pad> 0, </s> 1, <unk> 2) on `texts`, written to `out`."""
     import sentencepiece as spm
-    texts = manifest_texts(manifest)
     print(f"training sentencepiece (unigram, vocab {vocab_size}) on {len(texts)} texts, "
           f"{sum(map(len, texts))} characters", flush=True)
     buf = io.BytesIO()
@@ -542,18 +526,20 @@ def train_tokenizer(manifest, out, vocab_size):
     print(f"wrote {out} ({n} pieces); use it with --conditioner=lut --lut_tokenizer={out}")
 
 
+USAGE = 'python text.py SPEC "a description" ...  (SPEC: bytes, words:N, a sentencepiece .model, tiktoken:FILE)'
+
+
 def main(argv):
-    args = [a for a in argv if not a.startswith("--")]
-    options = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "") for a in argv if a.startswith("--"))
-    if len(args) != 3 or args[0] != "tokenizer" or set(options) - {"vocab_size"}:
-        raise UserError(f"usage: python text.py tokenizer MANIFEST OUT.model --vocab_size=N (got {' '.join(argv)!r})")
-    try:
-        vocab_size = int(options.get("vocab_size", "4000"))
-    except ValueError:
-        raise UserError(f"--vocab_size={options['vocab_size']!r}: expected an integer") from None
-    if vocab_size < 8:
-        raise UserError(f"--vocab_size={vocab_size}: too small (at least 8)")
-    train_tokenizer(args[1], args[2], vocab_size)
+    """Show how a tokenizer spec (lut_tokenizer) splits descriptions: their ids, EOS last."""
+    if argv[:1] == ["tokenizer"]:  # the command that trains one reads manifests, which are data.py's
+        raise UserError("the tokenizer command moved to data.py: python data.py tokenizer MANIFEST OUT.model "
+                        "--vocab_size=N")
+    (spec, *texts), o = parse_options(argv, {"max_length": 0}, usage=USAGE, positionals=(2, 1000))
+    tokenizer = Tokenizer(spec, max_length=o["max_length"])
+    for description in texts:
+        ids = tokenizer.encode(description)
+        print(f"{description!r}: {len(ids)} ids {ids}")
+    print(f"vocabulary {tokenizer.vocab_size}, pad {tokenizer.pad_id}, eos {tokenizer.eos_id}")
     return 0
 
 

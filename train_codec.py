@@ -7,7 +7,8 @@
 
 Then tokenize with it: `python data.py tokenize DATASET CACHE --codec=SIG` or `python train.py ... --codec=SIG`
 (SIG or the run directory: the codec is its latest EMA weights), and export it:
-`python codec.py SIG --export out/compression_state_dict.bin` (AudioCraft) or `--export_hf out/hf` (transformers).
+`python formats.py codec SIG --export=out/` (AudioCraft's compression_state_dict.bin) or `--export_hf=out/hf`
+(a transformers EncodecModel directory).
 
 The recipe (AudioCraft's solver/compression/default.yaml): L1 waveform and multi-scale mel losses, a multi-scale STFT
 discriminator with hinge adversarial and feature-matching losses, all combined by the loss balancer (each weight is
@@ -42,8 +43,9 @@ from torch import nn
 import data
 import env
 from codec import Codec, CodecConfig, Conv, ConvTr, run_layers
-from env import UserError
-from train import EMA, EXIT_REQUEUE, all_sum, barrier, load_checkpoint, lr_at, save_atomic, setup_distributed, write_run_file
+from env import EXIT_REQUEUE, UserError
+from train import (Log, _log_error, all_sum, config_dict, finished, load_checkpoint, lr_at, run_directory, save_atomic,
+                   set_status, setup_distributed, write_run_file)
 
 
 @dataclass
@@ -64,7 +66,7 @@ class Config:
     sample_rate: int = 32000
     channels: int = 1
     n_filters: int = 64               # SEANet width; doubles at each downsampling
-    ratios: tuple = (8, 5, 4, 4)      # decoder upsampling ratios; hop = their product
+    ratios: tuple[int, ...] = (8, 5, 4, 4)   # decoder upsampling ratios; hop = their product
     dimension: int = 128              # latent and codebook dimension
     n_residual_layers: int = 1
     lstm: int = 2                     # LSTM layers after the encoder and before the decoder
@@ -89,14 +91,14 @@ class Config:
     balancer_decay: float = 0.999     # EMA decay of each loss's gradient norm
     # discriminator (multi-scale STFT, AudioCraft's msstftd)
     disc_filters: int = 32
-    disc_n_ffts: tuple = (1024, 2048, 512, 256, 128)   # one sub-discriminator each; hop n_fft / 4
+    disc_n_ffts: tuple[int, ...] = (1024, 2048, 512, 256, 128)   # one sub-discriminator each; hop n_fft / 4
     adv_every: int = 1                # train the discriminator on 1 / adv_every of the updates (drawn)
     # optimisation
     epochs: int = 200
     updates_per_epoch: int = 2000
     batch_size: int = 64              # global, split across ranks
     lr: float = 3e-4                  # Adam, for the codec and the discriminator
-    betas: tuple = (0.5, 0.9)
+    betas: tuple[float, ...] = (0.5, 0.9)
     weight_decay: float = 0.0
     max_norm: float = 0.0             # gradient clipping; 0: off (AudioCraft's)
     lr_schedule: str = "constant"     # constant | cosine | linear
@@ -125,75 +127,7 @@ CHOICES = {"pad_mode": ("constant", "reflect"), "lr_schedule": ("constant", "cos
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Parsing. A local stand-in for env.parse_config (the generic form of train.py's parser, moving to env.py).
-
-def parse_config(cls, argv):
-    """argv -> cls(): config files (plain Python, left to right), then --key=value coerced to each field's type."""
-    import ast
-    import difflib
-    import types
-    keys = {f.name: f for f in fields(cls)}
-    cfg = cls()
-
-    def closest(key):
-        match = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-        return f' (did you mean "{match[0]}"?)' if match else ""
-
-    def coerce(key, value, where):
-        kind = type(keys[key].default)
-        bad = UserError(f"{where}: {key}={value!r} is not {dict(bool='a bool (true/false)', int='an int', float='a float', str='a string', tuple='a list such as [1,2]')[kind.__name__]}")
-        if isinstance(value, str) and kind is not str:
-            text = value.strip()
-            if kind is bool:
-                if text.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-                    return text.lower() in ("true", "1", "yes", "on")
-                raise bad
-            try:
-                value = ast.literal_eval(text if kind is not tuple or text[:1] in "[(" else f"[{text}]")
-            except (ValueError, SyntaxError):
-                raise bad from None
-        if kind is bool and not isinstance(value, bool) or kind is str and not isinstance(value, str):
-            raise bad
-        if kind in (int, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or kind is int and value != int(value):
-                raise bad
-            return kind(value)
-        if kind is tuple:
-            if not isinstance(value, (list, tuple)):
-                raise bad
-            return tuple(value)
-        return value
-
-    overrides = []
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, value = arg[2:].partition("=")
-            if not eq:
-                raise UserError(f'command line: "{arg}" must be --key=value')
-            if key not in keys:
-                raise UserError(f'command line: unknown key "{key}"{closest(key)}')
-            overrides.append((key, value))
-            continue
-        path = Path(arg)
-        if not path.is_file():
-            raise UserError(f"{path}: config file not found")
-        scope = {k: getattr(cfg, k) for k in keys}
-        before = dict(scope)
-        try:
-            exec(compile(path.read_text(), str(path), "exec"), scope)
-        except Exception as e:
-            raise UserError(f"{path}: {type(e).__name__}: {e}") from None
-        for name, value in scope.items():
-            if name.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
-                continue
-            if name not in keys:
-                raise UserError(f'{path}: unknown key "{name}"{closest(name)} (helper names must start with _)')
-            if value is not before.get(name):
-                setattr(cfg, name, coerce(name, value, str(path)))
-    for key, value in overrides:
-        setattr(cfg, key, coerce(key, value, "command line"))
-    return cfg
-
+# Checks that span keys
 
 def validate(cfg, world_size=1):
     """Checks that span keys, each error naming the keys and values; the codec's hop must divide the segments."""
@@ -254,10 +188,6 @@ def config_delta(cfg):
 def config_signature(cfg):
     """Codec runs share the runs directory with LM runs: the solver's name keeps their signatures apart."""
     return env.signature({"solver": "compression", **config_delta(cfg)})
-
-
-def config_dict(cfg):
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -557,10 +487,10 @@ class TrainableCodec(nn.Module):
 
     @torch.no_grad()
     def fold(self, state=None):
-        """The inference Codec's state dict (weight norm folded into plain weights) of this model, or of `state`
-        (one of this model's state dicts, e.g. its EMA)."""
+        """The inference Codec's state dict (weight norm folded into plain weights) of this model, or of it holding
+        `state` (e.g. its EMA)."""
         out = Codec(self.codec.cfg)
-        with swapped(self, state):
+        with holding(self, state):
             live = dict(self.codec.named_modules())
             for name, target in out.named_modules():
                 if isinstance(target, (Conv, ConvTr)):
@@ -581,9 +511,26 @@ def _gathered(x, d):
     return torch.cat(parts)
 
 
+class StateEMA:
+    """AudioCraft's unbiased EMA (count = count * decay + 1, ema += (x - ema) / count) over a model's whole floating
+    state, buffers included, as its ModuleDictEMA: the codebooks are averaged with the encoder whose outputs they
+    quantize. (train.py's EMA averages parameters only; here EMA weights with live codebooks quantize badly while the
+    weights still move fast.)"""
+
+    def __init__(self, model, decay):
+        self.decay, self.count = decay, 0.0
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model):
+        self.count = self.count * self.decay + 1
+        live = model.state_dict()
+        torch._foreach_lerp_(list(self.state.values()), [live[k].detach() for k in self.state], 1.0 / self.count)
+
+
 @contextlib.contextmanager
-def swapped(model, state):
-    """The model holds `state` (e.g. its EMA) inside the block, its own tensors again after."""
+def holding(model, state):
+    """The model holds `state` (some of its state dict's entries, e.g. the EMA) inside the block, its own after."""
     if state is None:
         yield
         return
@@ -619,14 +566,12 @@ def sync_grads(params, d):
 # Data: raw audio segments at the codec's rate (no token cache: the codec is what is being trained)
 
 def open_splits(cfg, codec, d):
-    """{train, valid, generate} Segments of wav [C, S]; the main process writes the demo set first."""
+    """{train, valid, generate} Segments of wav [C, S] (every rank at once; the demo set is written by one)."""
     dataset = cfg.dataset
     if dataset == "demo":
         import demo
         dataset = str(Path(cfg.runs_dir or env.get_env().runs_dir) / "data" / "demo")
-        if d.main:
-            demo.make_demo_set(dataset, seed=0)
-        barrier(d)
+        demo.make_demo_set(dataset, seed=0)
     common = dict(codec=codec, seed=cfg.seed, token_cache=False, min_segment_ratio=1.0, merge_text_p=0.0,
                   max_skip_fraction=cfg.max_skip_fraction)
     splits = {"train": data.open_split(dataset, "train", train=True, segment_duration=cfg.segment_duration,
@@ -653,110 +598,60 @@ def step_generator(cfg, step):
 
 
 def format_row(row):
-    keys = [k for k in ("l1", "msspec", "commit", "adv", "feat", "d_loss", "sisnr", "mel", "bandwidth", "skipped")
+    keys = [k for k in ("l1", "msspec", "commit", "adv", "feat", "d_loss", "sisnr", "mel", "skipped")
             if row.get(k) is not None]
     return f"epoch {row['epoch']:>3} {row['stage']:<8} | " + " | ".join(f"{k} {row[k]:.4g}" for k in keys)
 
 
-def train(cfg):
-    """Entry point: one process or one rank of torchrun/srun. -> exit status (0, 2 bad input, 75 requeue)."""
-    d = setup_distributed(cfg)
-    code = 1
-    try:
-        code = _train(cfg, d)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 2
-    finally:
-        if d.world_size > 1:  # gloo aborts at interpreter exit in some runs (ENVIRONMENT.md): leave by os._exit
-            if code in (0, EXIT_REQUEUE) and dist.is_initialized():
-                dist.barrier()
-            dist.destroy_process_group()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    return code
-
-
-def _train(cfg, d):
+def train(cfg, d):
+    """The run: setup, then the loop. -> exit status (0 done, EXIT_REQUEUE stopped by a signal, 1 diverged)."""
     validate(cfg, d.world_size)
     sig = config_signature(cfg)
-    path = env.run_dir(sig, cfg.runs_dir or None)
+    out = env.run_dir(sig, cfg.runs_dir or None)
+    log = Log(d)
+    env.install_stop_handlers()
+    if not cfg.clear and finished(out / "checkpoint.pt", cfg.epochs):   # before any data is read
+        log(f"run {sig} already finished {cfg.epochs} epochs")
+        return 0
     device = d.device
-
-    def log(msg, echo=True):
-        if d.main:
-            if echo:
-                print(msg, flush=True)
-            with open(path / "log.txt", "a") as f:
-                f.write(msg + "\n")
-
     torch.manual_seed(cfg.seed)   # the same initial weights on every rank
     model = TrainableCodec(codec_config(cfg), cfg.vq_decay, cfg.kmeans_iters, cfg.dead_code_threshold).to(device)
     codec = model.codec
     gan = cfg.adv > 0 or cfg.feat > 0
     disc = MultiScaleSTFTDiscriminator(cfg.channels, cfg.disc_filters, cfg.disc_n_ffts).to(device) if gan else None
-    fused = True if device.type in ("cuda", "cpu") else None
-    adam = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=fused)
+    adam = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, fused=True)
     optimizer = torch.optim.Adam(model.parameters(), **adam)
     disc_optimizer = torch.optim.Adam(disc.parameters(), **adam) if gan else None
-    ema = EMA(model, cfg.ema_decay) if cfg.ema else None
+    ema = StateEMA(model, cfg.ema_decay) if cfg.ema else None
     weights = {k: getattr(cfg, k) for k in ("l1", "msspec", "adv", "feat") if getattr(cfg, k) > 0}
     balancer = Balancer(weights, cfg.balancer_total_norm, cfg.balancer_decay) if cfg.balancer else None
     autocast = dict(device_type=device.type, dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32")
-    s = {"epoch": 1, "step": 0, "position": 0, "history": [], "best_state": None, "nonfinite": 0}
-    stop = []
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(signum, lambda n, _: stop.append(signal.Signals(n).name))
-
-    if not cfg.clear and _finished_epochs(path / "checkpoint.pt") >= cfg.epochs:
-        if d.main:
-            print(f"run {sig} already finished {cfg.epochs} epochs")
-        return 0
-    splits = open_splits(cfg, codec, d)   # before anything is written: a bad dataset leaves no run directory
-    if d.main:
-        if cfg.clear and path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-        env.remove_stale_temporaries(path)
-        commit, dirty = env.git_commit()
-        text = json.dumps({**config_dict(cfg), "signature": sig, "solver": "compression", "git_commit": commit,
-                           "git_dirty": dirty}, indent=1)
-        write_run_file(path / "config.json", lambda f: f.write(text.encode()))
-    barrier(d)
+    splits = open_splits(cfg, codec, d)   # a bad dataset fails before the run directory exists
     micro = cfg.batch_size // d.world_size
-    c = codec.cfg
-    log(f"nanomusicgen codec run {sig} at {path}")
-    log(f"codec {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {c.sample_rate} Hz, hop {c.hop}, "
-        f"{codec.frame_rate:g} frames/s, {c.n_q} x {c.card} codes ({c.n_q * math.log2(c.card) * codec.frame_rate / 1000:g} "
-        f"kbps) | discriminator {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M" if gan else
-        f"codec {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {c.sample_rate} Hz, hop {c.hop}, "
-        f"{codec.frame_rate:g} frames/s, {c.n_q} x {c.card} codes | no discriminator")
-    log(f"{d.world_size} x {device.type} | batch {cfg.batch_size} = {d.world_size} x {micro} segments of "
-        f"{cfg.segment_duration:g} s | {splits['train']}")
-    log("config: " + json.dumps(config_delta(cfg), sort_keys=True))
+    total = cfg.epochs * cfg.updates_per_epoch
+    s = {"epoch": 1, "step": 0, "history": [], "best_state": None, "nonfinite": 0}   # what a checkpoint carries
 
-    def checkpoint():
-        return {"model": _cpu(model.state_dict()), "optimizer": optimizer.state_dict(),
+    def save(keep=False):
+        ckpt = {"model": _cpu(model.state_dict()), "optimizer": optimizer.state_dict(),
                 "disc": _cpu(disc.state_dict()) if gan else None,
                 "disc_optimizer": disc_optimizer.state_dict() if gan else None,
                 "balancer": balancer.state_dict() if balancer else None,
                 "ema": {"state": _cpu(ema.state), "count": ema.count} if ema else None,
-                "codec_config": dataclasses.asdict(c), "config": config_dict(cfg), "data": {"position": s["position"]},
-                **{k: s[k] for k in ("epoch", "step", "history", "best_state", "nonfinite")}}
-
-    def save(keep=False):
+                "codec_config": dataclasses.asdict(codec.cfg), "config": config_dict(cfg), **s}
         if not d.main:
             return
-        save_atomic(checkpoint(), path / "checkpoint.pt")
+        save_atomic(ckpt, out / "checkpoint.pt")
         history = "".join(json.dumps(row) + "\n" for row in s["history"]).encode()
-        write_run_file(path / "history.jsonl", lambda f: f.write(history))
+        write_run_file(out / "history.jsonl", lambda f: f.write(history))
         if keep:  # a real copy, so that damage to checkpoint.pt leaves it readable
-            with open(path / "checkpoint.pt", "rb") as src:
-                write_run_file(path / f"checkpoint_{s['epoch'] - 1}.pt", lambda f: shutil.copyfileobj(src, f))
+            with open(out / "checkpoint.pt", "rb") as src:
+                write_run_file(out / f"checkpoint_{s['epoch'] - 1}.pt", lambda f: shutil.copyfileobj(src, f))
 
-    if (path / "checkpoint.pt").exists():
-        ckpt = load_checkpoint(path / "checkpoint.pt")
+    def resume():
+        ckpt = load_checkpoint(out / "checkpoint.pt")
+        if not isinstance(ckpt, dict) or "codec_config" not in ckpt:
+            raise UserError(f"{out / 'checkpoint.pt'}: not a train_codec.py checkpoint; run with --clear=True to "
+                            f"start afresh")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if gan:
@@ -765,25 +660,35 @@ def _train(cfg, d):
         if balancer:
             balancer.load_state_dict(ckpt["balancer"])
         if ema:
-            ema.state = {k: v.to(device) for k, v in ckpt["ema"]["state"].items()}
+            ema.state = {k: v.to(device, copy=True) for k, v in ckpt["ema"]["state"].items()}
             ema.count = ckpt["ema"]["count"]
-        s.update({k: ckpt[k] for k in ("epoch", "step", "history", "best_state", "nonfinite")},
-                 position=ckpt["data"]["position"])
+        s.update({k: ckpt[k] for k in s})
         log(f"resumed from checkpoint.pt: epoch {s['epoch']}, update {s['step']}")
-    if s["epoch"] > cfg.epochs:
-        log(f"run {sig} already finished {cfg.epochs} epochs")
-        return 0
-    env.set_status(path, "running") if d.main else None
 
-    batches = iter(data.make_loader(splits["train"], micro, rank=d.rank, world_size=d.world_size, start=s["position"],
-                                    num_workers=cfg.num_workers, pin_memory=device.type == "cuda"))
-    total = cfg.epochs * cfg.updates_per_epoch
-    try:
+    with run_directory(cfg, d, out, sig):
+        log.file = out / "log.txt"
+        if (out / "checkpoint.pt").exists():
+            resume()
+        c = codec.cfg
+        log(f"nanomusicgen codec run {sig} at {out}")
+        log(f"codec {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {c.sample_rate} Hz, hop "
+            f"{c.hop}, {codec.frame_rate:g} frames/s, {c.n_q} x {c.card} codes "
+            f"({c.n_q * math.log2(c.card) * codec.frame_rate / 1000:g} kbps) | "
+            + (f"discriminator {sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M" if gan else "no discriminator"))
+        log(f"{d.world_size} x {device.type} | batch {cfg.batch_size} = {d.world_size} x {micro} segments of "
+            f"{cfg.segment_duration:g} s | {splits['train']}")
+        log("config: " + json.dumps(config_delta(cfg), sort_keys=True))
+        if s["epoch"] > cfg.epochs:
+            log(f"run {sig} already finished {cfg.epochs} epochs")
+            return 0
+        set_status(out, d, "running")
+        batches = iter(data.make_loader(splits["train"], micro, rank=d.rank, world_size=d.world_size,
+                                        start=s["step"], num_workers=cfg.num_workers,
+                                        pin_memory=device.type == "cuda"))
         while s["epoch"] <= cfg.epochs:
             model.train()
-            sums, counted, t0, t_data, in_epoch = {}, 0, time.time(), 0.0, s["step"] % cfg.updates_per_epoch
-            t_log, n_log = time.time(), 0
-            while in_epoch < cfg.updates_per_epoch:
+            sums, counted, t_log, t_data, n_log = {}, 0, time.time(), 0.0, 0
+            while s["step"] < s["epoch"] * cfg.updates_per_epoch:
                 lr = lr_at(cfg, s["step"], total)
                 for opt in filter(None, (optimizer, disc_optimizer)):
                     for group in opt.param_groups:
@@ -791,16 +696,15 @@ def _train(cfg, d):
                 t = time.time()
                 wav = next(batches)["wav"].to(device, non_blocking=True)   # [B, C, S]
                 t_data += time.time() - t
-                s["position"] += 1
                 g = step_generator(cfg, s["step"])
                 n_q = int(torch.randint(1, c.n_q + 1, (1,), generator=g)) if cfg.q_dropout else c.n_q
                 with torch.autocast(**autocast):
-                    out, _, commit = model(wav, n_q, g, d)
-                out = out.float()
+                    out_wav, _, commit = model(wav, n_q, g, d)
+                out_wav = out_wav.float()
                 metrics = {}
                 if gan and float(torch.rand(1, generator=g)) <= 1 / cfg.adv_every:
                     with torch.autocast(**autocast):
-                        d_loss = discriminator_loss(disc, out, wav)
+                        d_loss = discriminator_loss(disc, out_wav, wav)
                     disc_optimizer.zero_grad(set_to_none=True)
                     d_loss.backward()
                     sync_grads(list(disc.parameters()), d)
@@ -808,18 +712,20 @@ def _train(cfg, d):
                     metrics["d_loss"] = d_loss.detach()
                 losses = {}
                 if cfg.l1:
-                    losses["l1"] = F.l1_loss(out, wav)
+                    losses["l1"] = F.l1_loss(out_wav, wav)
                 if cfg.msspec:
-                    losses["msspec"] = msspec_loss(out, wav, c.sample_rate)
+                    losses["msspec"] = msspec_loss(out_wav, wav, c.sample_rate)
                 if gan:
                     with torch.autocast(**autocast):
-                        adv, feat = generator_losses(disc, out, wav)
+                        adv, feat = generator_losses(disc, out_wav, wav)
                     losses.update({k: v.float() for k, v in (("adv", adv), ("feat", feat)) if getattr(cfg, k) > 0})
-                finite = all(math.isfinite(float(v.detach())) for v in [*losses.values(), commit])
+                # the same decision on every rank: a rank that skips while another steps would desynchronise them
+                finite = all_sum(d, [sum(float(v.detach()) for v in [*losses.values(), commit])])[0]
+                finite = math.isfinite(finite)
                 if finite:
                     if balancer:
                         average = (lambda xs: [x / d.world_size for x in all_sum(d, xs)]) if d.world_size > 1 else None
-                        balancer.backward(losses, out, extra=[(commit, cfg.commitment)], average=average)
+                        balancer.backward(losses, out_wav, extra=[(commit, cfg.commitment)], average=average)
                     else:
                         (sum(weights[k] * v for k, v in losses.items()) + cfg.commitment * commit).backward()
                     sync_grads(list(model.parameters()), d)
@@ -829,14 +735,16 @@ def _train(cfg, d):
                     s["nonfinite"] = 0
                 else:
                     s["nonfinite"] += 1
-                    log(f"warning: update {s['step'] + 1}: non-finite loss ({', '.join(f'{k} {float(v):.4g}' for k, v in losses.items())}); "
-                        f"skipped ({s['nonfinite']} in a row)")
+                    log(f"warning: update {s['step'] + 1}: non-finite loss ("
+                        + ", ".join(f"{k} {float(v.detach()):.4g}" for k, v in losses.items())
+                        + f"); skipped ({s['nonfinite']} in a row)")
                     if s["nonfinite"] >= 10:
-                        raise UserError(f"10 non-finite updates in a row: the codec diverged (lower lr); the last good "
-                                        f"checkpoint is {path / 'checkpoint.pt'}")
+                        log(f"error: 10 non-finite updates in a row: the codec diverged (lower lr); the last good "
+                            f"checkpoint is {out / 'checkpoint.pt'}")
+                        set_status(out, d, "failed")
+                        return 1
                 optimizer.zero_grad(set_to_none=True)
                 s["step"] += 1
-                in_epoch += 1
                 if ema and s["step"] % cfg.ema_every == 0:
                     ema.update(model)
                 metrics.update({k: v.detach() for k, v in losses.items()}, commit=commit.detach())
@@ -845,60 +753,48 @@ def _train(cfg, d):
                         sums[k] = sums.get(k, 0.0) + float(v)
                     counted += 1
                 n_log += 1
+                in_epoch = s["step"] - (s["epoch"] - 1) * cfg.updates_per_epoch
                 if in_epoch % cfg.log_every == 0 or in_epoch == cfg.updates_per_epoch:
+                    *means, stops = all_sum(d, [*metrics.values(), env.stop_requested() is not None])  # all ranks'
                     dt = time.time() - t_log
                     rate = n_log * cfg.batch_size * cfg.segment_duration / dt   # seconds of audio per second
-                    means = [v / d.world_size for v in all_sum(d, [float(v) for v in metrics.values()])]  # all ranks'
                     log(f"epoch {s['epoch']} step {in_epoch}/{cfg.updates_per_epoch} | "
-                        + " | ".join(f"{k} {v:.4g}" for k, v in zip(metrics, means))
-                        + f" | n_q {n_q} | lr {lr:.1e} | {rate:.3g}x real time | data "
-                        f"{100 * t_data / max(1e-9, time.time() - t0):.0f}%")
-                    t_log, n_log = time.time(), 0
-                if all_sum(d, [1.0 if stop else 0.0])[0] > 0:
-                    save()
-                    log(f"stopped by signal {stop[0] if stop else 'on another rank'} at update {s['step']}: "
-                        f"checkpoint written, exit {EXIT_REQUEUE} asks for a requeue")
-                    env.set_status(path, "preempted") if d.main else None
-                    return EXIT_REQUEUE
+                        + " | ".join(f"{k} {v / d.world_size:.4g}" for k, v in zip(metrics, means))
+                        + f" | n_q {n_q} | lr {lr:.1e} | {rate:.3g}x real time | data {100 * t_data / dt:.0f}%")
+                    t_log, t_data, n_log = time.time(), 0.0, 0
+                    if stops and in_epoch < cfg.updates_per_epoch:
+                        save()
+                        log(f"stopped by signal {env.stop_requested() or 'on another rank'} at update {s['step']}: "
+                            f"checkpoint written, exit {EXIT_REQUEUE} asks for a requeue (run the same command again "
+                            f"to resume)")
+                        set_status(out, d, "preempted")
+                        return EXIT_REQUEUE
             totals = all_sum(d, [sums.get(k, 0.0) / max(counted, 1) for k in sorted(sums)])
-            row = {"epoch": s["epoch"], "stage": "train", **{k: v / d.world_size for k, v in zip(sorted(sums), totals)},
+            row = {"epoch": s["epoch"], "stage": "train", "step": s["step"],
+                   **{k: v / d.world_size for k, v in zip(sorted(sums), totals)},
                    "skipped": cfg.updates_per_epoch - counted}
             s["history"].append(row)
             log(format_row(row))
-            with swapped(model, ema.state if ema else None):
-                row = valid_stage(cfg, model, splits["valid"], d)
-                row["epoch"] = s["epoch"]
+            with holding(model, ema.state if ema else None):
+                row = {"epoch": s["epoch"], **valid_stage(cfg, model, splits["valid"], d)}
                 s["history"].append(row)
                 log(format_row(row))
                 s["best_state"] = model.fold()   # AudioCraft keeps the latest EMA weights of a codec as its best
                 last = s["epoch"] == cfg.epochs
                 if cfg.generate_every and (s["epoch"] % cfg.generate_every == 0 or last) and d.main:
                     t = time.time()
-                    out_dir = generate_stage(cfg, codec, splits["generate"], path / "samples" / str(s["epoch"]))
-                    log(f"epoch {s['epoch']:>3} generate | {cfg.generate_count} reconstructions in {out_dir} "
-                        f"({time.time() - t:.1f}s)")
+                    out_dir = generate_stage(cfg, codec, splits["generate"], out / "samples" / str(s["epoch"]))
+                    log(f"epoch {s['epoch']:>3} generate | {min(cfg.generate_count, len(splits['generate']))} "
+                        f"reconstructions in {out_dir} ({time.time() - t:.1f}s)")
             s["epoch"] += 1
             save(keep=(s["epoch"] - 1) % cfg.save_every == 0)
-    except BaseException as e:
-        if d.main and not isinstance(e, (KeyboardInterrupt, SystemExit)):
-            with contextlib.suppress(OSError):
-                log(f"error: {e}" if isinstance(e, UserError) else f"error: {type(e).__name__}: {e}", echo=False)
-                env.set_status(path, "failed")
-        raise
-    env.set_status(path, "done") if d.main else None
-    log(f"done: {cfg.epochs} epochs | " + format_row(s["history"][-1]).split("| ", 1)[1])
-    return 0
+        set_status(out, d, "done")
+        log(f"done: {cfg.epochs} epochs | " + format_row(s["history"][-1]).split("| ", 1)[1])
+        return 0
 
 
 def _cpu(state):
     return {k: v.detach().cpu().clone() for k, v in state.items()}
-
-
-def _finished_epochs(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"] - 1
-    except Exception:
-        return 0
 
 
 @torch.no_grad()
@@ -957,12 +853,36 @@ def print_config(cfg):
 
 
 def main(argv):
-    cfg = parse_config(Config, argv)
+    cfg = env.parse_config(Config, argv)
     validate(cfg)
     if cfg.print_config:
         print_config(cfg)
         return 0
-    return train(cfg)
+    d = setup_distributed(cfg)
+    code, out = 1, env.run_dir(config_signature(cfg), cfg.runs_dir or None)
+    try:
+        code = train(cfg, d)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        _log_error(out, d, f"error: {e}")
+        code = 2
+    except env.Stopped as e:   # stopped before the loop (writing the demo set, opening the data)
+        print(f"stopped by signal {e} before training: run the same command again to resume", file=sys.stderr)
+        code = EXIT_REQUEUE
+    except BaseException as e:
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            _log_error(out, d, f"error: {type(e).__name__}: {e} (traceback on stderr)")
+        set_status(out, d, "failed")
+        raise
+    finally:
+        if d.world_size > 1:  # gloo aborts at interpreter exit in some runs (ENVIRONMENT.md): leave by os._exit
+            if code in (0, EXIT_REQUEUE) and dist.is_initialized():
+                dist.barrier()
+            dist.destroy_process_group()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

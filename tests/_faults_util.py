@@ -10,7 +10,10 @@ The faults are injected into the forked process before train.main runs, so the l
                     waits S more (wide windows for kill -9 in the middle of a write and before the rename; each is
                     announced on stderr: "fault: writing a checkpoint", "fault: renaming to checkpoint.pt")
     fsize=N         files cannot grow past N bytes (RLIMIT_FSIZE, SIGXFSZ ignored): writes fail with EFBIG
-    inf_grad=1,3    the gradient (not the loss) is infinite in those updates (0-based)
+    inf_grad=1,3    the gradient (not the loss) is infinite in those updates (0-based); inf_grad=1@1: on rank 1 only
+    compile_eager=1 compile=True traces with dynamo but runs the graphs eagerly (no C++ build: seconds, not
+                    minutes); train.main prints "dynamo: N graphs" when it returns
+    slow=M.F:S      module M's function F (or M.Class.method) sleeps S seconds before each call (slow disks, codecs)
 """
 import io
 import multiprocessing
@@ -69,9 +72,25 @@ def _inject(fault):
             import resource
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (int(value), int(value)))
+        elif name == "slow":
+            import importlib
+            where, _, delay = value.rpartition(":")
+            module, *attrs = where.split(".")
+            owner = importlib.import_module(module)
+            for a in attrs[:-1]:
+                owner = getattr(owner, a)
+            real = getattr(owner, attrs[-1])
+
+            def slowed(*args, _real=real, _delay=float(delay), **kw):
+                time.sleep(_delay)
+                return _real(*args, **kw)
+
+            setattr(owner, attrs[-1], slowed)
         elif name == "inf_grad":
-            Run = train.Run
-            bad, real_loss = {int(v) for v in value.split(",")}, Run.loss
+            value, _, only_rank = value.partition("@")
+            if only_rank and os.environ.get("RANK", "0") != only_rank:
+                continue
+            bad, real_loss, calls = {int(v) for v in value.split(",")}, train.forward_loss, [0]
 
             class InfGrad(torch.autograd.Function):
                 @staticmethod
@@ -82,11 +101,27 @@ def _inject(fault):
                 def backward(ctx, grad):
                     return grad * float("inf")
 
-            def loss(self, batch, train):  # noqa: F811 (the name of Run.loss's argument)
-                ce, ce_q, n = real_loss(self, batch, train=train)
-                return (InfGrad.apply(ce) if train and self.step in bad else ce), ce_q, n
+            def forward_loss(step, batch, *args, **kw):  # training calls (with grad) count the updates
+                ce, ce_q, n = real_loss(step, batch, *args, **kw)
+                if torch.is_grad_enabled():
+                    calls[0] += 1
+                    if calls[0] - 1 in bad:
+                        ce = InfGrad.apply(ce)
+                return ce, ce_q, n
 
-            Run.loss = loss
+            train.forward_loss = forward_loss
+        elif name == "compile_eager":
+            real_compile, real_main, real_torch_compile = torch.nn.Module.compile, train.main, torch.compile
+            torch.nn.Module.compile = lambda self, *a, **kw: real_compile(self, *a, **{**kw, "backend": "eager"})
+            torch.compile = lambda fn=None, mode=None, **kw: real_torch_compile(fn, **{**kw, "backend": "eager"})
+
+            def main(argv):
+                code = real_main(argv)
+                from torch._dynamo.utils import counters
+                print(f"dynamo: {counters['stats']['unique_graphs']} graphs", flush=True)
+                return code
+
+            train.main = main
         else:
             raise ValueError(f"unknown fault {name!r}")
 

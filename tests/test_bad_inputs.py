@@ -1,6 +1,6 @@
 """Bad input at every entry point: each row of tests/BAD_INPUTS.md is a test here.
 
-Every case runs the real command line (train.py, data.py, generate.py, python -m grids, env.py, model.py, text.py)
+Every case runs the real command line (train.py, data.py, generate.py, python -m grids, env.py, formats.py, text.py)
 in a process forked from a warm zygote (tests/_faults_util.py) and checks: the exit status; that the message names
 the thing that is wrong and says what to do (one line); that nothing was written where nothing should be; and that
 the message is the one the table shows. After changing a message on purpose, rewrite the table:
@@ -13,6 +13,7 @@ read only with --trust_checkpoint=True; paths in a manifest are only ever read.
 import argparse
 import builtins
 import json
+import os
 import re
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import _faults_util as fu  # noqa: E402
+from _model_util import make_run  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402
 
@@ -180,6 +182,60 @@ def _other_model_checkpoint(ctx):
     return ctx.train(f"--continue_from={ctx.tmp / 'other.pt'}")
 
 
+def _hf_dir(ctx, drop=(), add=None, reshape=None, conditional=False, name="hf", **config):
+    """A transformers MusicGen directory of a tiny random LM, written without transformers: config.json and
+    model.safetensors under transformers' names (formats.to_transformers_state_dict). The decoder alone
+    (MusicgenForCausalLM), or with conditional=True a MusicgenForConditionalGeneration whose 16-wide text encoder
+    needs enc_to_dec_proj. drop / add / reshape spoil its weights, **config its decoder's config."""
+    import formats
+    import model as lm_lib
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    lm = lm_lib.MusicGenLM(lm_lib.LMConfig(dim=32, n_layers=1, n_heads=2, n_q=4, card=64, text_dim=16))
+    prefix = "decoder." if conditional else ""
+    weights = {prefix + k: v for k, v in formats.to_transformers_state_dict(lm.state_dict()).items()}
+    if conditional:
+        weights.update({"enc_to_dec_proj." + k: v for k, v in lm.conditioner.output_proj.state_dict().items()})
+    for key in (drop,) if isinstance(drop, str) else drop:
+        del weights[key]
+    weights.update(add or {})
+    for key, shape in (reshape or {}).items():
+        weights[key] = torch.zeros(shape)
+    decoder = {"model_type": "musicgen_decoder", "vocab_size": 64, "num_codebooks": 4, "hidden_size": 32,
+               "num_hidden_layers": 1, "num_attention_heads": 2, "ffn_dim": 128, **config}
+    if conditional:
+        decoder = {"model_type": "musicgen", "decoder": decoder, "text_encoder": {"model_type": "t5", "d_model": 16},
+                   "audio_encoder": {"model_type": "encodec"}}
+    d = write(ctx.tmp / name / "config.json", json.dumps(decoder)).parent
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(d / "model.safetensors"))
+    return d
+
+
+BERT_CONFIG = '{"model_type": "bert"}'
+
+
+def _continue_hf(ctx, **spoil):
+    return ctx.train(f"--continue_from={_hf_dir(ctx, **spoil)}")
+
+
+def _run(ctx, *options):
+    """A run directory as train.py leaves it (config.json, checkpoint.pt) with random weights: TRAIN's settings."""
+    import model as lm_lib
+    import train
+    config = {**train.config_dict(train.parse_args(TRAIN + list(options))), "signature": "cafef00d"}
+    d = write(ctx.tmp / "run" / "config.json", json.dumps(config)).parent
+    torch.save({"model": lm_lib.build_lm(config, with_t5=False).state_dict(), "config": config}, d / "checkpoint.pt")
+    return d
+
+
+def _run_with_config(ctx, config):
+    d = ctx.tmp / "run"
+    d.mkdir()
+    torch.save({"model": {}, "config": {}}, d / "checkpoint.pt")
+    write(d / "config.json", config)
+    return d
+
+
 def _grid(ctx, body):
     return "-m grids", [str(write(ctx.tmp / "mygrid.py", body))]
 
@@ -224,6 +280,36 @@ CASES = [
          lambda c: c.train("--from_sig=deadbeef"), ("--from_sig=deadbeef", "<tmp>/runs/xps/deadbeef/config.json")),
     Case("config-codec-shape", "train.py", "n_q that the codec does not have", lambda c: c.train("--n_q=8"),
          ("codec debug has n_q=4", "n_q=8", "set them to match")),
+    Case("config-zero-heads", "train.py", "zero attention heads", lambda c: c.train("--n_heads=0"),
+         ("n_heads=0", "must be at least 1")),
+    Case("config-zero-hidden", "train.py", "a feed-forward width of zero", lambda c: c.train("--hidden_scale=0"),
+         ("hidden_scale=0", "must be at least 1")),
+    Case("config-dropout", "train.py", "a dropout probability of 2", lambda c: c.train("--dropout=2"),
+         ("dropout=2.0", "between 0 and 0.99")),
+    Case("config-betas", "train.py", "one Adam beta instead of two", lambda c: c.train("--betas=[0.9]"),
+         ("betas=[0.9]", "two numbers")),
+    Case("config-huge-seed", "train.py", "a seed past 2**32", lambda c: c.train("--seed=99999999999999999999999"),
+         ("seed=99999999999999999999999", "between 0 and 4294967295")),
+    Case("config-inf-duration", "train.py", "an infinite segment", lambda c: c.train("--segment_duration=1e999"),
+         ("segment_duration=inf", "between 0.01 and 3600")),
+    Case("config-negative-workers", "train.py", "a negative number of loader workers",
+         lambda c: c.train("--num_workers=-1"), ("num_workers=-1", "at least 0")),
+    Case("config-negative-valid", "train.py", "a negative number of valid batches",
+         lambda c: c.train("--valid_batches=-1"), ("valid_batches=-1", "at least 0")),
+    Case("config-negative-save", "train.py", "a negative checkpoint interval", lambda c: c.train("--save_every=-1"),
+         ("save_every=-1", "at least 0")),
+    Case("config-zero-samples", "train.py", "a generate stage with no samples",
+         lambda c: c.train("--generate_count=0"), ("generate_count=0", "at least 1")),
+    Case("config-metric-unknown", "train.py", "a misspelt evaluate metric", lambda c: c.train("--metrics=fda"),
+         ("'fda'", 'did you mean "fad"')),
+    Case("config-metric-weights", "train.py", "fad in the evaluate stage without VGGish weights",
+         lambda c: (*c.train("--metrics=fad", "--evaluate_every=1"), EMPTY_REF(c)),
+         ("vggish-10086976.pth", "--vggish_path=PATH")),
+    Case("config-wandb-mode", "train.py", "a W&B mode that does not exist",
+         lambda c: c.train("--wandb=True", "--wandb_mode=onlin"), ("wandb_mode='onlin'", "online, offline")),
+    Case("config-from-sig-corrupt", "train.py", "--from_sig of a run whose config.json is corrupt",
+         lambda c: (write(c.tmp / "runs/xps/deadbeef/config.json", "{cut sh"), c.train("--from_sig=deadbeef"))[1],
+         ("<tmp>/runs/xps/deadbeef/config.json", "not a readable run config"), writes=True),
     # -- codec paths and directories
     Case("codec-missing", "train.py --codec", "a codec file that does not exist",
          lambda c: c.train(f"--codec={c.tmp / 'nope.bin'}"), ("<tmp>/nope.bin", "does not exist")),
@@ -238,7 +324,7 @@ CASES = [
     Case("codec-hf-bad-json", "train.py --codec", "a Hugging Face directory whose config.json is not JSON",
          lambda c: _hf_codec(c, "{oops"), ("<tmp>/hf_codec/config.json", "not valid JSON")),
     Case("codec-hf-no-weights", "train.py --codec", "a Hugging Face directory without weights",
-         lambda c: _hf_codec(c, '{"model_type": "encodec"}'), ("<tmp>/hf_codec", "no model.safetensors")),
+         lambda c: _hf_codec(c, '{"model_type": "encodec"}'), ("<tmp>/hf_codec", "no weights", "model.safetensors")),
     Case("codec-hf-other-model", "train.py --codec", "a Hugging Face directory of another model",
          lambda c: _hf_codec(c, '{"model_type": "t5"}', "model.safetensors"), ("<tmp>/hf_codec", "is not EnCodec")),
     Case("codec-empty-dir", "train.py --codec", "a directory holding no codec",
@@ -265,7 +351,7 @@ CASES = [
          _t5_pickle, ("<tmp>/t5/pytorch_model.bin", "refused", "nothing was run"), never=("PWNED",)),
     Case("lut-tokenizer-missing", "train.py --lut_tokenizer", "a sentencepiece model that does not exist",
          lambda c: c.train(f"--lut_tokenizer={c.tmp / 'nope.model'}"),
-         ("<tmp>/nope.model", "not found", "python text.py tokenizer")),
+         ("<tmp>/nope.model", "not found", "python data.py tokenizer")),
     Case("lut-tiktoken-bad", "train.py --lut_tokenizer", "a tiktoken file with a bad line",
          lambda c: c.train("--lut_tokenizer=tiktoken:" + str(write(c.tmp / "bpe.tiktoken", "QQ== 0\nnot base64\n"))),
          ("<tmp>/bpe.tiktoken:2", "expected '<base64 token> <rank>'")),
@@ -314,7 +400,7 @@ CASES = [
          _resume_corrupt, ("<tmp>/runs/xps/<sig>/checkpoint.pt", "cannot resume from it", "--clear=True"),
          writes=True, varies=((r"xps/[0-9a-f]{8}/", "xps/<sig>/"),)),
     Case("continue-missing-sig", "train.py --continue_from", "a run signature that does not exist",
-         lambda c: c.train("--continue_from=deadbeef"), ("continue_from=deadbeef", "checkpoint.pt not found"),
+         lambda c: c.train("--continue_from=deadbeef"), ("continue_from=deadbeef", "no run deadbeef in <tmp>/runs/xps"),
          writes=True),
     Case("continue-truncated", "train.py --continue_from", "a checkpoint cut short",
          lambda c: c.train(f"--continue_from={truncated_checkpoint(c.tmp / 'cut.pt')}"),
@@ -328,6 +414,34 @@ CASES = [
     Case("continue-other-model", "train.py --continue_from", "a checkpoint of another model",
          _other_model_checkpoint, ("<tmp>/other.pt", "does not fit the model", "emb.0.weight (3, 3) vs model"),
          writes=True, varies=((r"\d+ missing \([^)]*\)", "<n> missing (<the model's keys>)"),)),
+    Case("continue-hf-missing-key", "train.py --continue_from", "a transformers MusicGen directory lacking a weight",
+         lambda c: _continue_hf(c, drop="model.decoder.layers.0.fc2.weight"),
+         ("<tmp>/hf", "1 missing (model.decoder.layers.0.fc2.weight)"), writes=True),
+    Case("continue-hf-no-projection", "train.py --continue_from",
+         "a transformers MusicGen directory without the enc_to_dec_proj its config needs",
+         lambda c: _continue_hf(c, drop=("enc_to_dec_proj.weight", "enc_to_dec_proj.bias"), conditional=True),
+         ("<tmp>/hf", "2 missing (enc_to_dec_proj.weight, enc_to_dec_proj.bias)"), writes=True),
+    Case("continue-hf-extra-key", "train.py --continue_from",
+         "a transformers MusicGen directory with a weight its config has no place for",
+         lambda c: _continue_hf(c, add={"model.decoder.layers.1.fc1.weight": torch.zeros(128, 32)}),
+         ("<tmp>/hf", "1 unexpected (model.decoder.layers.1.fc1.weight)"), writes=True),
+    Case("continue-hf-wrong-shape", "train.py --continue_from",
+         "a transformers MusicGen directory with a misshapen weight",
+         lambda c: _continue_hf(c, reshape={"lm_heads.0.weight": (63, 32)}),
+         ("<tmp>/hf", "lm_heads.0.weight (63, 32) vs model (64, 32)"), writes=True),
+    Case("continue-hf-config-mismatch", "train.py --continue_from",
+         "a transformers MusicGen config.json whose num_codebooks (3) disagrees with its weights (4)",
+         lambda c: _continue_hf(c, num_codebooks=3),
+         ("<tmp>/hf", "2 unexpected", "model.decoder.embed_tokens.3.weight"), writes=True),
+    Case("continue-hf-stereo", "train.py --continue_from", "a stereo transformers MusicGen (audio_channels=2)",
+         lambda c: _continue_hf(c, audio_channels=2),
+         ("<tmp>/hf/config.json", "audio_channels=2: stereo MusicGen is not supported"), writes=True),
+    Case("continue-hf-no-weights", "train.py --continue_from", "a transformers MusicGen config.json without weights",
+         lambda c: c.train(f"--continue_from={(_hf_dir(c) / 'model.safetensors').unlink() or c.tmp / 'hf'}"),
+         ("<tmp>/hf", "no weights", "model.safetensors"), writes=True),
+    Case("continue-neither-format", "train.py --continue_from", "a directory that is none of the formats it reads",
+         lambda c: c.train(f"--continue_from={write(_hf_dir(c) / 'config.json', BERT_CONFIG).parent}"),
+         ("<tmp>/hf", "not a run (checkpoint.pt), an AudioCraft export", "config.json of a 'bert' model"), writes=True),
     # -- audio files and sidecars: skipped with a warning (the data policy), not an error
     Case("audio-corrupt", "data.py manifest", "an audio file that is not audio",
          lambda c: ("data.py", ["manifest", str((write(c.tmp / "audio" / "bad.wav", b"RIFF garbage" * 10),
@@ -357,6 +471,31 @@ CASES = [
     Case("audio-nan", "data.py tokenize", "a float file with NaN samples",
          lambda c: _tokenize(c, [_row(c, "a.wav")], lambda c: wav(c.tmp / "audio" / "a.wav", nan=True)),
          ("<tmp>/audio/a.wav", "NaN or infinite samples"), code=0, line="  skipped", writes=True),
+    Case("sidecar-description-dict", "data.py tokenize", "a sidecar description that is not text",
+         lambda c: _tokenize(c, [_row(c, "a.wav")], lambda c: (wav(c.tmp / "audio" / "a.wav"), write(
+             c.tmp / "audio" / "a.json", '{"description": {"en": "calm piano"}}'))),
+         ("<tmp>/audio/a.wav", '"description" is dict', "expected a string or a list of strings"),
+         code=0, line="  skipped", writes=True),
+    Case("audio-fifo", "data.py manifest", "a FIFO named *.wav (reading it would block forever)",
+         lambda c: ("data.py", ["manifest", str((wav(c.tmp / "audio" / "ok.wav"), os.mkfifo(c.tmp / "audio" / "p.wav"),
+                                                 c.tmp / "audio")[2]), str(c.tmp / "m.jsonl")]),
+         ("<tmp>/audio/p.wav", "not a regular file (a FIFO)"), code=0, line="  skipped", writes=True),
+    Case("tokenize-no-codec", "data.py tokenize", "no --codec",
+         lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache")]), ("--codec is required",)),
+    Case("tokenize-cuda-missing", "data.py tokenize", "--device=cuda on a machine without CUDA",
+         lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache"), "--codec=debug", "--device=cuda"],
+                    {"CUDA_VISIBLE_DEVICES": ""}), ('device="cuda"', "CUDA is not available", "--device=cpu")),
+    Case("tokenize-num-workers", "data.py tokenize", "a negative --num_workers",
+         lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache"), "--codec=debug",
+                                "--num_workers=-1"]), ("--num_workers=-1", "must not be negative")),
+    Case("tokenize-chunk-seconds", "data.py tokenize", "an infinite --chunk_seconds",
+         lambda c: ("data.py", ["tokenize", str(c.tmp / "ds"), str(c.tmp / "cache"), "--codec=debug",
+                                "--chunk_seconds=1e999"]), ("--chunk_seconds=inf", "positive number of seconds")),
+    Case("data-unknown-option", "data.py manifest", "a misspelt option",
+         lambda c: ("data.py", ["manifest", str(c.tmp), str(c.tmp / "m.jsonl"), "--worker=4"]),
+         ('unknown key "worker"', 'did you mean "workers"')),
+    Case("data-unknown-command", "data.py", "a command that does not exist",
+         lambda c: ("data.py", ["tokenise", str(c.tmp)]), ("unknown command 'tokenise'", "python data.py --help")),
     Case("tokenize-codec-missing", "data.py tokenize", "a codec path that does not exist",
          lambda c: ("data.py", ["tokenize", str(dataset(c, manifest_lines(_row(c, "a.wav"))) / "train"),
                                 str(c.tmp / "cache"), f"--codec={c.tmp / 'nope'}"]), ("<tmp>/nope", "does not exist")),
@@ -374,9 +513,9 @@ CASES = [
     Case("generate-no-run", "generate.py", "no --run", lambda c: ("generate.py", ["--prompt=piano"]),
          ("--run is required",)),
     Case("generate-unknown-option", "generate.py", "a misspelt option",
-         lambda c: ("generate.py", ["--run=x", "--temprature=1"]), ("--temprature", 'did you mean "--temperature"')),
+         lambda c: ("generate.py", ["--run=x", "--temprature=1"]), ('unknown key "temprature"', 'did you mean "temperature"')),
     Case("generate-bad-number", "generate.py", "a duration that is not a number",
-         lambda c: ("generate.py", ["--run=x", "--duration=ten"]), ("--duration=ten", "not a number")),
+         lambda c: ("generate.py", ["--run=x", "--duration=ten"]), ("duration='ten'", "is not a float")),
     Case("generate-zero-duration", "generate.py", "a zero duration",
          lambda c: ("generate.py", ["--run=x", "--duration=0"]), ("--duration=0.0", "must be positive")),
     Case("generate-prompt-twice", "generate.py", "--prompt and --prompts together",
@@ -386,7 +525,7 @@ CASES = [
     Case("generate-top-p", "generate.py", "top_p above 1", lambda c: ("generate.py", ["--run=x", "--top_p=2"]),
          ("--top_p=2.0", "between 0 and 1")),
     Case("generate-positional", "generate.py", "an argument that is not --key=value",
-         lambda c: ("generate.py", ["--run=x", "hello"]), ("'hello'", "--key=value")),
+         lambda c: ("generate.py", ["--run=x", "hello"]), ("got hello", "--key=value")),
     Case("generate-prompts-missing", "generate.py", "a prompts file that does not exist",
          lambda c: ("generate.py", ["--run=x", f"--prompts={c.tmp / 'p.txt'}"]),
          ("--prompts=<tmp>/p.txt", "cannot read")),
@@ -402,6 +541,34 @@ CASES = [
     Case("generate-reference", "generate.py", "//reference/... under a missing reference directory",
          lambda c: ("generate.py", ["--run=//reference/musicgen-small", f"--out={c.tmp / 'o.wav'}"], MISSING_REF(c)),
          ("//reference/musicgen-small", "<tmp>/ref does not exist")),
+    Case("generate-out-is-directory", "generate.py", "--out=x.wav where x.wav is a directory",
+         lambda c: ((c.tmp / "x.wav").mkdir(), ("generate.py", ["--run=x", f"--out={c.tmp / 'x.wav'}"]))[1],
+         ("--out=<tmp>/x.wav", "is not a file", "choose another --out")),
+    Case("generate-out-dir-is-file", "generate.py", "--out naming a directory that is a file",
+         lambda c: ("generate.py", ["--run=x", f"--out={write(c.tmp / 'samples', 'x')}"]),
+         ("<tmp>/samples is a file, not a directory",)),
+    Case("generate-huge-seed", "generate.py", "a seed past 2**63 - 1",
+         lambda c: ("generate.py", ["--run=x", "--seed=99999999999999999999"]),
+         ("--seed=99999999999999999999", "between 0 and 9223372036854775807")),
+    Case("generate-seed-prompts", "generate.py", "a seed whose row seeds pass 2**63 - 1",
+         lambda c: ("generate.py", ["--run=x", "--prompts=" + str(write(c.tmp / "p.txt", "a\nb\n")),
+                                    "--seed=9223372036854775807"]), ("seed + i", "at most 9223372036854775806")),
+    Case("generate-cfg-nan", "generate.py", "cfg_coef=nan", lambda c: ("generate.py", ["--run=x", "--cfg_coef=nan"]),
+         ("cfg_coef='nan'", "is not a float")),
+    Case("generate-cfg-inf", "generate.py", "an infinite cfg_coef",
+         lambda c: ("generate.py", ["--run=x", "--cfg_coef=1e999"]), ("--cfg_coef=inf", "finite")),
+    Case("generate-temperature-inf", "generate.py", "an infinite temperature",
+         lambda c: ("generate.py", ["--run=x", "--temperature=1e999"]), ("--temperature=inf", "finite")),
+    Case("generate-headroom-nan", "generate.py", "headroom_db=nan",
+         lambda c: ("generate.py", ["--run=x", "--headroom_db=nan"]), ("headroom_db='nan'", "is not a float")),
+    Case("generate-headroom-inf", "generate.py", "an infinite headroom_db",
+         lambda c: ("generate.py", ["--run=x", "--headroom_db=-1e999"]), ("--headroom_db=-inf", "finite number of dB")),
+    Case("generate-device-meta", "generate.py", "a device that does not compute",
+         lambda c: ("generate.py", ["--run=x", "--device=meta"]), ('device="meta"', "cpu, cuda or mps")),
+    Case("generate-duration-memory", "generate.py", "a duration whose audio cannot fit in memory",
+         lambda c: ("generate.py", [f"--run={make_run(c.tmp / 'runs')}", "--duration=1e7", f"--out={c.tmp / 'o.wav'}"]),
+         ("--duration=1e+07 s", "GiB of host memory", "lower --duration"),
+         varies=((r"[\d.e+]+ GiB are free", "<n> GiB are free"),)),
     # -- grid files
     Case("grid-unknown", "python -m grids", "a grid that does not exist", lambda c: ("-m grids", ["nope"]),
          ("no grid 'nope'", "grids: debug")),
@@ -423,6 +590,10 @@ CASES = [
     Case("grid-raises", "python -m grids", "a grid whose code raises",
          lambda c: _grid(c, "def explore(launcher):\n    launcher(lr=1 / 0)\n"),
          ("<tmp>/mygrid.py:2", "ZeroDivisionError")),
+    Case("grid-plot-no-history", "python -m grids --plot", "--plot before any run of the grid has a history",
+         lambda c: ("-m grids", [str(write(c.tmp / "mygrid.py", "def explore(launcher):\n    launcher.bind_('config/debug.py')\n"
+                                           "    launcher()\n")), "--plot"], {"AUDIOCRAFT_DORA_DIR": str(c.tmp / "runs")}),
+         ("--plot: no run of grid <tmp>/mygrid.py", "plot it later")),
     # -- team files (env.py)
     Case("team-missing", "env.py", "a team without a team file",
          lambda c: ("env.py", [], {"AUDIOCRAFT_TEAM": "nope"}), ("config/teams/nope.yaml not found", "create it")),
@@ -436,17 +607,63 @@ CASES = [
     Case("run-info-missing", "env.py info", "a run signature that does not exist",
          lambda c: ("env.py", ["info", "deadbeef"], {"AUDIOCRAFT_DORA_DIR": str(c.tmp / "runs")}),
          ("deadbeef", "<tmp>/runs/xps/deadbeef/config.json not found")),
-    # -- model.py and text.py
-    Case("lm-missing", "model.py", "an LM file that does not exist",
-         lambda c: ("model.py", [str(c.tmp / "state_dict.bin")]), ("<tmp>/state_dict.bin", "no such file")),
-    Case("lm-wrong-keys", "model.py", "a torch file that is not an AudioCraft LM",
-         lambda c: (torch.save({"foo": 1}, c.tmp / "x.bin"), ("model.py", [str(c.tmp / "x.bin")]))[1],
+    Case("plot-missing", "env.py plot", "a run signature that does not exist",
+         lambda c: ("env.py", ["plot", "deadbeef", f"--out={c.tmp / 'c.png'}"], {"AUDIOCRAFT_DORA_DIR": str(c.tmp / "runs")}),
+         ("<tmp>/runs/xps/deadbeef", "not a run directory", "give a run's signature or directory")),
+    Case("plot-no-history", "env.py plot", "a run that has not finished an epoch",
+         lambda c: (write(c.tmp / "runs" / "xps" / "abcd1234" / "config.json", "{}"),
+                    ("env.py", ["plot", "abcd1234", f"--out={c.tmp / 'c.png'}"], {"AUDIOCRAFT_DORA_DIR": str(c.tmp / "runs")}))[1],
+         ("<tmp>/runs/xps/abcd1234/history.jsonl not found", "plot it later")),
+    # -- formats.py, generate.py export, data.py tokenizer, text.py
+    Case("lm-missing", "formats.py lm", "an LM file that does not exist",
+         lambda c: ("formats.py", ["lm", str(c.tmp / "state_dict.bin")]), ("<tmp>/state_dict.bin", "no such file")),
+    Case("lm-wrong-keys", "formats.py lm", "a torch file that is not an AudioCraft LM",
+         lambda c: (torch.save({"foo": 1}, c.tmp / "x.bin"), ("formats.py", ["lm", str(c.tmp / "x.bin")]))[1],
          ("<tmp>/x.bin", "needs 'best_state' and 'xp.cfg'")),
-    Case("lm-pickle", "model.py", "an LM file with pickled code", lambda c: ("model.py", [str(_evil(c))]),
-         ("<tmp>/evil.bin", "refused", "nothing was run"), never=("PWNED",)),
-    Case("tokenizer-vocab", "text.py tokenizer", "a vocabulary size that is not a number",
-         lambda c: ("text.py", ["tokenizer", "m.jsonl", "out.model", "--vocab_size=many"]),
-         ("--vocab_size='many'", "expected an integer")),
+    Case("lm-pickle", "formats.py lm", "an LM file with pickled code",
+         lambda c: ("formats.py", ["lm", str(_evil(c))]), ("<tmp>/evil.bin", "refused", "nothing was run"),
+         never=("PWNED",)),
+    Case("export-bad-config", "generate.py export", "a run whose config.json is not JSON",
+         lambda c: ("generate.py", ["export", str(_run_with_config(c, "{oops")), str(c.tmp / "out")]),
+         ("<tmp>/run/config.json", "not readable JSON", "remove it")),
+    Case("export-format", "generate.py export", "a format it does not write",
+         lambda c: ("generate.py", ["export", "--format=onnx", "RUN", str(c.tmp / "out")]),
+         ("--format=onnx", "audiocraft, hf")),
+    Case("export-hf-lut", "generate.py export --format=hf", "a run with the lookup-table conditioner",
+         lambda c: ("generate.py", ["export", "--format=hf", str(_run(c)), str(c.tmp / "out")]),
+         ("<tmp>/run/checkpoint.pt", "conditioner=lut", "--format=audiocraft")),
+    Case("export-hf-no-t5", "generate.py export --format=hf", "a T5-conditioned run whose T5 directory is gone",
+         lambda c: ("generate.py", ["export", "--format=hf", str(_run(c, "--conditioner=t5", f"--t5_path={c.tmp}/t5")),
+                                    str(c.tmp / "out")]), ("<tmp>/t5", "--t5=PATH")),
+    Case("export-hf-again", "generate.py export --format=hf", "a transformers MusicGen directory (already that format)",
+         lambda c: ("generate.py", ["export", "--format=hf", str(_hf_dir(c)), str(c.tmp / "out")]),
+         ("<tmp>/hf", "already a transformers MusicGen directory")),
+    Case("generate-hf-decoder-alone", "generate.py", "a decoder alone (MusicgenForCausalLM) without --t5 / --codec",
+         lambda c: ("generate.py", [f"--run={_hf_dir(c)}", f"--out={c.tmp / 'o.wav'}"]),
+         ("<tmp>/hf", "MusicgenForCausalLM", "--t5=PATH and --codec=PATH")),
+    Case("export-unknown-option", "generate.py export", "a misspelt option",
+         lambda c: ("generate.py", ["export", "RUN", "OUT", "--codc=x"]), ('unknown key "codc"', '"codec"')),
+    Case("tokenizer-vocab", "data.py tokenizer", "a vocabulary size that is not a number",
+         lambda c: ("data.py", ["tokenizer", "m.jsonl", "out.model", "--vocab_size=many"]),
+         ("vocab_size='many'", "is not an int")),
+    Case("tokenizer-moved", "text.py tokenizer", "the command that moved to data.py",
+         lambda c: ("text.py", ["tokenizer", "m.jsonl", "out.model"]), ("moved", "python data.py tokenizer")),
+    # -- metrics.py
+    Case("metrics-unknown", "metrics.py", "a misspelt metric", lambda c: ("metrics.py", ["fda", "ref", "gen"]),
+         ("'fda'", 'did you mean "fad"', "choose from")),
+    Case("metrics-no-dir", "metrics.py", "a folder of generated audio that does not exist",
+         lambda c: ("metrics.py", ["clap", str(c.tmp / "gen")]), ("<tmp>/gen", "not a directory")),
+    Case("metrics-weights-missing", "metrics.py", "no VGGish weights in the reference directory",
+         lambda c: ("metrics.py", ["fad", str(wav(c.tmp / "refs" / "a.wav").parent),
+                                   str(wav(c.tmp / "gen" / "a.wav").parent)], EMPTY_REF(c)),
+         ("//reference/fad/vggish-10086976.pth", "vggish-10086976.pth", "--vggish=PATH")),
+    Case("metrics-no-prompt", "metrics.py", "clap on generated audio without a .json prompt",
+         lambda c: ("metrics.py", ["clap", str(wav(c.tmp / "gen" / "a.wav").parent)]),
+         ("<tmp>/gen/a.json", "clap needs", '"prompt"')),
+    Case("metrics-unpaired", "metrics.py", "kld with a generated file that has no reference of the same name",
+         lambda c: ("metrics.py", ["kld", str(wav(c.tmp / "refs" / "a.wav").parent),
+                                   str(wav(c.tmp / "gen" / "b.wav").parent)]),
+         ("no b.* in <tmp>/refs", "<tmp>/gen/b.wav")),
 ]
 
 
@@ -544,16 +761,12 @@ def test_every_row_of_the_table_is_a_case():
 
 def test_trusted_audiocraft_checkpoint_th_continues_from_its_weights(tmp_path, shared_data):
     import model as lm_lib
-    import text
     import train
     ctx = Ctx(tmp_path, shared_data)
     target, argv = ctx.train("--lr=0", "--trust_checkpoint=True")
     cfg = train.parse_args(argv)
-    lm_cfg = lm_lib.LMConfig(**{f: getattr(cfg, f) for f in lm_lib.LMConfig.__dataclass_fields__ if f in train.FIELDS})
     torch.manual_seed(3)
-    cond = text.build_conditioner("lut", cfg.dim, lut_tokenizer=cfg.lut_tokenizer, lut_dim=cfg.lut_dim,
-                                  lut_layers=cfg.lut_layers)
-    source = {k: v.half() for k, v in lm_lib.MusicGenLM(lm_cfg, cond).state_dict().items()}  # AudioCraft keeps fp16
+    source = {k: v.half() for k, v in lm_lib.build_lm(train.config_dict(cfg)).state_dict().items()}  # AudioCraft: fp16
     # AudioCraft's solver checkpoint: its config pickled as an object (a DictConfig there; any class will do)
     torch.save({"best_state": {"model": source}, "xp.cfg": argparse.Namespace(lr=1e-4), "model": {}, "history": []},
                tmp_path / "checkpoint.th")

@@ -100,7 +100,7 @@ def test_bad_options_are_one_line_errors(capsys, monkeypatch):
 
 def test_static_decode_path_computes_what_the_eager_path_does():
     """The two ways generate runs a step: eager over the cache's written prefix, and static shapes over the whole
-    cache under a mask (what a compiled, CUDA-graph decode_step gets, selected by assigning model.decode_step)."""
+    cache under a mask (what a compiled, CUDA-graph step gets, selected by model.compile_decode)."""
     torch.manual_seed(0)
     model = lm.MusicGenLM(lm.LMConfig(**{**bench.SIZES["debug"], "n_layers": 2})).eval()
     condition, mask = torch.randn(2, 5, 128), torch.ones(2, 5, dtype=torch.bool)
@@ -113,5 +113,5 @@ def test_static_decode_path_computes_what_the_eager_path_does():
             eager = model.decode_step(tokens, pos, cache, n_keys=position + 1)
             assert (static - eager).abs().max() < 1e-5
     eager = model.generate(condition, mask, 12, greedy=True)
-    model.decode_step = model.decode_step            # as model.decode_step = torch.compile(model.decode_step) does
+    model.compiled_step = model.sample_step          # what compile_decode sets, uncompiled: the static path
     assert torch.equal(model.generate(condition, mask, 12, greedy=True), eager)

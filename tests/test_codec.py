@@ -4,8 +4,10 @@ Hugging Face layouts, export, chunking, stereo, the debug codec, bad input.
     python -m pytest tests/test_codec.py -q --durations=5
 """
 import copy
+import json
 import math
 import re
+import shutil
 
 import pytest
 import torch
@@ -13,8 +15,10 @@ import torch
 import bench
 import codec
 import demo
-from codec import Codec, CodecConfig, export_audiocraft_codec, load_codec
 import env
+import formats
+from codec import Codec, CodecConfig
+from formats import export_audiocraft_codec, load_codec
 from env import UserError
 
 SR, HOP = 32000, 640
@@ -166,8 +170,22 @@ def test_export_writes_audiocraft_layout_that_loads_back_exactly(hf_models, tmp_
     expected = to_audiocraft_layout(models["constant"], legacy=True)
     assert pkg["best_state"].keys() == expected.keys()
     assert all(pkg["best_state"][k].shape == v.shape for k, v in expected.items())
-    assert codec.config_from_audiocraft(pkg["xp.cfg"], path) == ours.cfg
+    assert formats.codec_config_from_xp(pkg["xp.cfg"], path) == ours.cfg
     assert_same_model(load_codec(path), ours)   # weight norm re-folds to the very same weights
+
+
+def test_sharded_hf_directory_loads_the_same_codec(hf_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, directory = hf_models
+    state = load_file(directory / "model.safetensors")
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in shards.items():
+        save_file({n: state[n].contiguous() for n in part}, tmp_path / file)
+    weight_map = {n: file for file, part in shards.items() for n in part}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shutil.copy(directory / "config.json", tmp_path)
+    assert load_codec(tmp_path).identity() == load_codec(directory).identity()
 
 
 def test_chunked_encoding_gives_the_codes_of_whole_input_encoding():

@@ -26,6 +26,19 @@ def test_defaults_are_the_musicgen_small_recipe():
     assert (c.ema_decay, c.ema_every, c.segment_duration, c.batch_size, c.updates_per_epoch) == (0.99, 10, 30.0, 192, 2000)
     assert (c.cfg_dropout, c.word_dropout, c.top_k, c.cfg_coef) == (0.3, 0.3, 250, 3.0)
     assert (c.dim, c.n_layers, c.n_heads, c.n_q, c.card, c.pattern) == (1024, 24, 16, 4, 2048, "delay")
+    # AudioCraft's musicgen_base_32khz: "uniform sampling all the way", its text augmentation, segments >= 80% real
+    assert (c.sample_on_weight, c.sample_on_duration, c.min_segment_ratio) == (False, False, 0.8)
+    assert (c.merge_text_p, c.drop_desc_p, c.keep_field_p, c.epochs, c.save_every) == (0.25, 0.5, 0.5, 500, 50)
+    assert (c.generate_every, c.evaluate_every, c.log_every, c.seed, c.decay_matrices_only) == (25, 25, 10, 2036, False)
+
+
+def test_base_config_spells_out_the_defaults_and_lists_every_difference_from_audiocraft():
+    """config/base.py assigns only default values (the same signature as no file) and names each place where the
+    defaults differ from AudioCraft's recipe on purpose."""
+    assert train.config_signature(train.parse_args(["config/base.py"])) == train.config_signature(train.Config())
+    text = (ROOT / "config/base.py").read_text()
+    for difference in ("AdamW", "bfloat16", "cfg_dropout_per_batch", "train_on_padding", "generate_duration"):
+        assert difference in text, difference
 
 
 def test_files_apply_left_to_right_then_command_line(tmp_path):

@@ -97,11 +97,11 @@ def dataset(tmp_path_factory):
         "valid": [("v0.wav", 0.5, 32000, 1), ("v1.flac", 1.2, 48000, 2), ("v2.wav", 2.0, 16000, 1)]})
 
 
-def entry_codes(out, path):
+def entry_codes(out, path, K=FakeCodec.n_q):
     """codes [K, frames] of one file, read back from a cache's memmap through its index."""
     rows = {r["path"]: r for r in data._cache_rows(Path(out)).values()}
     r = rows[str(path)]
-    mm = np.memmap(Path(out) / f"codes.{r['shard']}.u16", dtype=np.uint16, mode="r").reshape(-1, FakeCodec.n_q)
+    mm = np.memmap(Path(out) / f"codes.{r['shard']}.u16", dtype=np.uint16, mode="r").reshape(-1, K)
     return torch.from_numpy(mm[r["offset"]:r["offset"] + r["frames"]].T.astype(np.int64))
 
 
@@ -200,6 +200,24 @@ def test_sidecar_fields_are_normalised_missing_are_empty_and_bad_json_is_a_bad_f
     (tmp_path / "broken.json").write_text("{'single quotes': 1}")
     with pytest.raises(data.BadFile, match="broken.json is not JSON"):
         data.read_info(tmp_path / "broken.wav")
+
+
+def test_sidecar_lists_are_joined_and_other_kinds_skip_the_file_with_the_field_named(tmp_path):
+    info = data.normalize_info({"description": ["A calm piano piece.", " Slow. "], "genre": ["Rock", "Pop"],
+                                "title": 1999, "artist": 2.5, "moods": ["Happy", 3], "bpm": [120]})
+    assert (info["description"], info["genre"], info["title"], info["artist"]) == \
+        ("A calm piano piece. Slow.", "rock, pop", "1999", "2.5")
+    assert info["moods"] == ["happy", "3"] and info["bpm"] is None
+    assert data.normalize_info({"bpm": float("nan")})["bpm"] is None
+    for side, shown in [({"description": {"en": "calm"}}, '"description" is dict {"en": "calm"}'),
+                        ({"description": 42}, '"description" is int 42'),
+                        ({"description": ["calm", 1]}, '"description" is list ["calm", 1]'),
+                        ({"genre": True}, '"genre" is bool true'), ({"moods": {"a": 1}}, '"moods" is dict')]:
+        audio = write(tmp_path / "song.wav", side=side)
+        with pytest.raises(data.BadFile) as e:
+            data.read_info(audio)
+        assert str(e.value).startswith(f"sidecar {tmp_path / 'song.json'}: {shown}"), str(e.value)
+        assert "expected a string or a list of strings" in str(e.value)
 
 
 def test_descriptions_merge_drop_and_keep_metadata_with_their_probabilities():
@@ -342,6 +360,29 @@ def test_sampling_on_weight_and_duration(tmp_path):
                                atol=0.05)
 
 
+def test_sampling_on_duration_trusts_the_cache_over_the_manifest_and_says_so_once(tmp_path, capsys):
+    split = tmp_path / "w" / "train"
+    write(split / "a.wav", 3.0)
+    write(split / "b.wav", 1.0)
+    write(split / "c.wav", 1.02)
+    rows = [{"path": "a.wav", "duration": 1.0, "sample_rate": 32000},   # the manifest is wrong about a.wav
+            {"path": "b.wav", "duration": 1.0, "sample_rate": 32000},
+            {"path": "c.wav", "duration": 1.0, "sample_rate": 32000}]   # one frame off: rounding, not an error
+    (split / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = data.open_split(str(tmp_path / "w"), "train", codec=FakeCodec(), train=True, token_cache=True,
+                         cache_dir=str(tmp_path / "cache"), **dict(SEGMENTS, sample_on_duration=True))
+    names = [Path(ds[i]["path"]).name for i in range(1500)]
+    shares = np.array([names.count(n) for n in ("a.wav", "b.wav", "c.wav")]) / 1500
+    np.testing.assert_allclose(shares, [3 / 5.02, 1 / 5.02, 1.02 / 5.02], atol=0.05)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert warnings == [f"warning: data: w/train: 1 of 3 files last longer or shorter than the manifest says (worst: "
+                        f"{split / 'a.wav'}: 1.00 s in the manifest, 3.00 s of audio); the audio's durations are "
+                        f"used (rebuild the manifest to make them agree)"]
+    data.open_split(str(tmp_path / "w"), "train", codec=FakeCodec(), train=True, token_cache=True, rank=1,
+                    world_size=2, cache_dir=str(tmp_path / "cache"), **dict(SEGMENTS, sample_on_duration=True))
+    assert "warning" not in capsys.readouterr().err  # rank 0 says it, for every rank
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Token cache
 
@@ -383,6 +424,82 @@ def test_tokenize_resumes_after_a_crash_and_repairs_partial_writes(dataset, tmp_
     assert (out / "codes.0.u16").stat().st_size == (full / "codes.0.u16").stat().st_size
     for m in data.read_manifest(dataset / "train"):
         assert torch.equal(entry_codes(out, m.path), entry_codes(full, m.path))
+
+
+class Crashing:
+    """A codec that dies in its n+1-th encode."""
+
+    def __init__(self, codec, after):
+        self.codec, self.after, self.calls = codec, after, 0
+
+    def __getattr__(self, name):
+        return getattr(self.codec, name)
+
+    def encode(self, wav):
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError("simulated crash")
+        return self.codec.encode(wav)
+
+
+def test_codes_do_not_depend_on_batching_sharding_or_resuming(tmp_path):
+    """A real codec (convolutions see the padding, an LSTM rounds by batch shape): a file's codes are the same
+    whatever it was batched with, whichever rank encoded it, and however a crashed build was resumed."""
+    import formats
+    codec = formats.load_codec("debug")
+    split = tmp_path / "ds" / "train"
+    rows = []
+    for k, seconds in enumerate([0.37, 1.3, 2.15, 0.8, 1.74, 0.52]):
+        write(split / f"{k}.wav", seconds, seed=k)
+        rows.append({"path": f"{k}.wav", "duration": seconds, "sample_rate": 32000})
+    (split / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kw = dict(verbose=False)  # one chunk per file
+    data.tokenize(split, tmp_path / "clean", codec, batch_size=3, **kw)
+    sharded = tmp_path / "sharded"
+    with pytest.raises(RuntimeError, match="simulated crash"):  # rank 1 dies in its first encode
+        data.tokenize(split, sharded, Crashing(codec, 0), batch_size=3, rank=1, world_size=2, **kw)
+    data.tokenize(split, sharded, codec, batch_size=1, rank=1, world_size=2, **kw)  # the cache keeps batch 3
+    data.tokenize(split, sharded, codec, batch_size=7, rank=0, world_size=2, **kw)
+    for m in data.read_manifest(split):
+        ref = entry_codes(tmp_path / "clean", m.path, codec.n_q)
+        assert ref.shape[-1] == -(-round(m.duration * 32000) // codec.hop)
+        assert torch.equal(entry_codes(sharded, m.path, codec.n_q), ref), m.path
+    assert json.loads((sharded / "cache.json").read_text())["batch"] == 3
+
+
+def test_an_edited_sidecar_is_read_again_and_a_rerecorded_file_encoded_again(tmp_path):
+    split = tmp_path / "ds" / "train"
+    for k in range(3):
+        write(split / f"{k}.wav", 1.0, seed=k, side={"description": f"clip {k}"})
+    (split / "data.jsonl").write_text("".join(json.dumps({"path": f"{k}.wav", "duration": 1.0,
+                                                          "sample_rate": 32000}) + "\n" for k in range(3)))
+    codec = FakeCodec()
+    kw = dict(codec=codec, train=False, token_cache=True, cache_dir=str(tmp_path / "cache"), **SEGMENTS)
+
+    def later(path):  # a real edit comes later than the file it replaces (mtime resolution is coarse on some disks)
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    ds = data.open_split(str(tmp_path / "ds"), "train", **kw)
+    calls, size = codec.calls, (split / "1.wav").stat().st_size
+    (split / "0.json").write_text(json.dumps({"description": "clip zero, described better"}))
+    later(split / "0.json")
+    write(split / "1.wav", 1.0, seed=99)  # another take, the same length: the same size
+    later(split / "1.wav")
+    assert (split / "1.wav").stat().st_size == size
+    ds = data.open_split(str(tmp_path / "ds"), "train", **kw)
+    assert [ds[k]["description"] for k in range(3)] == ["clip zero, described better", "clip 1", "clip 2"]
+    assert codec.calls == calls + 1  # 1.wav encoded again; 0.wav's codes kept, its sidecar read again
+    out = Path(ds.cache["dir"])
+    assert torch.equal(entry_codes(out, split / "1.wav"), reference_codes(FakeCodec(), split / "1.wav"))
+    assert torch.equal(ds[1]["codes"][:, :50], reference_codes(FakeCodec(), split / "1.wav"))
+    ds = data.open_split(str(tmp_path / "ds"), "train", **kw)  # nothing changed since: nothing done
+    assert codec.calls == calls + 1 and ds[0]["description"] == "clip zero, described better"
+    (split / "2.wav").unlink()  # gone: recorded as unreadable, and tried again when it is back
+    with pytest.raises(UserError, match="1 of 3 files are unreadable"):
+        data.open_split(str(tmp_path / "ds"), "train", **kw)
+    write(split / "2.wav", 1.0, seed=2)
+    assert len(data.open_split(str(tmp_path / "ds"), "train", **kw)) == 3
 
 
 def test_a_cache_from_another_codec_or_manifest_is_refused(dataset, tmp_path):
@@ -525,8 +642,8 @@ def test_bad_files_in_training_are_skipped_warned_counted_and_abort_past_the_fra
 # With the real codec module, and the command line
 
 def test_tokenize_cli_with_the_debug_codec(dataset, tmp_path, capsys):
-    import codec as codec_lib
-    codec = codec_lib.load_codec("debug")
+    import formats
+    codec = formats.load_codec("debug")
     assert data.main(["tokenize", str(dataset / "valid"), str(tmp_path / "cache"), "--codec=debug",
                       "--device=cpu", "--num_workers=0", "--batch_size=1"]) == 0
     out = Path(capsys.readouterr().out.strip().splitlines()[-1])

@@ -16,9 +16,9 @@ import pytest
 import soundfile as sf
 import torch
 
-import codec as codec_lib
 import data
 import demo
+import formats
 from env import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def test_demo_descriptions_say_what_the_audio_does():
 
 def test_demo_dataset_trains_through_the_cache(tmp_path):
     root = demo.make_demo_set(tmp_path / "demo", sizes=SMALL)
-    codec = codec_lib.load_codec("debug")
+    codec = formats.load_codec("debug")
     ds = data.open_split(str(root), "train", codec=codec, train=True, token_cache=True, cache_dir=str(tmp_path),
                          segment_duration=3.0)
     assert len(ds) == 5
@@ -169,13 +169,13 @@ def test_missing_demo_codec_says_how_to_make_it_again(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "DEMO_CODEC", tmp_path / "gone.bin")
     with pytest.raises(UserError, match=f"codec demo: {tmp_path / 'gone.bin'} is missing: make it again with "
                                         f"`python demo.py codec`"):
-        codec_lib.load_codec("demo")
+        formats.load_codec("demo")
 
 
 def test_shipped_demo_codec_keeps_pitch_and_timbre():
     """assets/demo_codec.bin on held-out clips (the evaluate split): the fundamental of sustained melody notes
     survives, and the spectrum stays close (the debug codec, untrained, is the contrast)."""
-    codec = codec_lib.load_codec("demo")
+    codec = formats.load_codec("demo")
     assert (codec.sample_rate, codec.hop, codec.n_q, codec.card) == (demo.DEMO_RATE, 320, 4, 256)
     m = demo.measure_codec(codec, count=6)
     assert m["notes"] >= 30 and m["pitch"] >= 0.85, m

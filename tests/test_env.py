@@ -194,13 +194,34 @@ def test_keep_freed_memory_keeps_a_freed_block_mapped():
 
 
 @pytest.mark.parametrize("entry", [["train.py"], ["generate.py"], ["bench.py"], ["env.py"], ["text.py"],
-                                   ["codec.py"], ["data.py"], ["data.py", "tokenize"], ["-m", "grids"]])
+                                   ["model.py"], ["formats.py"], ["data.py"], ["data.py", "tokenize"],
+                                   ["data.py", "tokenizer"], ["-m", "grids"]])
 def test_every_entry_point_answers_help(entry):
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, *entry, "--help"], cwd=root, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=str(root)))
     assert r.returncode == 0 and len(r.stdout.splitlines()) >= 3 and not r.stderr.strip(), r.stderr
     assert "usage" in r.stdout.lower() or "python " in r.stdout
+
+
+def test_read_weights_reads_only_the_shards_it_needs(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    save_file({"a.weight": torch.ones(2), "b.weight": torch.zeros(3)}, tmp_path / "model-1.safetensors")
+    (tmp_path / "model-2.safetensors").write_bytes(b"\0" * 64)            # a broken shard
+    index = {"weight_map": {"a.weight": "model-1.safetensors", "b.weight": "model-1.safetensors",
+                            "c.weight": "model-2.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    got = env.read_weights(tmp_path, ["a.weight", "missing"])
+    assert list(got) == ["a.weight"] and torch.equal(got["a.weight"], torch.ones(2))   # the broken shard unread
+    assert list(env.read_weights(tmp_path, lambda name: name.startswith("b."))) == ["b.weight"]
+    with pytest.raises(UserError, match="model-2.safetensors: not a readable safetensors file"):
+        env.read_weights(tmp_path, ["c.weight"])
+    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(UserError, match="not a weights index"):
+        env.read_weights(tmp_path, ["a.weight"])
+    with pytest.raises(UserError, match=r"T5 directory .*: no weights \(expected one of model.safetensors.index.json"):
+        env.read_weights(tmp_path / "nothing", ["a.weight"], "T5 directory")
 
 
 def test_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -213,3 +234,84 @@ def test_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path
     with pytest.raises(UserError, match=f"could not write {path}: File too large"):
         env.write_atomic(path, fail)
     assert path.read_bytes() == b"old\n" and [p.name for p in tmp_path.iterdir()] == ["history.jsonl"]
+
+
+# ---- the shared --key=value parser
+
+def test_parse_options_types_defaults_and_positionals():
+    schema = {"duration": 10.0, "seed": (int, None), "compile": False, "delays": (), "out": "out.wav"}
+    args, o = env.parse_options(["export", "--seed=7", "--compile", "--delays=0,1", "RUN"], schema, positionals=(2, 2))
+    assert args == ["export", "RUN"] and o == {"duration": 10.0, "seed": 7, "compile": True, "delays": (0, 1),
+                                                 "out": "out.wav"}
+    assert env.parse_options(["--seed=none", "--duration=3"], schema)[1]["seed"] is None
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sede=3"], 'command line: unknown key "sede" (did you mean "seed"?)'),
+    (["--seed=1.5"], "command line: seed='1.5' is not an int"),
+    (["--seed=1e999"], "command line: seed='1e999' is not an int"),
+    (["--duration=fast"], "command line: duration='fast' is not a float"),
+    (["--duration"], 'command line: "--duration" must be --key=value'),
+    (["x"], "command line: unexpected arguments (got x); usage: python x.py"),
+])
+def test_parse_options_errors_are_one_line_naming_the_key(argv, message):
+    with pytest.raises(UserError) as e:
+        env.parse_options(argv, {"duration": 10.0, "seed": (int, None)}, usage="python x.py")
+    assert str(e.value) == message
+
+
+# ---- stop signals
+
+def test_first_signal_is_recorded_and_a_second_ctrl_c_interrupts():
+    import signal
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        env.install_stop_handlers()
+        assert env.stop_requested() is None
+        env.check_stop()                      # nothing to stop for: no exception
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert env.stop_requested() == "SIGUSR1"
+        with pytest.raises(env.Stopped, match="SIGUSR1"):
+            env.check_stop()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # a second signal, Ctrl-C: interrupt now
+    finally:
+        env.reset_stop()
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+# ---- the run directory's lock
+
+def test_run_lock_refuses_a_live_holder_and_names_it(tmp_path):
+    with env.RunLock(tmp_path):
+        with pytest.raises(UserError, match=rf"{tmp_path} is in use by process {os.getpid()} on "):
+            env.RunLock(tmp_path).acquire()
+    assert not (tmp_path / "lock").exists()   # released
+    env.RunLock(tmp_path).acquire().release()
+
+
+def test_run_lock_is_taken_over_from_a_killed_process(tmp_path):
+    code = ("import sys, time, env; env.RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert p.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=f"in use by process {p.pid}"):
+            env.RunLock(tmp_path).acquire()
+    finally:
+        p.kill()
+        p.wait()
+    lock = env.RunLock(tmp_path).acquire()      # kill -9 left the file; its PID is gone: stale, taken over
+    assert (tmp_path / "lock").read_text().split()[0] == str(os.getpid())
+    lock.release()
+
+
+def test_run_lock_of_another_host_is_stale_only_when_untouched(tmp_path):
+    lock = tmp_path / "lock"
+    lock.write_text("4242 some-other-node 1700000000\n")
+    with pytest.raises(UserError, match="in use by process 4242 on some-other-node"):
+        env.RunLock(tmp_path).acquire()           # fresh: its holder may be alive on that node
+    old = os.stat(lock).st_mtime - env.LOCK_STALE - 1
+    os.utime(lock, (old, old))
+    env.RunLock(tmp_path).acquire().release()     # untouched for longer than LOCK_STALE: taken over

@@ -3,9 +3,10 @@ export, and the errors a user sees."""
 import io
 import json
 import shutil
+import signal
 import subprocess
 import sys
-from dataclasses import fields
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,41 +16,21 @@ import soundfile as sf
 import torch
 import yaml
 
-import codec as codec_lib
+import data
 import env
+import formats
 import generate
 import model as lm_lib
 import text
 import train
+import _faults_util as fu
+from _model_util import TINY_RUN, make_run
 from env import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(2)
 
-# config/debug.py shrunk: a 0.5 s context (25 frames) so that a 0.8 s piece needs a second window
-TINY = ["config/debug.py", "--dim=32", "--n_layers=2", "--n_heads=2", "--lut_dim=32", "--segment_duration=0.5"]
-
-
-def make_run(runs, args=TINY, seed=0):
-    """A run directory as train.py leaves it (config.json, checkpoint.pt with model, ema and best_state), with
-    random weights; best_state differs from the live weights so that using the wrong one shows."""
-    cfg = train.parse_args(list(args))
-    sig = train.config_signature(cfg)
-    d = runs / "xps" / sig
-    d.mkdir(parents=True)
-    config = {**train.config_dict(cfg), "signature": sig}
-    (d / "config.json").write_text(json.dumps(config))
-    torch.manual_seed(seed)
-    lm_cfg = lm_lib.LMConfig(**{f.name: getattr(cfg, f.name) for f in fields(lm_lib.LMConfig) if hasattr(cfg, f.name)})
-    cond = None  # T5's trained part is its projection: model.ProjectedCondition has the same state
-    if cfg.conditioner == "lut":
-        cond = text.build_conditioner("lut", cfg.dim, lut_tokenizer=cfg.lut_tokenizer, lut_dim=cfg.lut_dim,
-                                      lut_layers=cfg.lut_layers)
-    live = lm_lib.MusicGenLM(lm_cfg, cond).state_dict()
-    best = {k: v + 0.05 * torch.randn_like(v) for k, v in live.items() if v.is_floating_point()}
-    torch.save({"model": live, "best_state": best, "ema": {"state": live, "count": 1.0}, "config": config},
-               d / "checkpoint.pt")
-    return d
+TINY = TINY_RUN
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +44,10 @@ def mg(run_dir):
 
 
 def codes_for(mg, prompts, seconds, seed=0, **kw):
+    """model.sample as generate.py calls it: row i draws from seed + i."""
     n = int(round(seconds * mg.codec.frame_rate))
-    return generate.sample_codes(mg, prompts, n, generator=torch.Generator().manual_seed(seed),
-                                 **{**mg.defaults, **kw})
+    return lm_lib.sample(mg.lm, prompts, n, window=mg.window, seeds=[seed + i for i in range(len(prompts))],
+                         **{**mg.defaults, **kw})
 
 
 def sine(path, seconds, rate, freq=440.0):
@@ -100,9 +82,8 @@ def test_a_file_of_a_batch_regenerates_alone_from_its_row_seed(mg, run_dir, tmp_
     alone with --seed=its row_seed (0.8 s: two sliding windows, so the later window's stream is covered too).
     The codes are identical; decoding a batch of 3 or of 1 rounds differently, by one 16-bit step at most."""
     n = int(round(0.8 * mg.codec.frame_rate))
-    three = generate.sample_codes(mg, ["slow calm strings", "fast loud drums", "soft piano"], n, seeds=[40, 41, 42],
-                                  **mg.defaults)
-    assert torch.equal(three[1:2], generate.sample_codes(mg, ["fast loud drums"], n, seeds=[41], **mg.defaults))
+    three = codes_for(mg, ["slow calm strings", "fast loud drums", "soft piano"], 0.8, seed=40)
+    assert torch.equal(three[1:2], codes_for(mg, ["fast loud drums"], 0.8, seed=41))
     assert not torch.equal(three[0], three[1])
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("slow calm strings\nfast loud drums\nsoft piano\n")
@@ -124,6 +105,16 @@ def test_keyed_noise_is_exponential_per_row_and_samples_by_the_probabilities():
     assert not torch.equal(e[:, 0], e[:, 1])                                      # codebooks draw apart
     assert not torch.equal(lm_lib.keyed_noise(seeds, 6, index), e)                # each step draws afresh
     assert not torch.equal(lm_lib.keyed_noise(lm_lib.mix_seeds(seeds, 1), 5, index), e)
+    # seeds up to 2**63 - 1: the high half counts (seed + 2**32 is another seed), and below 2**32 nothing changed
+    high = seeds[:5] + 2 ** 32
+    assert not torch.equal(lm_lib.keyed_noise(high, 5, index[:5]), e[:5])
+    assert not torch.equal(lm_lib.mix_seeds(high, 1), lm_lib.mix_seeds(seeds[:5], 1))
+    assert torch.equal(lm_lib._fold(seeds), seeds)
+    assert torch.isfinite(lm_lib.keyed_noise(torch.tensor([lm_lib.MAX_SEED]), 5, index[:1])).all()
+    for bad in ([-1], [2 ** 63], [1.5], [True]):
+        with pytest.raises(UserError, match="must be an integer between 0 and 9223372036854775807"):
+            lm_lib.check_seeds(bad, 1)
+    assert lm_lib.check_seeds([np.int64(3), lm_lib.MAX_SEED], 2).tolist() == [3, lm_lib.MAX_SEED]
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(20000, 2, 4)
     for kw, expected in [({}, probs), ({"top_k": 3}, probs[:3] / 0.95), ({"top_p": 0.7}, probs[:2] / 0.8)]:
@@ -141,7 +132,7 @@ def test_different_prompts_give_different_codes(mg):
 
 def test_cfg_coef_zero_equals_the_unconditional_model(mg):
     n = 15
-    uncond = mg.lm.generate(None, None, n, cfg_coef=3.0, top_k=50, generator=torch.Generator().manual_seed(3))
+    uncond = mg.lm.generate(None, None, n, cfg_coef=3.0, top_k=50, seeds=[3])
     guided0 = codes_for(mg, ["fast loud drums"], 0.3, seed=3, cfg_coef=0.0)
     guided3 = codes_for(mg, ["fast loud drums"], 0.3, seed=3, cfg_coef=3.0)
     assert torch.equal(guided0, uncond) and not torch.equal(guided3, uncond)
@@ -173,7 +164,7 @@ def test_long_pieces_slide_a_window_with_extend_stride(mg, monkeypatch):
     assert torch.equal(calls[1][1], codes[..., 15:25]) and torch.equal(codes[..., 15:], calls[1][2])
 
 
-def test_export_loads_back_with_identical_logits(run_dir, mg, tmp_path):
+def test_export_loads_back_with_identical_logits(run_dir, mg, tmp_path, capsys):
     out = tmp_path / "export"
     generate.main(["export", str(run_dir), str(out)])
     pkg = torch.load(out / "state_dict.bin", weights_only=True)
@@ -181,11 +172,14 @@ def test_export_loads_back_with_identical_logits(run_dir, mg, tmp_path):
     xp = yaml.safe_load(pkg["xp.cfg"])
     # AudioCraft's MusicGen needs a context over its default extend_stride of 18 s; ours stays 0.5 s
     assert xp["dataset"]["segment_duration"] == 30.0 and xp["conditioners"]["description"]["model"] == "lut"
-    run_cfg = train.parse_args(TINY)  # the conditioner the run was trained with
-    cond = text.build_conditioner("lut", 32, lut_tokenizer=run_cfg.lut_tokenizer, lut_dim=32,
-                                  lut_layers=run_cfg.lut_layers).eval()
-    lm, cfg = lm_lib.load_audiocraft_lm(out, cond)
-    assert cfg == mg.lm_cfg
+    # config/debug.py trains with mask_memory=True and a lookup-table conditioner: AudioCraft differs on both, and
+    # the export says so in one line each and records it
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert [n.split(":")[1].strip() for n in notes] == ["mask_memory=True", "conditioner=lut"]
+    assert "padded rows of a batch of prompts of different lengths" in notes[0]
+    assert xp["nanomusicgen"]["audiocraft_differences"] == [n[len("note: "):] for n in notes]
+    lm, cfg = formats.load_audiocraft_lm(out)   # the conditioner the run was trained with, from the export's settings
+    assert cfg == mg.lm_cfg and type(lm.conditioner) is type(mg.lm.conditioner)
     sequence = torch.randint(0, 257, (2, 4, 12), generator=torch.Generator().manual_seed(0))
     texts = ["slow calm strings", None]
     with torch.no_grad():
@@ -201,8 +195,8 @@ def test_export_loads_back_with_identical_logits(run_dir, mg, tmp_path):
 def t5_export(root):
     """An AudioCraft-style export of a T5-conditioned model (no T5 weights needed to write it)."""
     cfg = lm_lib.LMConfig(dim=32, n_layers=1, n_heads=2, n_q=4, card=256, text_dim=16)
-    lm_lib.export_audiocraft_lm(lm_lib.MusicGenLM(cfg), cfg, root)
-    codec_lib.export_audiocraft_codec(codec_lib.load_codec("debug"), root / "compression_state_dict.bin")
+    formats.export_audiocraft_lm(lm_lib.MusicGenLM(cfg), cfg, root)
+    formats.export_audiocraft_codec(formats.load_codec("debug"), root / "compression_state_dict.bin")
     return root
 
 
@@ -247,7 +241,7 @@ def test_export_directory_takes_t5_from_reference_or_t5_option(tmp_path, monkeyp
     (["--audio_prompt=intro.wav", "--prompt_duration=0.5"], r"audio prompt \(0.5 s\) must be shorter"),
     (["--top_p=2"], r"--top_p=2.0: must be between 0 and 1"),
     (["--prompts=missing.txt"], r"--prompts=.*missing.txt: cannot read"),
-    (["--temprature=1"], r'unknown option --temprature \(did you mean "--temperature"\?\)'),
+    (["--temprature=1"], r'command line: unknown key "temprature" \(did you mean "temperature"\?\)'),
     (["--out=x.mp3"], r"--out=.*x.mp3: write a .wav or .flac file"),
     (["--codec=/nonexistent/codec"], r"codec /nonexistent/codec: .* does not exist \(pass --codec=PATH"),
     (["T5", "--t5=/nonexistent/t5"], r"T5 path /nonexistent/t5 is not a directory .*--t5=PATH"),
@@ -287,14 +281,153 @@ def test_loudness_matches_bs1770_and_normalising_never_clips():
     t = np.arange(2 * rate) / rate
     tone = torch.tensor(np.sin(2 * np.pi * 997 * t), dtype=torch.float32)[None]
     # BS.1770: a full-scale 997 Hz sine in one channel reads -3.01 LUFS
-    assert generate.loudness(tone.numpy(), rate) == pytest.approx(-3.01, abs=0.05)
-    quiet, gain = generate.normalize(0.01 * tone, rate, "loudness", 14.0)
-    assert generate.loudness(quiet.numpy(), rate) == pytest.approx(-14.0, abs=0.05) and gain > 0
+    assert data.loudness(tone.numpy(), rate) == pytest.approx(-3.01, abs=0.05)
+    quiet, gain = data.normalize(0.01 * tone, rate, "loudness", 14.0)
+    assert data.loudness(quiet.numpy(), rate) == pytest.approx(-14.0, abs=0.05) and gain > 0
     clicks = torch.zeros(1, 2 * rate)
     clicks[0, ::8000] = 0.5                      # quiet on average, loud peaks: the ceiling wins over loudness
-    limited, _ = generate.normalize(clicks, rate, "loudness", 14.0)
+    limited, _ = data.normalize(clicks, rate, "loudness", 14.0)
     assert float(limited.abs().max()) == pytest.approx(10 ** (-1 / 20), rel=1e-5)
-    peaked, _ = generate.normalize(0.3 * tone, rate, "peak", 3.0)
+    peaked, _ = data.normalize(0.3 * tone, rate, "peak", 3.0)
     assert float(peaked.abs().max()) == pytest.approx(10 ** (-3 / 20), rel=1e-5)
-    silent, gain = generate.normalize(torch.zeros(1, rate), rate)
+    silent, gain = data.normalize(torch.zeros(1, rate), rate)
     assert gain == 0.0 and not silent.any()
+
+
+# ---- the sampler: progress, the train stage's call, the compiled step
+
+def test_on_step_counts_every_decode_step_of_every_window(mg):
+    """A delay pattern over K codebooks takes (frames - prompt frames) + K - 1 steps per window; on_step hears each
+    one, in order, with the total of all windows."""
+    calls = []
+    n, stride = 40, 15                                                   # 40 frames, 25 per window: 2 windows
+    prompt = codes_for(mg, ["soft piano"], 0.2)                          # [1, 4, 10]
+    codes = lm_lib.sample(mg.lm, ["soft piano"], n, window=mg.window, stride=stride, prompt=prompt, seeds=[5],
+                          on_step=lambda done, total: calls.append((done, total)), **mg.defaults)
+    total = (25 - 10 + 3) + (25 - (25 - stride) + 3)                     # window 1 after the prompt, window 2
+    assert codes.shape == (1, 4, n) and torch.equal(codes[..., :10], prompt)
+    assert calls == [(i + 1, total) for i in range(total)]
+
+
+def test_a_training_sample_and_generate_py_give_the_same_codes_and_audio(run_dir, mg, tmp_path, monkeypatch):
+    """train.py's generate stage samples the generate split's descriptions with row seeds seed + epoch + i under
+    the run's settings and context, and normalises like generate.py: `generate.py --prompt=P --seed=ROW_SEED` on the
+    same weights makes the same codes and the same file. 0.8 s: two windows."""
+    cfg = train.parse_args(TINY)
+    epoch, rate = 3, mg.codec.frame_rate
+    descriptions = ["slow calm strings", "fast loud drums", "soft piano"]
+    n_frames = max(1, int(round(0.8 * rate)))
+    window = max(1, int(round(cfg.segment_duration * rate)))              # the stage's context, from its config
+    with torch.autocast("cpu", dtype=getattr(torch, cfg.dtype), enabled=cfg.dtype != "float32"):
+        stage = lm_lib.sample(mg.lm, descriptions, n_frames, window=window,
+                              seeds=[cfg.seed + epoch + i for i in range(len(descriptions))],
+                              **{k: getattr(cfg, k) for k in ("cfg_coef", "top_k", "top_p", "temperature")})
+    made, sample = [], lm_lib.sample
+    monkeypatch.setattr(lm_lib, "sample", lambda *a, **kw: made.append(sample(*a, **kw)) or made[-1])
+    out = tmp_path / "one.wav"
+    generate.main([f"--run={run_dir}", f"--prompt={descriptions[1]}", f"--seed={cfg.seed + epoch + 1}",
+                   "--duration=0.8", f"--out={out}"])
+    assert torch.equal(made[0], stage[1:2])
+    # the stage decodes its codes and normalises them with data.normalize, as generate.py does
+    audio, _ = data.normalize(mg.codec.decode(stage[1:2]).float()[0], mg.codec.sample_rate)
+    assert out.read_bytes() == data.audio_bytes(audio, mg.codec.sample_rate)
+
+
+def test_compiled_decode_gives_the_eager_tokens():
+    """compile_decode (fullgraph: a graph break would raise) against the eager step: the same greedy tokens and the
+    same keyed-noise samples, through two windows with a prompt, CFG and progress callbacks between steps."""
+    torch.manual_seed(0)
+    lm = lm_lib.build_lm(dict(dim=32, n_layers=1, n_heads=2, n_q=4, card=32, conditioner="lut", lut_tokenizer="bytes",
+                              lut_dim=32, lut_layers=0)).eval()
+    prompt = torch.randint(0, 32, (2, 4, 3))
+    kw = dict(cfg_coef=3.0, top_k=8, top_p=0.0, temperature=1.0)
+
+    def both():
+        with torch.no_grad():
+            condition, mask = lm.conditioner(["slow piano", "drums"])
+        greedy = lm.generate(condition, mask, 14, greedy=True, prompt=prompt)
+        steps = []
+        sampled = lm_lib.sample(lm, ["slow piano", "drums"], 20, window=12, stride=7, prompt=prompt,
+                                seeds=[7, 2 ** 40], on_step=lambda done, total: steps.append(done), **kw)
+        return greedy, sampled, steps
+    eager = both()
+    lm_lib.compile_decode(lm)
+    compiled = both()
+    lm_lib.decompile_decode(lm)
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+    assert eager[2] == compiled[2] == list(range(1, len(eager[2]) + 1))
+    assert not torch.equal(eager[1], lm_lib.sample(lm, ["slow piano", "drums"], 20, window=12, stride=7,
+                                                   prompt=prompt, seeds=[8, 2 ** 40], **kw))
+
+
+# ---- long runs: stop signals, resuming, a full disk
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_generate_keeps_its_files_and_the_same_command_makes_the_rest(run_dir, tmp_path, signum):
+    """SIGTERM (SLURM) or Ctrl-C in the middle of a prompts file: generate.py stops between two decode steps, keeps
+    the files it finished (each wav with its .json, no temporary file) and exits 75. The same command again takes
+    up the stopped run's seed and makes only the missing files, the ones an uninterrupted run makes."""
+    fu.context()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"piece number {i}\n" for i in range(5)))
+    out = tmp_path / "out"
+    args = [f"--run={run_dir}", f"--prompts={prompts}", "--duration=0.8", "--batch_size=1", f"--out={out}/"]
+    proc = fu.Training(args, tmp_path / "log.txt", target="generate.py")
+    fu.wait_until(lambda: (out / "000.json").exists(), proc, timeout=120, what="the first file")
+    proc.signal(signum)
+    t0 = time.time()
+    assert proc.wait(60) == env.EXIT_REQUEUE, proc.output()
+    assert time.time() - t0 < 10
+    assert f"stopped by {signal.Signals(signum).name} after writing" in proc.output()
+    names = sorted(p.name for p in out.iterdir())
+    assert "000.wav" in names and "004.wav" not in names and not [n for n in names if ".tmp" in n], names
+    assert {p.stem for p in out.glob("*.wav")} == {p.stem for p in out.glob("*.json")}
+    seed = json.loads((out / "000.json").read_text())["seed"]
+    kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    generate.main(args)                                          # the same command, no --seed
+    for i in range(5):
+        assert json.loads((out / f"{i:03d}.json").read_text())["row_seed"] == seed + i
+    assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept
+    alone = tmp_path / "alone.wav"
+    generate.main([f"--run={run_dir}", "--prompt=piece number 3", f"--seed={seed + 3}", "--duration=0.8",
+                   f"--out={alone}"])
+    assert alone.read_bytes() == (out / "003.wav").read_bytes()
+
+
+def test_a_complete_set_is_skipped_with_its_seed_and_made_afresh_without(run_dir, tmp_path, capsys):
+    out = tmp_path / "one.wav"
+    args = [f"--run={run_dir}", "--prompt=soft piano", "--duration=0.2", f"--out={out}"]
+    generate.main(args + ["--seed=11"])
+    made = out.stat().st_mtime_ns
+    generate.main(args + ["--seed=11"])
+    assert out.stat().st_mtime_ns == made and "nothing to do" in capsys.readouterr().out
+    generate.main(args + ["--seed=11", "--top_k=3"])            # another setting: made again
+    assert json.loads(out.with_suffix(".json").read_text())["top_k"] == 3
+    generate.main(args)                                          # no --seed: a new random draw, as always
+    assert json.loads(out.with_suffix(".json").read_text())["seed"] != 11
+
+
+def test_a_full_disk_leaves_no_half_written_sample_and_a_rerun_recovers(run_dir, tmp_path):
+    fu.context()
+    out = tmp_path / "out"
+    args = [f"--run={run_dir}", "--prompt=soft piano", "--duration=0.3", "--seed=3", f"--out={out}/"]
+    proc = fu.Training(args, tmp_path / "log.txt", target="generate.py", fault="fsize=8000")  # the wav is ~19 kB
+    assert proc.wait(120) == 2, proc.output()
+    (line,) = [x for x in proc.output().splitlines() if x.startswith("error: ")]
+    assert f"could not write {out / '000.wav'}: File too large" in line and "--seed=3" in line
+    assert not list(out.iterdir())
+    generate.main(args)                                          # space again: the same command works
+    assert sorted(p.name for p in out.iterdir()) == ["000.json", "000.wav"]
+
+
+def test_a_json_that_cannot_be_written_takes_its_wav_with_it(run_dir, tmp_path, monkeypatch):
+    real = env.write_atomic
+
+    def full_for_json(path, write, advice=""):
+        if Path(path).suffix == ".json":
+            raise UserError(f"could not write {path}: No space left on device{advice}")
+        return real(path, write, advice)
+    monkeypatch.setattr(env, "write_atomic", full_for_json)
+    with pytest.raises(UserError, match="000.json: No space left on device"):
+        generate.main([f"--run={run_dir}", "--prompt=soft piano", "--duration=0.2", f"--out={tmp_path}/"])
+    assert not list(tmp_path.glob("000.*"))

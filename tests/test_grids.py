@@ -92,7 +92,7 @@ def explore(launcher):
     for run, overrides in zip(runs, values):   # the values as a config file sets them, not their spelling
         cfg = train.parse_args([str(tiny_config)])
         for key, value in overrides.items():
-            setattr(cfg, key, train.coerce(key, value, "test"))
+            setattr(cfg, key, env.coerce_key(train.TYPES, key, value, "test"))
         assert run.sig == train.config_signature(cfg) and run.dir == train.run_dir(cfg)
     # and what a fresh `python train.py` makes of the run's command line
     out = subprocess.run([sys.executable, "train.py", *runs[0].argv, "--print_config=True"], cwd=ROOT,

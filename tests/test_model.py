@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 import model as lm
 from env import UserError
-from _model_util import generate_by_recompute, random_condition, tiny_config, transformers_cache, transformers_reference
+from _model_util import generate_by_recompute, make_model, random_codes, random_condition, tiny_config
+from bench import transformers_cache, transformers_reference
 
 
 @pytest.fixture(autouse=True)
@@ -26,15 +26,6 @@ def _one_thread():
 
 PATTERN_CASES = [("delay", ()), ("delay", (0, 0, 1, 1)), ("delay", (0, 2, 2, 5)), ("parallel", ()), ("unroll", ()),
                  ("unroll", (0, 1, 1, 3)), ("coarse_first", ()), ("coarse_first", (0, 1, 2)), ("musiclm", ())]
-
-
-def make_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return lm.MusicGenLM(tiny_config(**overrides)).eval()
-
-
-def random_codes(B, K, T, card, seed=1):
-    return torch.randint(0, card, (B, K, T), generator=torch.Generator().manual_seed(seed))
 
 
 # ---- codebook patterns
@@ -340,134 +331,39 @@ def test_cfg_dropout():
     assert outcomes == {(True,) * 8, (False,) * 8}
 
 
-# ---- checkpoints
+# ---- settings -> model
 
-@pytest.mark.parametrize("overrides", [{}, {"fuse": "prepend", "mask_memory": True, "delays": (0, 0, 1, 1),
-                                            "cfg_dropout": 0.2, "cfg_dropout_per_batch": True}])
-def test_export_load_round_trip(tmp_path, overrides):
-    model = make_model(**overrides)
-    cfg = model.cfg
-    out = lm.export_audiocraft_lm(torch.compile(model), cfg, tmp_path / "run",
-                                  extra={"dataset.segment_duration": 10.0,
-                                         "conditioners": {"description": {"t5": {"name": "t5-large"}}}})
-    assert out == tmp_path / "run" / "state_dict.bin" and not list((tmp_path / "run").glob("*.tmp*"))
-    pkg = torch.load(out, weights_only=True)
-    assert list(pkg["best_state"]) == list(model.state_dict())          # no _orig_mod. prefix
-    xp = yaml.safe_load(pkg["xp.cfg"])
-    assert xp["lm_model"] == "transformer_lm" and xp["transformer_lm"]["dim"] == cfg.dim
-    assert xp["transformer_lm"]["num_layers"] == cfg.n_layers and xp["transformer_lm"]["bias_ff"] is False
-    assert xp["fuser"][cfg.fuse] == ["description"] and xp["dataset"]["segment_duration"] == 10.0
-    assert xp["conditioners"]["description"] == {"model": "t5", "t5": {"name": "t5-large", "finetune": False,
-                                                                        "word_dropout": 0.3, "normalize_text": False}}
-    assert xp["codebooks_pattern"]["delay"]["delays"] == list(lm.pattern_delays("delay", 4, cfg.delays))
-    cond, mask = random_condition()
-    codes = random_codes(2, 4, 9, 48)
-    want = model.compute_predictions(codes, cond, mask)[0]
-    for source in (tmp_path / "run", out):
-        loaded, loaded_cfg = lm.load_audiocraft_lm(source)
-        assert loaded_cfg == cfg and not loaded.training
-        got = loaded.compute_predictions(codes, cond, mask)[0]
-        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+def test_build_lm_defaults_are_train_configs():
+    """build_lm fills a missing key from LMConfig and text.SETTINGS: they must be train.Config's defaults."""
+    import dataclasses
+    import formats
+    import text
+    import train
+    config = dataclasses.asdict(train.Config())
+    defaults = {**dataclasses.asdict(lm.LMConfig()), **text.SETTINGS}
+    assert set(defaults) - set(config) == {"max_period"}                    # no Config key: AudioCraft's 10000
+    assert {k: config[k] for k in defaults if k in config} == {k: v for k, v in defaults.items() if k in config}
+    assert {k: config[k] for k in formats.SAMPLING_DEFAULTS} == formats.SAMPLING_DEFAULTS
 
 
-AUDIOCRAFT_XP = """
-device: cuda
-dtype: float16
-sample_rate: 32000
-channels: 1
-lm_model: transformer_lm
-solver: musicgen
-compression_model_checkpoint: //pretrained/facebook/encodec_32khz
-dataset: {batch_size: 192, segment_duration: 30}
-codebooks_pattern:
-  modeling: delay
-  delay: {delays: [0, 1, 2, 3], flatten_first: 0, empty_initial: 0}
-  unroll: {flattening: [0, 1, 2, 3], delays: [0, 0, 0, 0]}
-  music_lm: {group_by: 2}
-  coarse_first: {delays: [0, 0, 0]}
-transformer_lm:
-  dim: 64
-  num_heads: 4
-  num_layers: 2
-  hidden_scale: 4
-  n_q: 4
-  card: 48
-  dropout: 0.0
-  emb_lr: null
-  activation: gelu
-  norm_first: true
-  bias_ff: false
-  bias_attn: false
-  bias_proj: false
-  past_context: null
-  causal: true
-  custom: false
-  memory_efficient: true
-  attention_as_float32: false
-  layer_scale: null
-  positional_embedding: sin
-  xpos: false
-  checkpointing: none
-  weight_init: gaussian
-  depthwise_init: current
-  zero_bias_init: true
-  norm: layer_norm
-  cross_attention: false
-  qk_layer_norm: false
-  qk_layer_norm_cross: false
-  attention_dropout: null
-  kv_repeat: 1
-  two_step_cfg: false
-classifier_free_guidance: {training_dropout: 0.3, inference_coef: 3.0}
-attribute_dropout: {}
-fuser: {cross_attention_pos_emb: false, cross_attention_pos_emb_scale: 1, sum: [], prepend: [],
-        cross: [description], input_interpolate: []}
-conditioners:
-  description:
-    model: t5
-    t5: {name: t5-base, finetune: false, word_dropout: 0.3, normalize_text: false}
-optim: {lr: 1, optimizer: dadam}
-"""
-
-
-def test_loads_an_audiocraft_file(tmp_path):
-    # an AudioCraft export: fp16 best_state (as the released files), its full xp.cfg, extra package keys
-    model = make_model(text_dim=768)
-    state = {k: v.half() for k, v in model.state_dict().items()}
-    torch.save({"best_state": state, "xp.cfg": AUDIOCRAFT_XP, "version": "1.4.0a2", "exported": True},
-               tmp_path / "state_dict.bin")
-    loaded, cfg = lm.load_audiocraft_lm(tmp_path)
-    assert cfg == tiny_config(text_dim=768)
-    assert all(p.dtype == torch.float32 for p in loaded.parameters())
-    assert torch.equal(loaded.emb[2].weight, state["emb.2.weight"].float())
-
-
-def test_wrong_checkpoint_is_a_clear_error(tmp_path):
-    model = make_model()
-    path = lm.export_audiocraft_lm(model, model.cfg, tmp_path / "a")
-    pkg = torch.load(path, weights_only=True)
-    state = pkg["best_state"]
-    del state["transformer.layers.1.linear2.weight"]
-    state["transformer.layers.2.linear1.weight"] = torch.zeros(3)
-    state["linears.0.weight"] = torch.zeros(47, 64)
-    torch.save(pkg, path)
-    with pytest.raises(UserError) as err:
-        lm.load_audiocraft_lm(path)
-    msg = str(err.value)
-    assert "\n" not in msg and str(path) in msg
-    assert "1 missing (transformer.layers.1.linear2.weight)" in msg
-    assert "1 unexpected (transformer.layers.2.linear1.weight)" in msg
-    assert "linears.0.weight (47, 64) vs model (48, 64)" in msg
-    pkg = torch.load(lm.export_audiocraft_lm(model, model.cfg, tmp_path / "b"), weights_only=True)
-    pkg["xp.cfg"] = pkg["xp.cfg"].replace("bias_ff: false", "bias_ff: true")
-    torch.save(pkg, tmp_path / "b" / "state_dict.bin")
-    with pytest.raises(UserError, match="bias_ff=True is not supported"):
-        lm.load_audiocraft_lm(tmp_path / "b")
-    with pytest.raises(UserError, match="no such file"):
-        lm.load_audiocraft_lm(tmp_path / "missing")
-    torch.save({"model": {}}, tmp_path / "other.bin")
-    with pytest.raises(UserError, match="needs 'best_state' and 'xp.cfg'"):
-        lm.load_audiocraft_lm(tmp_path / "other.bin")
+def test_build_lm_builds_the_conditioner_the_settings_name(tmp_path):
+    import text
+    small = {"dim": 64, "n_layers": 1, "n_heads": 4, "card": 48, "text_dim": 16, "delays": [0, 1, 2, 3]}
+    torch.manual_seed(0)
+    lut = lm.build_lm({**small, "conditioner": "lut", "lut_tokenizer": "words:32", "lut_dim": 16, "epochs": 3})
+    assert isinstance(lut.conditioner, text.LUTConditioner) and lut.cfg == tiny_config(n_layers=1, delays=(0, 1, 2, 3))
+    assert lut.conditioner.tokenizer.vocab_size == 34 and lut.conditioner.word_dropout == 0.3   # Config's default
+    torch.manual_seed(0)   # the same seed, the same weights as assembling it by hand
+    by_hand = lm.MusicGenLM(lut.cfg, text.build_conditioner({"conditioner": "lut", "lut_tokenizer": "words:32",
+                                                             "lut_dim": 16}, 64))
+    assert all(torch.equal(v, by_hand.state_dict()[k]) for k, v in lut.state_dict().items())
+    projected = lm.build_lm(small, with_t5=False, meta=True)               # conditioner t5, T5 left out
+    assert isinstance(projected.conditioner, lm.ProjectedCondition)
+    assert all(p.is_meta for p in projected.parameters())
+    with pytest.raises(UserError, match="T5 path .*nope is not a directory"):
+        lm.build_lm({**small, "t5_path": str(tmp_path / "nope")})
+    with pytest.raises(UserError, match="pattern"):
+        lm.build_lm({**small, "pattern": "zigzag"}, with_t5=False)
 
 
 # ---- bad input

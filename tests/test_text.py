@@ -280,12 +280,12 @@ def test_bad_t5_directories_and_descriptions_are_user_errors(t5_dirs, tmp_path):
     with pytest.raises(UserError, match="list of strings"):
         cond("calm piano")
     with pytest.raises(UserError, match="'t5' or 'lut'"):
-        text.build_conditioner("clap", 16)
+        text.build_conditioner({"conditioner": "clap"}, 16)
 
 
 def test_too_long_description_is_truncated_and_counted(t5_dirs, capsys):
-    cond = text.build_conditioner("t5", 16, t5_path=str(t5_dirs["relu"][0]), t5_dtype="float32", word_dropout=0.3,
-                                  text_max_length=8, lut_tokenizer="bytes", lut_dim=64, lut_layers=0).eval()
+    cond = text.build_conditioner({"conditioner": "t5", "t5_path": str(t5_dirs["relu"][0]), "t5_dtype": "float32",
+                                   "word_dropout": 0.3, "text_max_length": 8}, 16).eval()
     long = " ".join(sentences(1, 3, max_words=300))
     out, mask = cond([long, "calm"])
     assert out.shape[1] == 8 and mask[0].all() and mask[1].sum() < 8
@@ -311,7 +311,8 @@ def test_lut_conditioner_masks_padding_and_empty_descriptions(spec, layers, t5_d
         write_bpe(tmp_path / "tiny.tiktoken")
         spec = f"tiktoken:{tmp_path / 'tiny.tiktoken'}"
     torch.manual_seed(0)
-    lut = text.build_conditioner("lut", 32, lut_tokenizer=spec, lut_dim=64, lut_layers=layers).eval()
+    lut = text.build_conditioner({"conditioner": "lut", "lut_tokenizer": spec, "lut_dim": 64, "lut_layers": layers,
+                                  "word_dropout": 0.0}, 32).eval()
     assert "output_proj.bias" in lut.state_dict() and lut.output_proj.in_features == 64
     out, mask = lut(["rock piano", "", "a much longer description of calm piano music", None])
     assert out.shape[:2] == mask.shape and out.shape[2] == 32 and torch.isfinite(out).all()
@@ -354,13 +355,14 @@ def write_manifest(root, with_text=True):
 
 
 def test_tokenizer_cli_trains_on_a_manifest_and_feeds_the_lut(tmp_path, capsys):
+    import data
     manifest = write_manifest(tmp_path)
     out = tmp_path / "lut.model"
-    assert text.main(["tokenizer", str(manifest), str(out), "--vocab_size=200"]) == 0
+    assert data.main(["tokenizer", str(manifest), str(out), "--vocab_size=200"]) == 0
     assert "read 60/60 manifest entries, 60 with text" in capsys.readouterr().out
     sp = spm.SentencePieceProcessor(model_file=str(out))
     assert (sp.pad_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2)
-    corpus = text.manifest_texts(manifest)  # descriptions, and metadata the way augmentation merges it
+    corpus = data.manifest_texts(manifest)  # descriptions, and metadata the way augmentation merges it
     assert "bpm: 120. genre: rock. moods: calm, happy. instrument: piano" in corpus and sentences(1, 11)[0] in corpus
     lut = text.LUTConditioner(str(out), 16, dim=32)
     assert lut.tokenizer.vocab_size == sp.get_piece_size()
@@ -368,15 +370,30 @@ def test_tokenizer_cli_trains_on_a_manifest_and_feeds_the_lut(tmp_path, capsys):
 
 
 def test_tokenizer_cli_fails_clearly_on_a_manifest_without_text(tmp_path):
+    import data
     manifest = write_manifest(tmp_path, with_text=False)
     out = tmp_path / "lut.model"
-    r = subprocess.run([sys.executable, str(ROOT / "text.py"), "tokenizer", str(manifest), str(out),
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "tokenizer", str(manifest), str(out),
                         "--vocab_size=80"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 2 and not out.exists()
     assert r.stderr.startswith("error: manifest") and "none of its 60 entries has text" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    with pytest.raises(UserError, match="--vocab_size='x'"):
-        text.main(["tokenizer", str(manifest), str(out), "--vocab_size=x"])
+    with pytest.raises(UserError, match="vocab_size='x' is not an int"):
+        data.main(["tokenizer", str(manifest), str(out), "--vocab_size=x"])
+    with pytest.raises(UserError, match="vocab_size=4: too small"):
+        data.main(["tokenizer", str(write_manifest(tmp_path)), str(out), "--vocab_size=4"])
+    with pytest.raises(UserError, match="moved to data.py: python data.py tokenizer"):
+        text.main(["tokenizer", str(manifest), str(out)])
+
+
+def test_text_command_shows_how_a_spec_splits_descriptions(capsys):
+    assert text.main(["words:64", "Lofi piano, rain", ""]) == 0
+    out = capsys.readouterr().out.splitlines()
+    tok = text.Tokenizer("words:64")
+    assert out == [f"'Lofi piano, rain': 4 ids {tok.encode('lofi piano rain')}", f"'': 1 ids [{tok.eos_id}]",
+                   f"vocabulary 66, pad {tok.pad_id}, eos {tok.eos_id}"]
+    with pytest.raises(UserError, match="missing arguments"):
+        text.main(["bytes"])
 
 
 def test_words_tokenizer_hashes_each_word_to_one_stable_token():

@@ -13,6 +13,7 @@ import torch
 
 import data
 import demo
+import env
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def test_tiny_run_goes_through_every_stage(tmp_path, dataset):
     wavs = sorted(p.name for p in (d / "samples" / "2").glob("*.wav"))
     assert wavs == ["000.wav", "000_uncond.wav", "001.wav", "001_uncond.wav"]
     meta = json.loads((d / "samples" / "2" / "000.json").read_text())
-    assert meta["description"] and meta["cfg_coef"] == 3.0
+    assert meta["prompt"] and meta["cfg_coef"] == 3.0 and meta["row_seed"] == 2036 + 2 + 0
     assert (d / "status").read_text().strip() == "done"
     assert (d / "checkpoint_1.pt").is_file() and (d / "checkpoint.pt").is_file()
     config = json.loads((d / "config.json").read_text())
@@ -154,11 +155,16 @@ def test_two_processes_ddp_match_one_process(tmp_path, dataset):
 
 
 def test_fsdp_two_processes_train_checkpoint_and_resume(tmp_path, dataset):
-    args = TINY + ["--parallel=fsdp", "--epochs=1"]
+    """With the generate and evaluate stages on: sampling gathers each layer once (a sharded layer cannot be sliced
+    for its cross-attention keys)."""
+    args = TINY + ["--parallel=fsdp", "--epochs=1", "--generate_every=1", "--evaluate_every=1"]
     procs, outs = run_two(args + ["--updates_per_epoch=2"], tmp_path, dataset)
     assert [p.returncode for p in procs] == [0, 0], outs
     ckpt = final_weights(tmp_path)
     assert ckpt["step"] == 2 and all(not hasattr(v, "device_mesh") for v in ckpt["model"].values())
+    assert [row["stage"] for row in ckpt["history"]] == ["train", "valid", "generate", "evaluate"]
+    assert all("error" not in row for row in ckpt["history"]), ckpt["history"]
+    assert len(list((only_run_dir(tmp_path) / "samples" / "1").glob("*.wav"))) == 4
     one_proc = run(args + ["--updates_per_epoch=2", "--parallel=ddp"], tmp_path, dataset)  # same signature: resumes
     assert one_proc.returncode == 0 and "already finished" in one_proc.stdout, one_proc.stdout + one_proc.stderr
     shapes = {k: v.shape for k, v in torch.load(only_run_dir(tmp_path) / "checkpoint.pt", weights_only=True)["model"].items()}
@@ -166,15 +172,12 @@ def test_fsdp_two_processes_train_checkpoint_and_resume(tmp_path, dataset):
 
 
 def test_continue_from_an_exported_audiocraft_file(tmp_path, dataset):
+    import formats
     import model as lm_lib
-    import text
     cfg = train.parse_args(TINY)
-    lm_cfg = lm_lib.LMConfig(**{f: getattr(cfg, f) for f in lm_lib.LMConfig.__dataclass_fields__ if hasattr(cfg, f)})
     torch.manual_seed(7)
-    cond = text.build_conditioner("lut", cfg.dim, lut_tokenizer=cfg.lut_tokenizer, lut_dim=cfg.lut_dim,
-                                  lut_layers=cfg.lut_layers)
-    source = lm_lib.MusicGenLM(lm_cfg, cond)
-    lm_lib.export_audiocraft_lm(source, lm_cfg, tmp_path / "state_dict.bin")
+    source = lm_lib.build_lm(train.config_dict(cfg))
+    formats.export_audiocraft_lm(source, source.cfg, tmp_path / "state_dict.bin")
     r = run(TINY + ["--epochs=1", "--lr=0", f"--continue_from={tmp_path / 'state_dict.bin'}"], tmp_path / "runs", dataset)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "continuing from the weights in" in r.stdout
@@ -215,10 +218,18 @@ def test_ema_is_unbiased():
     assert torch.allclose(ema.state["weight"], torch.full((1, 2), 1.0))
 
 
-def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_shift():
-    x = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
-    assert abs(train.frechet_distance(x, x)) < 1e-6
-    assert abs(train.frechet_distance(x, x + 2.0) - 16.0) < 1e-3
+def test_a_deferred_ema_equals_the_direct_one():
+    """EMA on the host (ema_device=cpu) folds each copy in at the next update or read: the same averages."""
+    m = torch.nn.Linear(3, 2)
+    direct, deferred = train.EMA(m, 0.7), train.EMA(m, 0.7, deferred=True)
+    for i in range(4):
+        with torch.no_grad():
+            m.weight.mul_(0.5).add_(i)
+        direct.update(m)
+        deferred.update(m)
+        if i == 1:
+            assert deferred.pending and torch.equal(deferred.flush()["weight"], direct.state["weight"])
+    assert torch.equal(deferred.flush()["weight"], direct.state["weight"]) and deferred.count == direct.count
 
 
 def test_first_slurm_host():
@@ -238,3 +249,159 @@ def test_debug_recipe_learns_to_follow_text(tmp_path):
     valid = [row for row in rows if row["stage"] == "valid"]
     assert valid[-1]["ce"] < valid[0]["ce"] - 0.1, valid
     assert valid[-1]["ce"] < valid[-1]["ce_uncond"], valid
+
+
+# ---- trust at scale: schedules, positions, one writer, interrupts, stage failures, devices
+
+def history(runs):
+    return [json.loads(line) for line in (only_run_dir(runs) / "history.jsonl").read_text().splitlines()]
+
+
+def test_ema_is_scheduled_on_the_updates_of_the_run_not_of_the_epoch(tmp_path, dataset):
+    """ema_every larger than an epoch: the EMA still updates (AudioCraft's per-epoch count never would), so valid
+    and export do not see random weights."""
+    r = run(TINY + ["--updates_per_epoch=2", "--ema_every=3", "--epochs=2"], tmp_path, dataset)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ckpt = final_weights(tmp_path)
+    assert ckpt["ema"]["count"] == 1.0   # one update, at update 3 of 4
+
+
+def test_resume_with_another_grad_accum_continues_at_the_same_sample(tmp_path, dataset):
+    """grad_accum is an infrastructure key: a run stopped with 1 micro-step per update and resumed with 2 consumes the
+    same items in the same updates (the data position is counted in samples), so it ends where the straight run ends."""
+    args = TINY + ["--epochs=1", "--updates_per_epoch=6"]
+    straight = run(args, tmp_path / "a", dataset)
+    assert straight.returncode == 0, straight.stdout + straight.stderr
+    proc = run(args, tmp_path / "b", dataset, wait=False)
+    wait_for_log(tmp_path / "b", "epoch 1 step 2/6", proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == train.EXIT_REQUEUE
+    stopped = torch.load(only_run_dir(tmp_path / "b") / "checkpoint.pt", weights_only=True)
+    assert stopped["samples"] == 4 * stopped["step"] and 2 <= stopped["step"] < 6
+    resumed = run(args + ["--grad_accum=2"], tmp_path / "b", dataset)
+    assert resumed.returncode == 0 and "batch 4 = 1 x 2 x 2" in resumed.stdout, resumed.stdout + resumed.stderr
+    a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
+    assert b["samples"] == a["samples"] == 24
+    for k in a["model"]:   # the same items; only the summation order of the two halves differs
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_second_launch_and_clear_are_refused_while_a_run_is_live(tmp_path, dataset):
+    args = TINY + ["--epochs=1", "--updates_per_epoch=100000", "--log_every=50"]
+    first = run(args, tmp_path, dataset, wait=False)
+    try:
+        wait_for_log(tmp_path, "epoch 1 step 50/100000", first)
+        for extra in ([], ["--clear=True"]):
+            second = run(args + extra, tmp_path, dataset)
+            assert second.returncode == 2, second.stdout + second.stderr
+            assert f"is in use by process {first.pid} on {socket.gethostname()}" in second.stderr, second.stderr
+        assert first.poll() is None, "the first run is untouched"
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == train.EXIT_REQUEUE
+    d = only_run_dir(tmp_path)
+    assert (d / "log.txt").read_text().count("nanomusicgen run ") == 1   # one writer: no doubled log lines
+    assert torch.load(d / "checkpoint.pt", weights_only=True)["step"] >= 2   # nothing of the first was deleted
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path, dataset):
+    proc = run(TINY, tmp_path, dataset, wait=False)
+    wait_for_log(tmp_path, "epoch 1 step 2/4", proc)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == train.EXIT_REQUEUE, out
+    assert "stopped by signal SIGINT" in out and "run the same command again to resume" in out
+    assert "Traceback" not in out
+    d = only_run_dir(tmp_path)
+    assert (d / "status").read_text().strip() == "preempted"
+    resumed = run(TINY, tmp_path, dataset)
+    assert resumed.returncode == 0 and "resumed from checkpoint.pt" in resumed.stdout, resumed.stdout + resumed.stderr
+
+
+def test_a_stop_during_the_generate_stage_keeps_the_epoch_and_runs_the_stage_on_resume(tmp_path, dataset):
+    args = TINY + ["--epochs=1", "--generate_every=1", "--generate_count=2", "--generate_duration=20"]
+    proc = run(args, tmp_path, dataset, wait=False)
+    wait_for_log(tmp_path, "epoch   1 valid", proc)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == train.EXIT_REQUEUE, out
+    assert "stopped by signal SIGTERM after the updates of epoch 1" in out
+    ckpt = torch.load(only_run_dir(tmp_path) / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["pending"] == ["generate"]   # the epoch is saved; the stage is owed
+    resumed = run(args, tmp_path, dataset)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert [(r["epoch"], r["stage"]) for r in history(tmp_path)] == [(1, "train"), (1, "valid"), (1, "generate")]
+    assert len(list((only_run_dir(tmp_path) / "samples" / "1").glob("*.wav"))) == 4
+
+
+def test_a_failing_generate_stage_is_reported_and_training_goes_on(tmp_path, dataset):
+    """A full disk or a broken sample in the generate stage must not lose the epoch nor stop the run: the error is
+    in the stage's history row and the log, and the next epochs train."""
+    args = TINY + ["--generate_every=1"]
+    d = train.run_dir(train.parse_args(args + [f"--runs_dir={tmp_path}", f"--dataset={dataset / 'demo'}"]))
+    d.mkdir(parents=True)
+    (d / "samples").write_text("a file where the samples folder goes")
+    r = run(args, tmp_path, dataset)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = history(tmp_path)
+    assert [(row["epoch"], row["stage"]) for row in rows] == [(1, "train"), (1, "valid"), (1, "generate"),
+                                                              (2, "train"), (2, "valid"), (2, "generate")]
+    assert all("error" in row and "samples" in row["error"] for row in rows if row["stage"] == "generate")
+    assert "warning: the generate stage of epoch 1 failed; training goes on" in r.stdout
+    assert (d / "status").read_text().strip() == "done"
+
+
+def test_the_device_is_resolved_once_per_local_rank(monkeypatch):
+    from env import UserError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert env.resolve_device("cuda", 3, 8) == torch.device("cuda", 3)
+    assert env.resolve_device("", 5, 8) == torch.device("cuda", 5)
+    assert env.resolve_device("cuda:2", 0, 1) == torch.device("cuda", 2)   # one process: any GPU it names
+    with pytest.raises(UserError, match=r'device="cuda:0" names one GPU, but 8 processes run on this node'):
+        env.resolve_device("cuda:0", 1, 8)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)   # srun with one GPU per task: each sees cuda:0
+    assert env.resolve_device("cuda", 6, 8) == torch.device("cuda", 0)
+    with pytest.raises(UserError, match='device="meta" is not a device to compute on'):
+        env.resolve_device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="CUDA is not available"):
+        env.resolve_device("cuda")
+
+
+def test_peak_flops_matches_whole_device_names():
+    import model
+    peak = lambda name: model.peak_flops(torch.device("cuda"), name)  # noqa: E731
+    assert peak("NVIDIA L4") == 121e12 and peak("NVIDIA L40") == 181e12 and peak("NVIDIA L40S") == 362e12
+    assert peak("NVIDIA H200 NVL") == 835e12 and peak("NVIDIA H200") == 989e12
+    assert peak("NVIDIA H100 PCIe") == 756e12 and peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak("Tesla V100-SXM2-16GB") is None and peak("NVIDIA A10") == 125e12
+
+
+def test_the_evaluate_stage_adds_the_chosen_metrics_to_its_row(tmp_path, dataset):
+    """chroma_cos needs no weights: the evaluate row gets it beside ce and fd, between 0 and 1."""
+    r = run(TINY + ["--epochs=1", "--evaluate_every=1", "--metrics=chroma_cos", "--evaluate_samples=3"], tmp_path,
+            dataset)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (row,) = [row for row in history(tmp_path) if row["stage"] == "evaluate"]
+    assert 0 <= row["chroma_cos"] <= 1 and row["fd"] >= 0 and "error" not in row, row
+    assert f"chroma_cos {row['chroma_cos']:.4g}" in r.stdout
+
+
+def test_a_generate_stage_sample_is_remade_by_generate_py_from_its_json(tmp_path, dataset):
+    """One sampler: the stage's sample i and `generate.py --run=RUN --prompt=P --seed=ROW_SEED` on the same (best)
+    weights are the same music (the codec decodes a batch and a single row differently by at most a 16-bit step)."""
+    import soundfile as sf
+    r = run(TINY + ["--epochs=1", "--generate_every=1", "--generate_duration=1.5"], tmp_path, dataset)   # 2 windows
+    assert r.returncode == 0, r.stdout + r.stderr
+    d = only_run_dir(tmp_path)
+    meta = json.loads((d / "samples" / "1" / "001.json").read_text())
+    out = tmp_path / "again.wav"
+    g = subprocess.run([sys.executable, str(ROOT / "generate.py"), f"--run={d}", f"--prompt={meta['prompt']}",
+                        f"--seed={meta['row_seed']}", f"--duration={meta['generate_duration']}", f"--out={out}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert g.returncode == 0, g.stdout + g.stderr
+    stage, _ = sf.read(d / "samples" / "1" / "001.wav", dtype="int16")
+    again, _ = sf.read(out, dtype="int16")
+    assert stage.shape == again.shape and abs(stage.astype(int) - again.astype(int)).max() <= 1
+    assert (stage != 0).mean() > 0.5   # music, not silence

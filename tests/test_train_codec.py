@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 import codec as codec_lib
 import demo
+import env
+import formats
 import train_codec as tc
 from codec import CodecConfig
 from env import UserError
@@ -265,18 +267,18 @@ def test_weight_norm_trains_and_folds_into_the_inference_codec():
 # Config checks
 
 def test_hop_must_divide_segments_and_segments_must_hold_the_windows():
-    cfg = tc.parse_config(tc.Config, TINY)
+    cfg = env.parse_config(tc.Config, TINY)
     tc.validate(cfg)
     with pytest.raises(UserError, match=r"segment_duration=0.13 s is 1040 samples at 8000 Hz, not a whole number of "
                                         r"the codec's hop 32 .*use a multiple of 0.004 s"):
-        tc.validate(tc.parse_config(tc.Config, TINY + ["--segment_duration=0.13"]))
+        tc.validate(env.parse_config(tc.Config, TINY + ["--segment_duration=0.13"]))
     with pytest.raises(UserError, match="must hold at least 1024 samples \\(the longest STFT window\\)"):
-        tc.validate(tc.parse_config(tc.Config, TINY + ["--segment_duration=0.016"]))
+        tc.validate(env.parse_config(tc.Config, TINY + ["--segment_duration=0.016"]))
     with pytest.raises(UserError, match='unknown key "n_filter" \\(did you mean "n_filters"\\?\\)'):
-        tc.parse_config(tc.Config, ["--n_filter=4"])
+        env.parse_config(tc.Config, ["--n_filter=4"])
     with pytest.raises(UserError, match="ratios=\\[0\\] must be positive integers"):
-        tc.validate(tc.parse_config(tc.Config, TINY + ["--ratios=[0]"]))
-    assert tc.config_signature(tc.Config()) != __import__("env").signature({})   # apart from LM runs' signatures
+        tc.validate(env.parse_config(tc.Config, TINY + ["--ratios=[0]"]))
+    assert tc.config_signature(tc.Config()) != env.signature({})   # apart from LM runs' signatures
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,26 +317,27 @@ def wait_for_log(runs, text, proc, timeout=120):
 
 def test_few_step_run_lowers_the_loss_and_goes_through_every_stage(tmp_path, dataset):
     """AudioCraft's recipe without the GAN (the resume test below trains one): the valid reconstruction improves."""
-    r = run(TINY + ["--epochs=3", "--adv=0", "--feat=0"], tmp_path, dataset)
+    argv = TINY + ["--epochs=4", "--updates_per_epoch=10", "--log_every=5", "--adv=0", "--feat=0"]
+    r = run(argv, tmp_path, dataset)
     assert r.returncode == 0, r.stdout + r.stderr
     d = only_run_dir(tmp_path)
     rows = [json.loads(line) for line in (d / "history.jsonl").read_text().splitlines()]
-    assert [(row["epoch"], row["stage"]) for row in rows] == [(e, s) for e in (1, 2, 3) for s in ("train", "valid")]
+    assert [(row["epoch"], row["stage"]) for row in rows] == [(e, s) for e in (1, 2, 3, 4) for s in ("train", "valid")]
     train = [row for row in rows if row["stage"] == "train"]
     assert all(k in train[0] for k in ("l1", "msspec", "commit")) and "adv" not in train[0]
+    assert train[-1]["msspec"] < 0.8 * train[0]["msspec"], train
     valid = [row for row in rows if row["stage"] == "valid"]
     assert all(math.isfinite(row[k]) for row in valid for k in ("sisnr", "mel", "l1", "msspec"))
-    assert valid[2]["msspec"] < valid[1]["msspec"] < valid[0]["msspec"], valid
-    assert valid[2]["mel"] < 0.95 * valid[0]["mel"], valid
+    assert valid[-1]["mel"] < valid[0]["mel"] and valid[-1]["sisnr"] > valid[0]["sisnr"], valid
     assert sorted(p.name for p in (d / "samples" / "2").iterdir()) == [
         "000.json", "000.wav", "000_reference.wav", "001.json", "001.wav", "001_reference.wav"]
     assert (d / "status").read_text().split() == ["done"]
     log = (d / "log.txt").read_text()
-    assert "epoch 1 step 2/6 | l1" in log and "valid    | l1" in log and "x real time" in log
+    assert "epoch 1 step 5/10 | l1" in log and "valid    | l1" in log and "x real time" in log
     config = json.loads((d / "config.json").read_text())
-    assert config["signature"] == d.name and config["solver"] == "compression"
-    again = run(TINY + ["--epochs=3", "--adv=0", "--feat=0"], tmp_path, dataset)
-    assert again.returncode == 0 and "already finished 3 epochs" in again.stdout
+    assert config["signature"] == d.name and config["n_filters"] == 4
+    again = run(argv, tmp_path, dataset)
+    assert again.returncode == 0 and "already finished 4 epochs" in again.stdout
 
 
 def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, dataset):
@@ -365,11 +368,10 @@ def test_trained_codec_tokenizes_and_exports_to_audiocraft_and_transformers(tmp_
     assert r.returncode == 0, r.stdout + r.stderr
     d = only_run_dir(tmp_path / "runs")
     wav = 0.3 * torch.randn(2, 1, 4000, generator=torch.Generator().manual_seed(0))
-    by_dir = codec_lib.load_codec(d)
+    by_dir = formats.load_codec(d)
     monkeypatch.setenv("AUDIOCRAFT_DORA_DIR", str(tmp_path / "runs"))
-    import env
     env.reset()
-    by_sig = codec_lib.load_codec(d.name)
+    by_sig = formats.load_codec(d.name)
     codes = by_dir.encode(wav)
     assert by_dir.identity() == by_sig.identity() and torch.equal(by_sig.encode(wav), codes)
     assert (by_dir.sample_rate, by_dir.hop, by_dir.n_q, by_dir.card) == (8000, 32, 2, 16)
@@ -379,10 +381,10 @@ def test_trained_codec_tokenizes_and_exports_to_audiocraft_and_transformers(tmp_
     m.load_state_dict(ckpt["ema"]["state"])
     assert torch.equal(m.eval().codec.encode(wav), codes)
     # AudioCraft's compression_state_dict.bin and a Hugging Face directory give the same codes
-    ac = codec_lib.export_audiocraft_codec(by_dir, tmp_path / "compression_state_dict.bin")
-    assert torch.equal(codec_lib.load_codec(ac).encode(wav), codes)
-    hf_dir = codec_lib.export_hf_codec(by_dir, tmp_path / "hf")
-    assert torch.equal(codec_lib.load_codec(hf_dir).encode(wav), codes)
+    ac = formats.export_audiocraft_codec(by_dir, tmp_path / "compression_state_dict.bin")
+    assert torch.equal(formats.load_codec(ac).encode(wav), codes)
+    hf_dir = formats.export_hf_codec(by_dir, tmp_path / "hf")
+    assert torch.equal(formats.load_codec(hf_dir).encode(wav), codes)
     from transformers import EncodecModel
     hf = EncodecModel.from_pretrained(hf_dir).eval()
     with torch.no_grad():
@@ -394,7 +396,7 @@ def test_trained_codec_tokenizes_and_exports_to_audiocraft_and_transformers(tmp_
         lm_run = tmp_path / "lm"
         lm_run.mkdir()
         torch.save({"model": {}}, lm_run / "checkpoint.pt")
-        codec_lib.load_codec(lm_run)
+        formats.load_codec(lm_run)
 
 
 def test_two_processes_match_one_process(tmp_path, dataset):
