@@ -362,8 +362,12 @@ def build_demo_codec(extra=()):
     version this rebuilds the shipped file bit for bit. -> its path."""
     import train_codec
     from formats import export_audiocraft_codec, load_codec
+    threads = torch.get_num_threads()
     torch.set_num_threads(DEMO_CODEC_THREADS)
-    code = train_codec.main([str(DEMO_CODEC_CONFIG), "--device=cpu", *extra])
+    try:
+        code = train_codec.main([str(DEMO_CODEC_CONFIG), "--device=cpu", *extra])
+    finally:
+        torch.set_num_threads(threads)
     if code:
         raise UserError(f"training the demo codec stopped (exit {code}); run the same command again to resume it")
     cfg = env.parse_config(train_codec.Config, [str(DEMO_CODEC_CONFIG), *extra])

@@ -18,7 +18,7 @@ lr = 1e-3
 segment_duration = 0.5
 valid_duration = 2.0
 batch_size = 8
-epochs = 20
+epochs = 30
 updates_per_epoch = 500
 num_workers = 1
 

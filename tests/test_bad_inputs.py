@@ -279,7 +279,7 @@ CASES = [
     Case("config-from-sig", "train.py", "--from_sig of a run that does not exist",
          lambda c: c.train("--from_sig=deadbeef"), ("--from_sig=deadbeef", "<tmp>/runs/xps/deadbeef/config.json")),
     Case("config-codec-shape", "train.py", "n_q that the codec does not have", lambda c: c.train("--n_q=8"),
-         ("codec debug has n_q=4", "n_q=8", "set them to match")),
+         ("codec demo has n_q=4", "n_q=8", "set them to match")),
     Case("config-zero-heads", "train.py", "zero attention heads", lambda c: c.train("--n_heads=0"),
          ("n_heads=0", "must be at least 1")),
     Case("config-zero-hidden", "train.py", "a feed-forward width of zero", lambda c: c.train("--hidden_scale=0"),

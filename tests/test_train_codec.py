@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import formats
 import train_codec as tc
 from codec import CodecConfig
 from env import UserError
+from test_train import _free_port, only_run_dir, wait_for_log
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(2)
@@ -298,23 +298,6 @@ def run(argv, runs, dataset, wait=True, extra_env=None):
     return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
 
 
-def only_run_dir(runs):
-    (d,) = (Path(runs) / "xps").iterdir()
-    return d
-
-
-def wait_for_log(runs, text, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        logs = list(Path(runs).glob("xps/*/log.txt"))
-        if logs and text in logs[0].read_text():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended early: {proc.stdout.read()}")
-        time.sleep(0.02)
-    raise AssertionError(f"{text!r} never appeared under {runs}")
-
-
 def test_few_step_run_lowers_the_loss_and_goes_through_every_stage(tmp_path, dataset):
     """AudioCraft's recipe without the GAN (the resume test below trains one): the valid reconstruction improves."""
     argv = TINY + ["--epochs=4", "--updates_per_epoch=10", "--log_every=5", "--adv=0", "--feat=0"]
@@ -407,10 +390,7 @@ def test_two_processes_match_one_process(tmp_path, dataset):
     argv = TINY + ["--epochs=1", "--updates_per_epoch=1", "--q_dropout=True", "--generate_every=0"]
     one = run(argv, tmp_path / "one", dataset)
     assert one.returncode == 0, one.stdout + one.stderr
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(_free_port())
     procs = [run(argv, tmp_path / "two", dataset, wait=False, extra_env={
         "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
         for r in (0, 1)]
