@@ -1,13 +1,16 @@
 """The built-in fixtures: the synthetic demo music set and the small codecs that go with it.
 
 The demo set is procedural music whose descriptions say what the audio is (timbre, register, tempo, mode, drums),
-so that a tiny model trained on it for a minute learns to follow the text. The debug codec is a seeded, untrained
-EnCodec-shaped codec for tests (`load_codec("debug")`).
+so that a tiny model trained on it for a minute learns to follow the text. The demo codec (`load_codec("demo")`,
+assets/demo_codec.bin) is a small EnCodec trained on that set by config/codec_demo.py and shipped, so that the first
+command's samples are music; `python demo.py codec` makes it again, bit for bit on the same kind of CPU. The debug
+codec (`load_codec("debug")`) is a seeded, untrained EnCodec-shaped codec for tests.
 
     python demo.py set OUT_DIR [--seed=0]          # write the synthetic demo set
     python demo.py codec                           # train the demo codec again: rebuilds assets/demo_codec.bin
     python demo.py measure-codec CODEC             # SI-SNR, mel distance, pitch accuracy on held-out clips
-    python demo.py measure-registers SAMPLES_DIR   # do "high register" samples sound higher than "low" ones?
+    python demo.py prompts > prompts.txt           # 16 prompts asking for a low register, 16 for a high one
+    python generate.py --run=SIG --prompts=prompts.txt --out=reg/ --duration=3 && python demo.py measure-registers reg/
 """
 import argparse
 import json
@@ -437,6 +440,19 @@ def median_pitch(wav, sr, frame=0.1):
     return float(np.median([midi_of(fundamental(f, sr)) for f in loud])) if loud else float("nan")
 
 
+def register_prompts():
+    """32 prompts in the demo set's words: each timbre x tempo (slow, fast) x mode, in a low and a high register."""
+    prompts = []
+    for register in ("low", "high"):
+        for timbre in TIMBRES:
+            for tempo in ("slow", "fast"):
+                for mode in SCALES:
+                    bpm = sum(TEMPOS[tempo]) // 2
+                    prompts.append(TEMPLATES[0].format(tempo=tempo, mode=mode, instrument=TIMBRES[timbre],
+                                                       register=register, bpm=bpm, drums="").capitalize())
+    return prompts
+
+
 def measure_registers(directory):
     """Samples (NNN.wav + NNN.json with their description, as the generate stage and generate.py write them) asked
     for a "low register" or a "high register": their median pitches -> {low, high (MIDI, per sample), gap (mean high
@@ -471,6 +487,7 @@ def main(argv):
                                  "--key=value goes to train_codec.py")
     p = sub.add_parser("measure-codec", help="SI-SNR, mel distance and pitch accuracy on held-out demo clips")
     p.add_argument("codec", help="codec path, run directory or signature, //reference/..., debug")
+    sub.add_parser("prompts", help="print 32 prompts, 16 asking for a low register and 16 for a high one")
     p = sub.add_parser("measure-registers", help="median pitch of samples asked for a low vs a high register")
     p.add_argument("samples", help="a directory of NNN.wav + NNN.json (a run's samples/<epoch>, generate.py --out)")
     args, overrides = parser.parse_known_args(argv)
@@ -480,6 +497,8 @@ def main(argv):
         print(make_demo_set(args.out, args.seed))
     elif args.cmd == "codec":
         print(f"wrote {build_demo_codec(overrides)}")
+    elif args.cmd == "prompts":
+        print("\n".join(register_prompts()))
     elif args.cmd == "measure-codec":
         from formats import load_codec
         m = measure_codec(load_codec(args.codec))
