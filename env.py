@@ -675,7 +675,15 @@ class RunLock:
             return (None, None, None, age)  # half written or foreign: stale once old enough
         return (int(parts[0]), parts[1], int(parts[2]) if parts[2].isdigit() else 0, age)
 
-    def _stale(self, holder):
+    def live_holder(self):
+        """(pid, host, started) of a live process holding this lock, or None; read only (taking the lock to look
+        would refuse a training launch at that instant)."""
+        holder = self.holder()
+        if holder is None or self.stale(holder):
+            return None
+        return holder[:3]
+
+    def stale(self, holder):
         pid, host, _, age = holder
         if pid is not None and host == socket.gethostname():
             return not _pid_alive(pid)
@@ -690,7 +698,7 @@ class RunLock:
                 holder = self.holder()
                 if holder is None:
                     continue  # released between the two calls
-                if not self._stale(holder):
+                if not self.stale(holder):
                     pid, host, started, _ = holder
                     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "?"
                     raise UserError(f"{self.path.parent} is in use by process {pid} on {host} (since {since}; lock "

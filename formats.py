@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import yaml
 
+import adapters
 import codec as codec_lib
 import env
 import model as lm_lib
@@ -1044,12 +1045,67 @@ def load_run(ckpt_path, t5=None, codec=None, with_t5=True):
         state, weights = {**state, **ckpt["best_state"]}, "best_state"
     elif ema:
         state, weights = {**state, **ema}, "ema"
-    lm = _build_and_load(settings, state, str(ckpt_path), with_t5)
+    if ckpt.get("base") is not None:   # an adapter run: its base, then what trained, folded into one plain model
+        lm = _load_adapter_run(settings, ckpt["base"], state, str(ckpt_path), with_t5)
+    else:
+        lm = _build_and_load(settings, state, str(ckpt_path), with_t5)
     codec_path = codec or cfg.get("codec", "//reference/encodec_32khz")
     defaults = {k: cfg.get(k, v) for k, v in SAMPLING_DEFAULTS.items()}
     return MusicGen(lm, lm.cfg, _codec_for(codec_path, lm.cfg), float(cfg.get("segment_duration", 30.0)),
                     defaults, text.conditioning(settings), ckpt_path, weights, str(codec_path),
                     cfg.get("signature", ""))
+
+
+def adapter_base(base, settings):
+    """The base weights an adapter run was trained on, from the file it continued from, checked against the content
+    hash its checkpoint recorded (train.py and load_run). -> state dict."""
+    source, path = read_lm_state(base["source"], settings.get("runs_dir") or None, settings.get("trust_checkpoint"))
+    got = adapters.state_hash(source)
+    if got != base["hash"]:
+        raise UserError(f"{path}: the base weights changed since the adapters were trained on them (content hash "
+                        f"{got}, expected {base['hash']}): restore that file, or start afresh (--clear=True)")
+    return source
+
+
+def _load_adapter_run(settings, base, state, source, with_t5):
+    """An adapter run's model: the base (its file, or the seeded initial weights, each checked against base["hash"]),
+    its adapters and what else trained from `state`, then merged: a plain model that samples at full speed."""
+    _check_t5(settings, with_t5)
+    torch.manual_seed(int(settings.get("seed", 0)))   # a base of seeded initial weights is rebuilt exactly
+    model = lm_lib.build_lm(settings, with_t5=with_t5)
+    if base["source"]:
+        weights = adapter_base(base, settings)
+    else:
+        weights = model.state_dict()
+        if adapters.state_hash(weights) != base["hash"]:
+            raise UserError(f"{source}: the seeded initial weights are not the base its adapters were trained on "
+                            f"(the model code or seed changed)")
+    adapters.apply(model, settings)
+    check_state_dict(model, weights, source)
+    model.load_state_dict({**weights, **state}, strict=False)
+    unknown = sorted(set(state) - set(model.state_dict()))
+    missing = sorted(k for k in model.state_dict() if ".lora_" in k and k not in state)
+    if unknown or missing:
+        raise UserError(f"{source}: its adapters do not fit the model its config builds ({(unknown or missing)[0]}): "
+                        f"lora_* settings changed?")
+    return adapters.merge(model).float().eval()
+
+
+def export_adapters(path, out):
+    """An adapter run's adapters alone (and what else trained), with its lora settings and the base they need ->
+    out/adapters.pt (megabytes, not the base's gigabytes). -> the file."""
+    ckpt = load_tensors(path, mmap=True)
+    if not isinstance(ckpt, dict) or ckpt.get("base") is None:
+        raise UserError(f"{path}: not an adapter run (lora_rank=0): export the whole model instead")
+    cfg = _run_config(path, ckpt)
+    state = {**ckpt["model"], **(ckpt.get("best_state") or {})}
+    keys = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "freeze_base", "train_also")
+    pkg = {"adapters": {k: v.detach().cpu().contiguous() for k, v in state.items()}, "base": ckpt["base"],
+           "lora": {k: cfg.get(k) for k in keys}, "config": cfg}
+    out = Path(os.path.expanduser(str(out)))
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "adapters.pt", lambda f: torch.save(pkg, f))
+    return out / "adapters.pt"
 
 
 def load_export(path, t5=None, codec=None, with_t5=True):
@@ -1119,7 +1175,7 @@ def load(run, runs_dir=None, t5=None, codec=None, device="cpu"):
 
 # generate.py export's options (env.parse_options schema)
 EXPORT_OPTIONS = {"runs_dir": (str, None), "codec": (str, None), "format": "audiocraft", "t5": (str, None)}
-EXPORT_FORMATS = ("audiocraft", "hf")
+EXPORT_FORMATS = ("audiocraft", "hf", "adapters")
 
 
 def export(run, out_dir, runs_dir=None, codec=None, format="audiocraft", t5=None):
@@ -1133,6 +1189,10 @@ def export(run, out_dir, runs_dir=None, codec=None, format="audiocraft", t5=None
         raise UserError(f"--format={format}: expected one of {', '.join(EXPORT_FORMATS)}")
     path = find_run(run, runs_dir)
     source = {LM_FILE: "audiocraft", HF_CONFIG: "hf"}.get(path.name, "run")
+    if format == "adapters":
+        if source != "run":
+            raise UserError(f"--format=adapters: {path} is not a run (only an adapter run has adapters to export)")
+        return None, [export_adapters(path, out_dir)], []
     if source == format:
         held = "an AudioCraft export" if format == "audiocraft" else "a transformers MusicGen directory"
         raise UserError(f"{path.parent} is already {held}: nothing to export")

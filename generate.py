@@ -141,7 +141,7 @@ def check_memory(o, mg, batch, n_frames, text_len, dtype, device):
                             f"free: {lower}")
 
 
-def _stat(path):
+def stat_identity(path):
     """A file's identity for the resume check: its size and modification time (a checkpoint.pt that a running job
     rewrites is other weights)."""
     try:
@@ -344,8 +344,8 @@ def generate_main(o):
 
     resolved = {**o, **settings, "device": str(device), "dtype": dtype, "compile": compiled,
                 "extend_stride": round(stride / rate, 6)}
-    common = {"frames": n_frames, "audio_prompt_file": _stat(resolve_path(o["audio_prompt"]))
-              if o["audio_prompt"] else None, "source": str(mg.source), "source_file": _stat(mg.source),
+    common = {"frames": n_frames, "audio_prompt_file": stat_identity(resolve_path(o["audio_prompt"]))
+              if o["audio_prompt"] else None, "source": str(mg.source), "source_file": stat_identity(mg.source),
               "weights": mg.weights, "codec_source": mg.codec_source, "torch": torch.__version__}
 
     def wanted(i, seed):
@@ -400,13 +400,17 @@ def generate_main(o):
 
 
 def export_main(argv):
-    """python generate.py export [--format=audiocraft|hf] RUN OUT_DIR: a run (or a model in the other format) as
-    AudioCraft's files or as a transformers MusicGen directory (formats.export), and what AudioCraft / transformers
-    compute differently for this model, one line each."""
+    """python generate.py export [--format=audiocraft|hf|adapters] RUN OUT_DIR: a run (or a model in the other
+    format) as AudioCraft's files or as a transformers MusicGen directory (formats.export; an adapter run's adapters
+    folded into its base), and what AudioCraft / transformers compute differently for this model, one line each;
+    or an adapter run's adapters alone (adapters.pt)."""
     (run, out), o = env.parse_options(argv, formats.EXPORT_OPTIONS, positionals=(2, 2),
-                                      usage="python generate.py export RUN OUT_DIR [--format=audiocraft|hf] "
+                                      usage="python generate.py export RUN OUT_DIR [--format=audiocraft|hf|adapters] "
                                             "[--runs_dir=DIR] [--codec=PATH] [--t5=PATH]")
     mg, written, differences = formats.export(run, out, o["runs_dir"], o["codec"], o["format"], o["t5"])
+    if mg is None:
+        print(f"exported the adapters of {run}: {written[0]} (the base they need is named inside)")
+        return 0
     print(f"exported {mg.source} ({mg.weights} weights, {lm_lib.num_params(mg.lm) / 1e6:.2f}M parameters): "
           + ", ".join(str(p) for p in written))
     if o["format"] == "hf":

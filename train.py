@@ -656,13 +656,8 @@ def load_base(lm, base, config, init_hash):
     """An adapter run's base weights: from the file it continued from, or the seeded initial weights (already in
     lm); either way their content hash must be the one the adapters were trained on."""
     if base["source"]:
-        source, path = formats.read_lm_state(base["source"], config.get("runs_dir") or None,
-                                             config.get("trust_checkpoint", False))
-        got = adapters.state_hash(source)
-        if got != base["hash"]:
-            raise UserError(f"{path}: the base weights changed since the adapters were trained on them (content hash "
-                            f"{got}, expected {base['hash']}): restore that file, or start afresh (--clear=True)")
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        source = formats.adapter_base(base, config)
         set_model_state_dict(lm, dict(source), options=StateDictOptions(full_state_dict=True, strict=False))
     elif init_hash != base["hash"]:
         raise UserError(f"the seeded initial weights (content hash {init_hash}) are not the base the "
@@ -1062,6 +1057,9 @@ def train(cfg, d):
                                     f"--clear=True to start afresh") from None
                 log(f"warning: {path} is unreadable ({reason}); falling back to {candidates[i + 1]}")
                 continue
+            # rows evaluate.py appended to history.jsonl since this checkpoint (under the lock we now hold): kept
+            state["history"] += [r for r in env.read_history(out / "history.jsonl")
+                                 if r.get("stage") == "evaluate_only" and r not in state["history"]]
             log(f"resumed from {path.name}: epoch {state['epoch']}, update {state['step']}")
             why = state.pop("resharded", None)
             if why == "processes":

@@ -181,3 +181,33 @@ def test_adapters_train_under_fsdp_and_ddp_with_two_processes(tmp_path, dataset,
         ckpt = final_weights(tmp_path / parallel)
         assert all(".lora_" in k for k in ckpt["model"]) and [r["stage"] for r in ckpt["history"]] == \
             ["train", "valid", "generate"] and "error" not in ckpt["history"][-1], ckpt["history"]
+
+
+def test_an_adapter_run_samples_and_exports_merged_and_exports_its_adapters_alone(tmp_path, dataset, base):  # noqa: F811
+    """generate.py --run on an adapter run folds the adapters into the base it names; the AudioCraft export is that
+    merged model (it loads with formats.load_audiocraft_lm: the same logits); --format=adapters writes them alone."""
+    import subprocess
+    import sys
+    from test_train import ROOT
+    r = run(LORA + [f"--continue_from={base}", "--epochs=1", "--lr=3e-2"], tmp_path / "runs", dataset)
+    assert r.returncode == 0, r.stdout + r.stderr
+    d = only_run_dir(tmp_path / "runs")
+    mg = formats.load(str(d))
+    assert set(mg.lm.state_dict()) == set(formats.read_lm_state(str(base))[0])   # merged: the base's names only
+    base_weights = formats.read_lm_state(str(base))[0]
+    assert not torch.equal(mg.lm.state_dict()["transformer.layers.0.linear1.weight"],
+                           base_weights["transformer.layers.0.linear1.weight"])   # the adapters moved it
+    for fmt, name in (("audiocraft", "state_dict.bin"), ("adapters", "adapters.pt")):
+        e = subprocess.run([sys.executable, str(ROOT / "generate.py"), "export", str(d), str(tmp_path / fmt),
+                            f"--format={fmt}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert e.returncode == 0 and (tmp_path / fmt / name).is_file(), e.stdout + e.stderr
+    exported = formats.load_audiocraft_lm(tmp_path / "audiocraft" / "state_dict.bin")[0]
+    cond = torch.randn(2, 3, exported.cfg.dim)
+    codes = torch.randint(0, exported.cfg.card, (2, exported.cfg.n_q, 9))
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mg.lm.eval()
+    assert torch.allclose(exported.compute_predictions(codes, cond, mask)[0].nan_to_num(),
+                          mg.lm.compute_predictions(codes, cond, mask)[0].nan_to_num(), atol=1e-5)
+    pkg = torch.load(tmp_path / "adapters" / "adapters.pt", weights_only=True)
+    assert pkg["base"]["source"] == str(base) and all(".lora_" in k for k in pkg["adapters"])
+    assert (tmp_path / "adapters" / "adapters.pt").stat().st_size < base.stat().st_size

@@ -1,6 +1,6 @@
 """Bad input at every entry point: each row of tests/BAD_INPUTS.md is a test here.
 
-Every case runs the real command line (train.py, data.py, generate.py, python -m grids, env.py, formats.py, text.py)
+Every case runs the real command line (train.py, data.py, generate.py, evaluate.py, metrics.py, python -m grids, env.py, formats.py, text.py)
 in a process forked from a warm zygote (tests/_faults_util.py) and checks: the exit status; that the message names
 the thing that is wrong and says what to do (one line); that nothing was written where nothing should be; and that
 the message is the one the table shows. After changing a message on purpose, rewrite the table:
@@ -151,6 +151,15 @@ def _hf_codec(ctx, config=None, weights=None):
     if weights:
         write(d / weights, b"\0" * 64)
     return ctx.train(f"--codec={d}")
+
+
+def _locked_run(ctx):
+    """A run whose lock names a live process on this host (the test's own), as a training process leaves it."""
+    import socket
+    import time
+    run = make_run(ctx.tmp / "runs")
+    write(run / "lock", f"{os.getpid()} {socket.gethostname()} {int(time.time())}\n")
+    return run
 
 
 def _evil(ctx, name="evil.bin"):
@@ -664,6 +673,31 @@ CASES = [
          lambda c: ("metrics.py", ["kld", str(wav(c.tmp / "refs" / "a.wav").parent),
                                    str(wav(c.tmp / "gen" / "b.wav").parent)]),
          ("no b.* in <tmp>/refs", "<tmp>/gen/b.wav")),
+    # -- evaluate.py
+    Case("evaluate-no-run-dir", "evaluate.py", "a run signature that does not exist",
+         lambda c: ("evaluate.py", ["--run=deadbeef", f"--runs_dir={c.tmp / 'runs'}", f"--dataset={c.data / 'demo'}",
+                                    f"--out={c.tmp / 'eval'}"]), ("--run=deadbeef", "<tmp>/runs/xps", "--runs_dir")),
+    Case("evaluate-metric-unknown", "evaluate.py", "a misspelt metric",
+         lambda c: ("evaluate.py", ["--run=x", "--dataset=d", "--metrics=fad,chroma_cs"]),
+         ("'chroma_cs'", 'did you mean "chroma_cos"', "choose from")),
+    Case("evaluate-no-dataset", "evaluate.py", "neither --dataset nor --manifest",
+         lambda c: ("evaluate.py", ["--run=x"]), ("--dataset=DIR", "--manifest=FILE")),
+    Case("evaluate-no-split", "evaluate.py", "a dataset without the evaluate split",
+         lambda c: ("evaluate.py", [f"--run={make_run(c.tmp / 'runs')}", "--dataset=" + str(write(
+             c.tmp / "ds" / "train" / "data.jsonl", "").parents[1]), f"--out={c.tmp / 'eval'}"]),
+         ("has no split 'evaluate'", "<tmp>/ds/evaluate/data.jsonl", "--split")),
+    Case("evaluate-manifest-missing", "evaluate.py", "a manifest that does not exist",
+         lambda c: ("evaluate.py", [f"--run={make_run(c.tmp / 'runs')}", f"--manifest={c.tmp / 'test.jsonl'}"]),
+         ("<tmp>/test.jsonl", "does not exist")),
+    Case("evaluate-weights-missing", "evaluate.py", "fad without VGGish weights in the reference directory",
+         lambda c: ("evaluate.py", [f"--run={make_run(c.tmp / 'runs')}", f"--dataset={c.data / 'demo'}", "--metrics=fad",
+                                    f"--out={c.tmp / 'eval'}"], EMPTY_REF(c)),
+         ("//reference/fad/vggish-10086976.pth", "vggish-10086976.pth", "--vggish=PATH")),
+    Case("evaluate-run-in-use", "evaluate.py", "a run that a training process holds (its lock)",
+         lambda c: ("evaluate.py", [f"--run={_locked_run(c)}", f"--dataset={c.data / 'demo'}", f"--out={c.tmp / 'eval'}"]),
+         ("in use by process", "history", "--history=False"),
+         varies=((r"process \d+ on \S+ \(since [^;]+;", "process <pid> on <host> (since <time>;"),
+                 (r"xps/[0-9a-f]{8}", "xps/<sig>"))),
 ]
 
 

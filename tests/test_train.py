@@ -112,10 +112,14 @@ def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, dataset):
     assert 2 <= stopped["step"] < 8
     for name in (".checkpoint.pt.tmp", ".history.jsonl.tmp"):  # what a SIGKILL mid-write leaves behind
         (d / name).write_bytes(b"half")
+    row = {"epoch": 1, "stage": "evaluate_only", "step": stopped["step"], "chroma_cos": 0.5}   # evaluate.py's
+    with open(d / "history.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
     resumed = run(TINY, tmp_path / "b", dataset)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed from checkpoint.pt" in resumed.stdout
     assert not list(d.glob("*.tmp")), "a resumed run removes the temporary files of the killed one"
+    assert [r for r in history(tmp_path / "b") if r["stage"] == "evaluate_only"] == [row], "kept when it resumed"
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     for part in ("model", "best_state"):
         for k in a[part]:
