@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 import adapters
 import data
+import demo
 import env
 import formats
 import loggers
@@ -924,7 +925,7 @@ def open_splits(cfg, codec, d):
     dataset, runs = cfg.dataset, Path(cfg.runs_dir or env.get_env().runs_dir)
     if dataset == "demo":
         dataset = str(runs / "data" / "demo")
-        data.make_demo_set(dataset, seed=0)
+        demo.make_demo_set(dataset, seed=0)
     common = dict(codec=codec, segment_duration=cfg.segment_duration, seed=cfg.seed, token_cache=cfg.token_cache,
                   cache_dir=cfg.cache_dir or str(runs / "cache"), min_segment_ratio=cfg.min_segment_ratio,
                   sample_on_weight=cfg.sample_on_weight, sample_on_duration=cfg.sample_on_duration,
