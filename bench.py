@@ -958,10 +958,10 @@ def _med(times):
 def suite_data(a, ctx):
     """The demo set (small) and its token cache directory, shared by the loader and the train.py run: built once,
     in the suite's temporary directory."""
-    import data
+    import demo
     if "demo" not in ctx:
         root = Path(ctx["tmp"])
-        ctx["demo"] = data.make_demo_set(root / "demo", sizes={"train": 48, "valid": 8, "evaluate": 2, "generate": 2})
+        ctx["demo"] = demo.make_demo_set(root / "demo", sizes={"train": 48, "valid": 8, "evaluate": 2, "generate": 2})
         ctx["cache"] = root / "cache"
     return ctx["demo"], ctx["cache"]
 

@@ -2,7 +2,7 @@
 
 Computes what AudioCraft's EnCodec and Hugging Face's EncodecModel compute, from plain weights (weight norm is folded
 away when formats.py loads them: AudioCraft's `compression_state_dict.bin`, Hugging Face EnCodec directories).
-`formats.load_codec("debug")` is a tiny seeded codec for tests and CPU runs.
+`formats.load_codec("debug")` is a tiny seeded codec for tests (demo.py builds it); train_codec.py trains codecs.
 
     python formats.py codec //reference/encodec_32khz          # summary and identity of a codec
     python formats.py codec debug in.wav out.wav               # encode + decode a file
@@ -19,9 +19,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields
-from functools import lru_cache
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -180,6 +178,13 @@ def seanet_decoder(cfg):
         mult //= 2
     layers += [nn.ELU(inplace=True), Conv(nf, cfg.channels, cfg.last_kernel_size, cfg=cfg, normed=off < 1)]
     return nn.Sequential(*layers)
+
+
+def run_layers(layers, x):
+    """x through a SEANet stack in one pass (the LSTM's state dropped): the differentiable path training takes."""
+    for layer in layers:
+        x = layer(x)[0] if isinstance(layer, LSTM) else layer(x)
+    return x
 
 
 def _convs(layers):
@@ -380,92 +385,3 @@ class Codec(nn.Module):
                 h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
             self._identity = h.hexdigest()[:16]
         return self._identity
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The debug codec: seeded weights, codebooks fitted by k-means on a fixed synthetic signal
-
-def _hash_uniform(n, seed):
-    """n floats in [-1, 1) from integer hashing (splitmix64): identical on every machine and library version."""
-    with np.errstate(over="ignore"):
-        z = np.arange(n, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(40)).astype(np.float64) / 2.0 ** 23 - 1.0
-
-
-def _debug_signal(seconds=48, sr=32000, seed=1):
-    """Half-second segments: notes and chords over five octaves in four timbres, noise hits, silence."""
-    u = (_hash_uniform(8 * seconds * 2, seed) + 1) / 2   # [0, 1) control values, 8 per segment
-    t = np.arange(sr // 2) / sr
-    env = np.minimum(1, t / 0.01) * np.exp(-t * 2.0)
-    out = []
-    for i in range(seconds * 2):
-        c = u[8 * i:8 * i + 8]
-        kind = int(c[0] * 10)
-        if kind == 0:
-            seg = np.zeros_like(t)
-        elif kind == 1:   # a drum-like hit: hashed noise under a fast decay
-            seg = _hash_uniform(len(t), seed + 100 + i) * np.exp(-t * (10 + 40 * c[1]))
-        else:
-            seg, timbre = np.zeros_like(t), int(c[6] * 4)
-            for n in range(1 + int(c[2] * 3)):   # 1 to 3 notes
-                phase = (440.0 * 2 ** ((36 + int(c[3 + n] * 60) - 69) / 12) * t) % 1.0
-                seg += (np.sin(2 * np.pi * phase) if timbre == 0 else 2 * phase - 1 if timbre == 1 else
-                        np.where(phase < 0.5, 1.0, -1.0) if timbre == 2 else 4 * np.abs(phase - 0.5) - 1)
-            seg *= env
-        out.append(seg / (np.abs(seg).max() + 1e-9) * (0.05 + 0.85 * c[7]))
-    return np.concatenate(out)
-
-
-def _kmeans(x, k, iters, seed):
-    """Lloyd's algorithm from k deterministic distinct starting points; empty clusters keep their centroid."""
-    order = np.argsort(_hash_uniform(len(x), seed), kind="stable")
-    centroids = x[torch.from_numpy(order[:k])].clone()
-
-    def nearest():
-        return (centroids.pow(2).sum(1)[None] - 2 * x @ centroids.T).argmin(1)
-
-    for _ in range(iters):
-        assign = nearest()
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k)
-        filled = counts > 0
-        centroids[filled] = sums[filled] / counts[filled, None].to(x.dtype)
-    return centroids, nearest()
-
-
-@lru_cache(maxsize=1)
-def _debug_state(seed=1234):
-    """Hashed random weights, then codebooks fitted by k-means on the encoding of a synthetic signal, each
-    stage on the residual of the stages before it; in float64, so that they do not depend on the machine's
-    float32 kernels. (Fitting the last conv to the signal's note labels instead made codes tell notes apart
-    less well.)"""
-    cfg = CodecConfig.debug()
-    codec = Codec(cfg).double()
-    state = codec.state_dict()
-    for offset, (name, t) in enumerate(state.items()):
-        if t.dim() == 3:    # conv weights: variance 1 / fan_in
-            bound = math.sqrt(3.0 / (t.shape[1] * t.shape[2]))
-        else:               # LSTM as torch initialises it, small conv biases
-            bound = 1.0 / math.sqrt(t.shape[-1] if t.dim() == 2 else t.shape[0] // 4) if "lstm" in name else 0.1
-        t.copy_(torch.from_numpy(_hash_uniform(t.numel(), seed + offset).reshape(t.shape)) * bound)
-    wav = torch.from_numpy(_debug_signal(sr=cfg.sample_rate))[None, None]
-    with torch.no_grad():
-        res = codec.encoder[:codec._enc_split](wav)
-        for layer in codec.encoder[codec._enc_split:]:
-            res = layer(res)[0] if isinstance(layer, LSTM) else layer(res)
-    res, books = res[0].T, []   # [frames, dim]
-    for q in range(cfg.n_q):
-        centroids, assign = _kmeans(res, cfg.card, 10, seed + 1000 + q)
-        books.append(centroids)
-        res = res - centroids[assign]
-    state["codebooks"] = torch.stack(books)
-    return cfg, {k: v.float() for k, v in state.items()}
-
-
-def debug_codec_state():
-    """(CodecConfig, state dict) of the debug codec; built once per process (~1 s)."""
-    cfg, state = _debug_state()
-    return CodecConfig(**asdict(cfg)), state

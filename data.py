@@ -2,12 +2,11 @@
 
 Owns: AudioCraft manifests (`data.jsonl[.gz]`) and sidecar metadata (`<audio>.json`), training descriptions,
 reading audio segments (soundfile + soxr), the token cache (codec codes as uint16 memmaps), deterministic
-resumable sampling across ranks, and the built-in synthetic demo set.
+resumable sampling across ranks. (The synthetic demo set lives in demo.py.)
 
     python data.py manifest ROOT OUT.jsonl[.gz] [--workers=16] [--complete]   # walk ROOT, write a manifest
     python data.py tokenize MANIFEST CACHE_DIR --codec=PATH [--device=cuda] [--batch_size=16] [--num_workers=4]
     torchrun --nproc_per_node=8 data.py tokenize DATASET CACHE_DIR --codec=//reference/encodec_32khz --device=cuda
-    python data.py demo OUT_DIR [--seed=0]                                    # write the synthetic demo set
     python data.py tokenizer MANIFEST OUT.model --vocab_size=4000             # sentencepiece for conditioner=lut
     python data.py tokenize --help                                            # a command's options
 
@@ -38,7 +37,6 @@ import json
 import math
 import os
 import re
-import shutil
 import socket
 import stat
 import sys
@@ -1253,7 +1251,7 @@ def open_split(dataset, split, *, codec, train, segment_duration=30.0, seed=0, t
                min_segment_ratio=0.8, sample_on_weight=False, sample_on_duration=False, merge_text_p=0.25,
                drop_desc_p=0.5, keep_field_p=0.5, max_skip_fraction=0.05, rank=0, world_size=1,
                stall_timeout=STALL_TIMEOUT, attributes=(), chroma=None):
-    """The Segments of one split of a dataset directory (or "demo", built under cache_dir on first use).
+    """The Segments of one split of a dataset directory.
 
     With token_cache the split is tokenized once into cache_path(...) and items hold codes; otherwise items
     hold wav at the codec's rate and channels for the trainer to encode. Every rank of a job calls it at once,
@@ -1272,12 +1270,9 @@ def open_split(dataset, split, *, codec, train, segment_duration=30.0, seed=0, t
     if not 0 <= min_segment_ratio <= 1:
         raise UserError(f"min_segment_ratio={min_segment_ratio} must be in [0, 1]")
     cache_root = resolve_path(cache_dir) if cache_dir else _default_cache_dir()
-    if dataset == "demo":
-        root = make_demo_set(cache_root / f"demo-v{DEMO_VERSION}")
-    else:
-        root = resolve_path(map_dataset_path(str(dataset)))
-        if not root.is_dir():
-            raise UserError(f"dataset {dataset}: {root} is not a directory (expected {root}/<split>/data.jsonl)")
+    root = resolve_path(map_dataset_path(str(dataset)))
+    if not root.is_dir():
+        raise UserError(f"dataset {dataset}: {root} is not a directory (expected {root}/<split>/data.jsonl)")
     if not (root / split).is_dir():
         raise UserError(f"dataset {root} has no split {split!r}: expected {root / split}/data.jsonl[.gz]")
     file = manifest_file(root / split)
@@ -1435,168 +1430,6 @@ def loader_speed(loader, batches=20, warmup=2):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The built-in demo set: procedural music whose descriptions say what the audio is
-
-DEMO_VERSION = 1
-DEMO_RATE = 32000
-DEMO_SIZES = {"train": 256, "valid": 24, "evaluate": 24, "generate": 8}
-DEMO_SECONDS = (4.0, 6.0)
-TIMBRES = {"sine": "soft sine wave", "square": "square wave synth", "sawtooth": "bright sawtooth synth",
-           "plucked": "plucked string"}
-REGISTERS = {"low": 36, "middle": 55, "high": 74}   # lowest tonic (MIDI note) of each register
-TEMPOS = {"slow": (60, 80), "moderate": (96, 116), "fast": (132, 160)}
-SCALES = {"major": (0, 2, 4, 5, 7, 9, 11), "minor": (0, 2, 3, 5, 7, 8, 10)}
-NOTE_NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
-PROGRESSIONS = ((0, 3, 4, 0), (0, 5, 3, 4), (0, 4, 5, 3), (5, 3, 0, 4))  # triad roots (scale degrees) per bar
-TEMPLATES = ("A {tempo} {mode} melody on a {instrument} in a {register} register, {bpm} bpm{drums}.",
-             "{Instrument}, {tempo} tempo, {key} {mode}, {register} register{drums}.",
-             "A {tempo} tune in {key} {mode} played by a {instrument}, {register} register, {bpm} bpm{drums}.")
-
-
-def demo_params(rng, split, i):
-    """The musical choices of one clip. The generate split walks timbre x register (contrasting prompts)."""
-    p = {"timbre": str(rng.choice(list(TIMBRES))), "register": str(rng.choice(list(REGISTERS))),
-         "tempo": str(rng.choice(list(TEMPOS))), "mode": str(rng.choice(list(SCALES))),
-         "tonic": int(rng.integers(12)), "drums": bool(rng.random() < 0.5)}
-    if split == "generate":
-        p["timbre"], p["register"] = list(TIMBRES)[i % 4], ("low", "high")[i // 4 % 2]
-    lo, hi = TEMPOS[p["tempo"]]
-    p["bpm"] = int(rng.integers(lo, hi + 1))
-    p["duration"] = round(float(rng.uniform(*DEMO_SECONDS)), 2)
-    p["template"] = int(rng.integers(len(TEMPLATES)))
-    return p
-
-
-def _voice(timbre, onsets, lengths, midis, n, sr):
-    """Back-to-back notes (onsets and lengths in seconds; midis [notes] or [notes, voices] for chords),
-    vectorised over samples -> [n] float32."""
-    first = np.minimum((np.asarray(onsets) * sr).astype(np.int64), n)
-    counts = np.diff(first, append=n)                                  # samples of each note
-    rep = lambda v: np.repeat(np.asarray(v, dtype=np.float32), counts)  # noqa: E731 (per note -> per sample)
-    since = (np.arange(n, dtype=np.float32) - rep(first)) / sr         # seconds since the note's onset
-    left = rep(lengths) - since                                        # seconds until its end
-    x = np.zeros(n, np.float32)
-    for midi in np.asarray(midis, dtype=np.float64).reshape(len(first), -1).T:
-        cycles = rep(440 * 2 ** ((midi - 69) / 12)) * since
-        cycles -= np.floor(cycles)                                     # phase in [0, 1) (numpy's % is slow)
-        if timbre == "sine":
-            x += np.sin(2 * np.pi * cycles)
-        elif timbre == "square":    # odd harmonics at 1/k: hollow
-            x += np.where(cycles < 0.5, np.float32(0.7), np.float32(-0.7))
-        elif timbre == "sawtooth":  # every harmonic at 1/k: bright
-            x += 1.4 * cycles - 0.7
-        else:                       # plucked: a mellow triangle (odd harmonics at 1/k^2), dying away below
-            x += 2.8 * np.abs(cycles - 0.5) - 0.7
-    env = np.minimum(1, since / 0.005) * np.clip(left / 0.02, 0, 1)    # no clicks at either end
-    if timbre == "plucked":
-        env *= np.exp(-since / 0.3)
-    return x * env
-
-
-def render_demo(p, sr=DEMO_RATE, rng=None):
-    """wav [S] float32 of one clip: a melody over one triad per bar, with optional kick/noise drums."""
-    rng = rng or np.random.default_rng(0)
-    n = int(p["duration"] * sr)
-    beat, scale = 60 / p["bpm"], SCALES[p["mode"]]
-    tonic = REGISTERS[p["register"]] + p["tonic"]
-
-    def pitch(degree):
-        octave, step = divmod(degree, 7)
-        return tonic + 12 * octave + scale[step]
-
-    onsets, lengths, midis, t, degree = [], [], [], 0.0, 7 + int(rng.integers(5))
-    while t < p["duration"]:
-        length = beat * float(rng.choice([0.5, 0.5, 1, 1, 1, 2]))
-        onsets.append(t), lengths.append(length), midis.append(pitch(degree))
-        degree = int(np.clip(degree + rng.choice([-2, -1, -1, 0, 1, 1, 2, 3, -3]), 2, 16))
-        t += length
-    wav = 0.5 * _voice(p["timbre"], onsets, lengths, midis, n, sr)
-    progression = PROGRESSIONS[int(rng.integers(len(PROGRESSIONS)))]
-    bars = np.arange(math.ceil(p["duration"] / (4 * beat)))
-    chords = [[pitch(progression[b % 4] + k) for k in (0, 2, 4)] for b in bars]  # root, third, fifth
-    wav += 0.12 * _voice(p["timbre"], 4 * beat * bars, np.full(len(bars), 4 * beat), chords, n, sr)
-    if p["drums"]:
-        for k in range(int(p["duration"] / beat) + 1):
-            a = int(k * beat * sr)
-            m = min(n - a, int(0.15 * sr))
-            if m <= 0:
-                break
-            tt = np.arange(m) / sr
-            if k % 2 == 0:  # kick: a falling sine
-                hit = np.sin(2 * np.pi * (50 * tt + 2.5 * (1 - np.exp(-tt / 0.025)))) * np.exp(-tt / 0.12)
-            else:           # snare-like noise burst
-                hit = rng.standard_normal(m) * np.exp(-tt / 0.03) * 0.6
-            wav[a:a + m] += 0.45 * hit.astype(np.float32)
-    return (wav * (0.8 / max(1e-6, float(np.abs(wav).max())))).astype(np.float32)
-
-
-def demo_text(p):
-    """(description, sidecar dict) of a clip: everything the description says is audible."""
-    instrument = TIMBRES[p["timbre"]]
-    key = NOTE_NAMES[p["tonic"]]
-    words = dict(tempo=p["tempo"], mode=p["mode"], instrument=instrument, register=p["register"], bpm=p["bpm"],
-                 key=key, drums=", with drums" if p["drums"] else "", Instrument=instrument.capitalize())
-    desc = TEMPLATES[p["template"]].format(**words)
-    desc = desc[0].upper() + desc[1:]
-    side = {"title": "", "artist": "nanomusicgen demo", "key": f"{key} {p['mode']}", "bpm": p["bpm"],
-            "genre": "synthetic", "moods": ["bright" if p["mode"] == "major" else "dark"],
-            "keywords": [p["timbre"], p["register"], p["tempo"]] + (["drums"] if p["drums"] else []),
-            "description": desc, "name": "", "instrument": p["timbre"]}
-    return desc, side
-
-
-def _demo_complete(root, marker):
-    try:
-        old = json.loads((root / "demo.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if {k: old.get(k) for k in marker} != marker:
-        return False
-    return all(os.path.isfile(root / rel) and os.path.getsize(root / rel) == size for rel, size in old["files"])
-
-
-def make_demo_set(root, seed=0, sizes=None):
-    """Write the synthetic demo set under root (<root>/<split>/data.jsonl, clip_NNNN.wav + .json beside it);
-    deterministic from the seed. A complete set is reused as it is; an incomplete one is rebuilt. Returns root."""
-    root = Path(root).expanduser().absolute()
-    sizes = dict(sizes or DEMO_SIZES)
-    marker = {"version": DEMO_VERSION, "seed": seed, "sizes": sizes}
-    if _demo_complete(root, marker):
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    with _FileLock(root.parent / f".{root.name}.lock"):  # ranks and parallel runs: one builds, the others reuse
-        if _demo_complete(root, marker):
-            return root
-        t0 = time.time()
-        (root / "demo.json").unlink(missing_ok=True)
-        files = []
-        for s, split in enumerate(SPLITS):
-            d = root / split
-            shutil.rmtree(d, ignore_errors=True)
-            d.mkdir()
-            metas = []
-            for i in range(sizes.get(split, 0)):
-                rng = np.random.default_rng([seed, s, i])
-                p = demo_params(rng, split, i)
-                wav = render_demo(p, DEMO_RATE, rng)
-                desc, side = demo_text(p)
-                stem = f"clip_{i:04d}"
-                save_audio(d / f"{stem}.wav", wav, DEMO_RATE)
-                side.update(title=f"demo {split} {i}", name=stem)
-                (d / f"{stem}.json").write_text(json.dumps(side, indent=1) + "\n")
-                metas.append(AudioMeta(path=f"{stem}.wav", duration=len(wav) / DEMO_RATE, sample_rate=DEMO_RATE,
-                                       amplitude=round(float(np.abs(wav).max()), 4)))
-                files += [(f"{split}/{stem}.wav", (d / f"{stem}.wav").stat().st_size),
-                          (f"{split}/{stem}.json", (d / f"{stem}.json").stat().st_size)]
-            write_manifest(metas, d / "data.jsonl")
-            files.append((f"{split}/data.jsonl", (d / "data.jsonl").stat().st_size))
-        text = json.dumps(dict(marker, files=files)) + "\n"
-        write_atomic(root / "demo.json", lambda f: f.write(text.encode()))  # last: its presence says the set is whole
-        _log(f"data: demo set ({sum(sizes.values())} clips, seed {seed}) written to {root} in {time.time() - t0:.1f} s")
-    return root
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Command line
 
 COMMANDS = {  # name: (arguments, {option: default}, what it does, {option: what it means})
@@ -1621,7 +1454,6 @@ COMMANDS = {  # name: (arguments, {option: default}, what it does, {option: what
                   "Train a sentencepiece model (T5's special ids) for conditioner=lut on a manifest's descriptions and "
                   "its metadata as the text augmentation writes it; then train with --conditioner=lut "
                   "--lut_tokenizer=OUT.model.", {"vocab_size": "tokens in the vocabulary (at least 8)"}),
-    "demo": ("OUT_DIR", {"seed": 0}, "Write the synthetic demo set.", {"seed": "the demo set is a function of it"}),
 }
 
 
@@ -1650,7 +1482,7 @@ def main(argv):
     for key in ("workers", "batch_size"):
         if key in opts and not 1 <= opts[key] <= 1024:
             raise UserError(f"data.py {cmd}: --{key}={opts[key]} must be between 1 and 1024")
-    for key in ("num_workers", "seed"):
+    for key in ("num_workers",):
         if key in opts and opts[key] < 0:
             raise UserError(f"data.py {cmd}: --{key}={opts[key]} must not be negative")
     for key in ("chunk_seconds", "stall_timeout"):
@@ -1664,8 +1496,6 @@ def main(argv):
             if opts["vocab_size"] < 8:
                 raise UserError(f"vocab_size={opts['vocab_size']}: too small (at least 8)")
             text.train_sentencepiece(manifest_texts(pos[0]), pos[1], opts["vocab_size"])
-        elif cmd == "demo":
-            print(make_demo_set(pos[0], opts["seed"]))
         else:
             _tokenize_cli(*pos, **opts)
     except env.Stopped as e:

@@ -13,13 +13,14 @@ facebook/musicgen-small as save_pretrained writes it). The items are the split's
 (--dataset=DIR with --split, default evaluate: DIR/<split>/data.jsonl[.gz], AudioCraft's layout; --dataset=demo is
 train.py's synthetic set) or one --manifest=FILE, in order, the first --samples of them (0: all). Item i (its line
 in the manifest) is generated from its description (the sidecar's, as train.py's evaluate split reads it; none:
-unconditional) with row seed --seed + i, for --duration seconds, --batch_size at a time, with model.sample (the
-sampler of generate.py and train.py; windows slide past the model's context) and loudness-normalised as generate.py
-does (--normalize=none keeps the codec's level, as AudioCraft's metrics see it). Each becomes OUT/samples/NNN.wav
-with a .json holding every setting and the generate.py command that remakes it alone. The metrics then read those
-files and the references (a melody model, config/melody.py or musicgen-melody, follows each item's reference audio
-as generate.py --melody=FILE does, and the .json records it as --melody) (the first --duration seconds of each, at the codec's rate and channels): fad, kld, clap
-and chroma_cos as metrics.py defines them (its --help lists the weights files and where they go). A reference
+unconditional; a melody model, config/melody.py or musicgen-melody, also follows the item's reference audio as
+generate.py --melody=FILE does) with row seed --seed + i, for --duration seconds, --batch_size at a time, with
+model.sample (the sampler of generate.py and train.py; windows slide past the model's context) and
+loudness-normalised as generate.py does (--normalize=none keeps the codec's level, as AudioCraft's metrics see it).
+Each becomes OUT/samples/NNN.wav with a .json holding every setting and the generate.py command that remakes it
+alone. The metrics then read those files and the references (the first --duration seconds of each, at the codec's
+rate and channels): fad, kld, clap and chroma_cos as metrics.py defines them (its --help lists the weights files
+and where they go). A reference
 shorter than --duration is compared over its own length: its generated clip is cut to match (the report counts
 them); an unreadable reference or sidecar skips its item with a warning (the report lists them).
 
@@ -50,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import demo
 import env
 import formats
 import generate
@@ -86,7 +88,7 @@ def manifest_of(o):
     if o["manifest"] is not None:
         return data.manifest_file(o["manifest"])
     if o["dataset"] == "demo":   # train.py's synthetic set, where train.py puts it
-        root = data.make_demo_set(Path(o["runs_dir"] or env.get_env().runs_dir) / "data" / "demo", seed=0)
+        root = demo.make_demo_set(Path(o["runs_dir"] or env.get_env().runs_dir) / "data" / "demo", seed=0)
     else:
         root = env.resolve_path(env.map_dataset_path(o["dataset"]))
         if not root.is_dir():
@@ -304,7 +306,7 @@ def score(d, o, ev, mg, items, paths):
 
 def evaluate(d, o):
     t_start = time.time()
-    generate.check_options({**o, "prompt": None, "prompts": None, "audio_prompt": None,
+    generate.check_options({**o, "prompt": None, "prompts": None, "audio_prompt": None, "quantize": "",
                             "prompt_duration": generate.OPTIONS["prompt_duration"]})
     if o["samples"] < 0:
         raise UserError(f"--samples={o['samples']}: must be >= 0 (0: every item of the split)")
@@ -355,7 +357,7 @@ def evaluate(d, o):
            f"{f' ({len(skipped)} skipped)' if skipped else ''} | {o['duration']:g} s each | {', '.join(names)}")
 
     resolved = {**o, **settings, "device": str(device), "dtype": dtype, "compile": compiled,
-                "extend_stride": round(stride / rate, 6), "audio_prompt": None, "prompt_duration": None,
+                "extend_stride": round(stride / rate, 6), "audio_prompt": None, "prompt_duration": None, "quantize": "",
                 "melody": None, "chroma_stems": None if mg.lm.melody is None else mg.lm.melody.stems}
     common = {"frames": n_frames, "audio_prompt_file": None, "melody_file": None, "source": str(mg.source),
               "source_file": generate.stat_identity(mg.source), "weights": mg.weights, "codec_source": mg.codec_source,

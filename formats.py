@@ -12,6 +12,7 @@ disk in a foreign layout is read and written here.
     python formats.py codec //reference/encodec_32khz         # a codec: summary and identity
     python formats.py codec debug in.wav out.wav              # encode + decode a file through a codec
     python formats.py codec PATH --export=out/                # a codec as AudioCraft's compression_state_dict.bin
+    python formats.py codec SIG --export_hf=out/encodec        # a train_codec.py run as a transformers EnCodec
     python generate.py export SIG out/my-musicgen             # a run as AudioCraft files (export() below)
     python generate.py export --format=hf SIG out/my-musicgen # a run as a transformers MusicGen directory
 
@@ -830,27 +831,49 @@ def _read_hf_codec(directory):
     return codec_config_from_hf(c, directory, n_codebooks), state
 
 
+def _read_codec_run(directory):
+    """(config, weights) of a train_codec.py run: the latest EMA weights it validated, weight norm already folded."""
+    ckpt = load_tensors(directory / "checkpoint.pt", mmap=True, expected=_CODEC_EXPECTED)
+    if not isinstance(ckpt, dict) or "codec_config" not in ckpt:
+        raise UserError(f"{directory}: its checkpoint.pt is not a codec's (train.py trains LMs; train_codec.py codecs)")
+    if ckpt.get("best_state") is None:
+        raise UserError(f"{directory}: the codec run has not finished an epoch yet: no weights to tokenize with")
+    return codec_lib.CodecConfig(**ckpt["codec_config"]), ckpt["best_state"]
+
+
 def load_codec(path, stereo=False, pad_mode=None, n_q=None):
     """A frozen Codec (eval, no grad) from an AudioCraft file or directory holding one, a Hugging Face
-    directory, a //reference/... path, or "debug". pad_mode/n_q override the file's (AudioCraft inference used
-    constant padding where the HF config says reflect; n_q keeps the first codebooks)."""
+    directory, a train_codec.py run (its directory, or its signature under the team's runs directory), a
+    //reference/... path, "demo" (the demo's trained codec, shipped in assets/) or "debug". pad_mode/n_q override
+    the file's (AudioCraft inference used constant padding where the HF config says reflect; n_q keeps the first
+    codebooks)."""
+    if str(path) in ("demo", "debug"):
+        import demo   # the fixtures import this module: imported here, not above
+        if str(path) == "demo" and not demo.DEMO_CODEC.is_file():
+            raise UserError(f"codec demo: {demo.DEMO_CODEC} is missing: make it again with `python demo.py codec`")
+        path = demo.DEMO_CODEC if str(path) == "demo" else path
     if str(path) == "debug":
-        cfg, state = codec_lib.debug_codec_state()
+        cfg, state = demo.debug_codec_state()
         source = "debug"
     else:
         p = resolve_path(path)
+        if not p.exists() and re.fullmatch(r"[0-9a-f]{8}", str(path)):   # a train_codec.py signature
+            p = env.run_dir(str(path))
         if not p.exists():
             raise UserError(f"codec {path}: {p} does not exist")
         if p.is_dir() and (p / CODEC_FILE).exists():
             p = p / CODEC_FILE
         elif p.name == "config.json" or p.suffix == ".safetensors":   # a file of an HF directory
             p = p.parent
-        if p.is_dir() and (p / "config.json").exists():
+        if p.is_dir() and (p / "checkpoint.pt").exists():
+            cfg, state = _read_codec_run(p)
+        elif p.is_dir() and (p / "config.json").exists():
             cfg, state = _read_hf_codec(p)
         elif p.is_file():
             cfg, state = _read_audiocraft_codec(p)
         else:
-            raise UserError(f"codec {path}: {p} holds neither {CODEC_FILE} nor a Hugging Face config.json")
+            raise UserError(f"codec {path}: {p} holds neither {CODEC_FILE}, a Hugging Face config.json nor a "
+                            f"train_codec.py checkpoint.pt")
         source = str(p)
     if pad_mode is not None:
         if pad_mode not in ("reflect", "constant"):
@@ -961,6 +984,19 @@ def export_audiocraft_codec(codec, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda f: torch.save(pkg, f))
     return path
+
+
+def export_hf_codec(codec, directory):
+    """Write `codec` as a transformers EnCodec directory (config.json + model.safetensors) that
+    EncodecModel.from_pretrained loads. Written atomically, file by file."""
+    from safetensors.torch import save as save_safetensors
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"architectures": ["EncodecModel"], **codec_hf_config(codec.cfg)}, indent=2) + "\n"
+    blob = save_safetensors({k: v.contiguous() for k, v in codec_hf_state(codec).items()}, metadata={"format": "pt"})
+    write_atomic(directory / "model.safetensors", lambda f: f.write(blob))
+    write_atomic(directory / "config.json", lambda f: f.write(text.encode()))
+    return directory
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1340,7 +1376,8 @@ def read_lm_state(source, runs_dir=None, trust=False):
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 
-USAGE = "python formats.py lm PATH | python formats.py codec PATH [IN.wav OUT.wav] [--export=OUT]"
+USAGE = ("python formats.py lm PATH | python formats.py codec PATH [IN.wav OUT.wav] [--export=OUT] "
+         "[--export_hf=OUT_DIR]")
 
 
 def _round_trip(codec, path, wav_in, wav_out):
@@ -1359,7 +1396,10 @@ def _round_trip(codec, path, wav_in, wav_out):
 
 
 def main(argv):
-    (kind, path, *wavs), o = parse_options(argv, {"export": (str, None)}, usage=USAGE, positionals=(2, 4))
+    (kind, path, *wavs), o = parse_options(argv, {"export": (str, None), "export_hf": (str, None)}, usage=USAGE,
+                                           positionals=(2, 4))
+    if kind != "codec" and o["export_hf"] is not None:
+        raise UserError(f"--export_hf writes a codec: python formats.py codec PATH --export_hf=OUT_DIR")
     if kind == "lm" and not wavs and o["export"] is None and _hf_model_type(resolve_path(path)):
         settings, state, config = read_hf_lm(resolve_path(path))
         model = _build_and_load(settings, state, str(path), with_t5=False)
@@ -1381,6 +1421,8 @@ def main(argv):
               f"{lm_lib.num_params(codec) / 1e6:.1f}M params, identity {codec.identity()}")
         if o["export"] is not None:
             print(f"wrote {export_audiocraft_codec(codec, o['export'])}")
+        if o["export_hf"] is not None:
+            print(f"wrote {export_hf_codec(codec, o['export_hf'])}")
         if wavs:
             _round_trip(codec, path, *wavs)
     else:

@@ -32,7 +32,8 @@ Options (--key=value): --duration (s, 10) --out (a .wav/.flac file, or a directo
 CUDA) --compile (the decode-and-sample step compiled, CUDA graphs on a GPU; default: on CUDA only, as compiling
 costs a CPU ~20-45 s) --audio_prompt=FILE --prompt_duration (s of it, 3; resampled to the codec's rate)
 --extend_stride (s, 0.6 x the context) --normalize (loudness: -headroom_db LUFS, 14 | peak: -headroom_db dBFS, 1 |
-none; never above -1 dBFS) --t5=PATH --codec=PATH (instead of the run's) --runs_dir.
+none; never above -1 dBFS) --t5=PATH --codec=PATH (instead of the run's) --runs_dir --quantize (int8 | int4:
+weight-only quantized decoding, quantize.py; fewer bytes per step for some loss of fidelity, see BENCHMARKS.md).
 
 Melody models (config/melody.py, the released musicgen-melody) follow --melody=FILE, as AudioCraft's
 generate_with_chroma: the file (mono, resampled to 32 kHz, at least 0.51 s) becomes its chroma (melody.py: drums and
@@ -68,6 +69,7 @@ import env
 import formats
 import melody
 import model as lm_lib
+import quantize
 from env import UserError, resolve_path
 from formats import SAMPLING_DEFAULTS, MusicGen, load  # noqa: F401  (runs and exports are read in formats.py)
 
@@ -164,8 +166,8 @@ def stat_identity(path):
 # do not depend on its batch.
 OUTPUT_KEYS = ("prompt", "row_seed", "cfg_coef", "top_k", "top_p", "temperature", "frames", "extend_stride",
                "audio_prompt", "audio_prompt_file", "prompt_duration", "melody", "melody_file", "chroma_stems",
-               "normalize", "headroom_db", "source",
-               "source_file", "weights", "codec_source", "dtype", "device", "compile", "torch")
+               "normalize", "headroom_db", "source", "source_file", "weights", "codec_source", "dtype", "device",
+               "compile", "quantize", "torch")
 
 
 def read_previous(paths):
@@ -225,6 +227,7 @@ OPTIONS = {  # env.parse_options' schema: key: default, or (type, None) for "of 
     "audio_prompt": (str, None), "prompt_duration": 3.0, "t5": (str, None), "codec": (str, None),
     "melody": (str, None), "chroma_stems": (str, None),
     "extend_stride": (float, None), "normalize": "loudness", "headroom_db": (float, None), "runs_dir": (str, None),
+    "quantize": "",
 }
 USAGE = "python generate.py --run=RUN [--key=value ...] (python generate.py --help)"
 
@@ -270,6 +273,9 @@ def check_options(o):
         raise UserError(f"--normalize={o['normalize']}: expected loudness, peak or none")
     if o["dtype"] is not None and o["dtype"] not in DTYPES:
         raise UserError(f"--dtype={o['dtype']}: expected one of {', '.join(DTYPES)}")
+    if o["quantize"] not in ("",) + quantize.MODES:
+        raise UserError(f"--quantize={o['quantize']}: expected {' or '.join(quantize.MODES)} (or leave it out: float "
+                        "weights)")
     suffix = Path(o["out"]).suffix.lower()
     if suffix and suffix not in (".wav", ".flac"):
         raise UserError(f"--out={o['out']}: write a .wav or .flac file, or name a directory")
@@ -336,6 +342,8 @@ def generate_main(o):
                         f"one: leave --melody out, or use a melody model (config/melody.py, musicgen-melody)")
     stems = None if mg.lm.melody is None else mg.lm.melody.stems if o["chroma_stems"] is None else o["chroma_stems"]
     melody_classes = None if tune is None else melody.chroma_classes(tune[None], melody.CHROMA_RATE, stems)[0]
+    if o["quantize"]:   # in place, on the device: the decode step reads 4x (int8) or ~6x (int4) fewer weight bytes
+        quantize.quantize(mg.lm, o["quantize"])
     settings = {k: (o[k] if o[k] is not None else mg.defaults[k]) for k in SAMPLING_DEFAULTS}
     check_sampling(settings, f"{mg.source}: ")
     rate = mg.codec.frame_rate
@@ -356,7 +364,8 @@ def generate_main(o):
     stride = lm_lib.window_plan(n_frames, mg.window, stride, prompt_frames)[1]
     print(f"loaded {mg.source} ({mg.weights} weights, {lm_lib.num_params(mg.lm) / 1e6:.2f}M parameters, context "
           f"{mg.max_duration:g} s) and codec {mg.codec_source} in {time.time() - t_load:.1f} s | {device} {dtype}"
-          f"{' | compiled decode' if compiled else ''}", flush=True)
+          f"{' | compiled decode' if compiled else ''}{f' | {mg.lm.quantized} weights' if o['quantize'] else ''}",
+          flush=True)
 
     resolved = {**o, **settings, "device": str(device), "dtype": dtype, "compile": compiled,
                 "extend_stride": round(stride / rate, 6), "chroma_stems": stems if tune is not None else None}

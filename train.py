@@ -11,6 +11,7 @@ top to bottom: setup, then for each epoch the updates (lr, micro-steps, clip, st
 weights, a checkpoint, and the generate/evaluate stages when due.
 """
 import contextlib
+import copy
 import dataclasses
 import datetime
 import json
@@ -31,12 +32,14 @@ import torch.distributed as dist
 
 import adapters
 import data
+import demo
 import env
 import formats
 import loggers
 import melody
 import metrics
 import model as lm_lib
+import quantize
 from env import EXIT_REQUEUE, UserError
 
 
@@ -141,6 +144,7 @@ class Config:
     top_k: int = 250                  # sample among the k most likely codes; 0: all
     top_p: float = 0.0                # nucleus sampling; wins over top_k when > 0
     temperature: float = 1.0          # 0: greedy
+    quantize: str = ""                # int8 | int4: the generate and evaluate stages sample from a quantized copy
     evaluate_samples: int = 64        # evaluate-split items generated for fd and the metrics; 0: all
     metrics: tuple[str, ...] = ()     # evaluate stage: fad, kld, clap, chroma_cos (metrics.py; weights below)
     vggish_path: str = "//reference/fad/vggish-10086976.pth"   # fad: torchvggish's VGGish weights
@@ -163,8 +167,7 @@ class Config:
 INFRA_KEYS = {"runs_dir", "clear", "from_sig", "print_config", "num_workers", "device", "compile", "checkpointing",
               "parallel", "grad_accum", "log_every", "dist_timeout", "cache_dir", "generate_every", "evaluate_every",
               "save_every", "ema_device", "keep_last", "keep_weights_only", "trust_checkpoint", "evaluate_samples",
-              "metrics",
-              "vggish_path", "passt_path",
+              "metrics", "quantize", "vggish_path", "passt_path",
               "clap_path", "tensorboard", "wandb", "wandb_project", "wandb_entity", "wandb_group", "wandb_name",
               "wandb_mode"}
 
@@ -173,7 +176,7 @@ TYPES = env.option_types(Config)
 CHOICES = {"pattern": lm_lib.PATTERNS, "fuse": lm_lib.FUSES, "conditioner": ("t5", "lut"),
            "dtype": ("bfloat16", "float16", "float32"), "lr_schedule": ("cosine", "linear", "constant"),
            "parallel": ("ddp", "fsdp"), "t5_dtype": ("float32", "bfloat16"), "ema_device": ("", "cpu"),
-           "chroma_fuse": ("", *lm_lib.CHROMA_FUSES)}
+           "chroma_fuse": ("", *lm_lib.CHROMA_FUSES), "quantize": ("",) + quantize.MODES}
 # Ranges every value must be in (inclusive; None: unbounded), checked when the config is parsed.
 RANGES = {
     **{k: (1, None) for k in ("epochs", "updates_per_epoch", "batch_size", "grad_accum", "ema_every", "log_every",
@@ -258,6 +261,9 @@ def validate(cfg, world_size=None):
         metrics.parse_names(cfg.metrics)
     if cfg.lora_rank and (set(cfg.lora_targets) - set(adapters.TARGETS) or not cfg.lora_targets):
         raise UserError(f"lora_targets={list(cfg.lora_targets)}: choose from {', '.join(adapters.TARGETS)}")
+    if cfg.quantize and cfg.parallel == "fsdp" and world_size > 1:
+        raise UserError(f'quantize="{cfg.quantize}" with parallel="fsdp": a quantized copy needs the whole model on '
+                        f'each rank; sample the run afterwards with `python generate.py --quantize={cfg.quantize}`')
     loggers.check(config_dict(cfg))
 
 
@@ -796,6 +802,8 @@ def sample_codes(lm, cfg, descriptions, n_frames, seeds, device, autocast, windo
     """Codes [B, K, n_frames] for descriptions (None: unconditional) with the config's sampling settings: model.py's
     one sampler (generate.py's), row b drawn from seeds[b] alone, windows of the model's context sliding past it;
     a melody model follows melodies (chroma classes per row, None: none)."""
+    if cfg.quantize:   # a copy: the training weights stay float (quantize.py refuses state_dict on what it touches)
+        lm = quantize.quantize(copy.deepcopy(lm), cfg.quantize)
     with torch.autocast(device.type, dtype=getattr(torch, cfg.dtype), enabled=autocast):
         return lm_lib.sample(lm, list(descriptions), n_frames, window=window, seeds=seeds, cfg_coef=cfg.cfg_coef,
                              top_k=cfg.top_k, top_p=cfg.top_p, temperature=cfg.temperature, melodies=melodies,
@@ -956,7 +964,7 @@ def open_splits(cfg, codec, d):
     dataset, runs = cfg.dataset, Path(cfg.runs_dir or env.get_env().runs_dir)
     if dataset == "demo":
         dataset = str(runs / "data" / "demo")
-        data.make_demo_set(dataset, seed=0)
+        demo.make_demo_set(dataset, seed=0)
     common = dict(codec=codec, segment_duration=cfg.segment_duration, seed=cfg.seed, token_cache=cfg.token_cache,
                   cache_dir=cfg.cache_dir or str(runs / "cache"), min_segment_ratio=cfg.min_segment_ratio,
                   sample_on_weight=cfg.sample_on_weight, sample_on_duration=cfg.sample_on_duration,

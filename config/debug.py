@@ -3,7 +3,7 @@
 # The demo set (written under <runs_dir>/data/demo on first use, then tokenized once) states timbre, tempo,
 # register and mode in its descriptions, so even this model learns to use the text: valid ce falls below
 # ce_uncond (the same model given no text) within a few epochs.
-codec = "debug"            # a tiny deterministic EnCodec-shaped codec: 32 kHz, 4 codebooks x 256, 50 frames/s
+codec = "demo"             # the demo's EnCodec, trained on this kind of music (assets/demo_codec.bin): 16 kHz, 4 x 256, 50 frames/s
 n_q = 4
 card = 256
 dataset = "demo"
@@ -33,7 +33,7 @@ num_workers = 1
 generate_every = 3
 evaluate_every = 3
 generate_duration = 2.0
-generate_count = 4
+generate_count = 8          # the generate split: four timbres, low then high register
 top_k = 50
 save_every = 1
 log_every = 20

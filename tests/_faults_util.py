@@ -34,9 +34,9 @@ def _warm():
     import torch
     torch.set_num_threads(1)
     import torch._dynamo  # noqa: F401 (torch.optim imports it on first use: ~2 s)
-    import codec
+    import demo
     import train  # noqa: F401
-    codec.debug_codec_state()  # cached per process: the children inherit it
+    demo.debug_codec_state()  # cached per process: the children inherit it
 
 
 if os.environ.get(ZYGOTE) == "1":

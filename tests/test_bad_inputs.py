@@ -27,12 +27,16 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import _faults_util as fu  # noqa: E402
 from _model_util import make_run  # noqa: E402
 import data  # noqa: E402
+import demo  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = Path(__file__).with_name("BAD_INPUTS.md")
 TRAIN = [str(ROOT / "config/debug.py"), "--dim=32", "--n_layers=1", "--n_heads=2", "--lut_dim=32", "--segment_duration=1.0",
          "--batch_size=4", "--epochs=1", "--updates_per_epoch=1", "--generate_every=0", "--evaluate_every=0",
          "--num_workers=0"]
+
+CODEC = ["--n_filters=2", "--dimension=8", "--lstm=0", "--card=16", "--adv=0", "--feat=0", "--epochs=1",
+         "--updates_per_epoch=1", "--batch_size=2", "--num_workers=0", "--generate_every=0"]
 
 
 class Evil:
@@ -108,6 +112,11 @@ class Ctx:
         return "train.py", TRAIN + list(extra) + [f"--runs_dir={self.tmp / 'runs'}",
                                                   f"--dataset={dataset or self.data / 'demo'}",
                                                   f"--cache_dir={self.tmp / 'cache' if dataset else self.data / 'cache'}"]
+
+
+    def train_codec(self, *extra, dataset=None):
+        return "train_codec.py", CODEC + list(extra) + [f"--runs_dir={self.tmp / 'runs'}",
+                                                         f"--dataset={dataset or self.data / 'demo'}"]
 
 
 @dataclass
@@ -279,7 +288,7 @@ CASES = [
     Case("config-from-sig", "train.py", "--from_sig of a run that does not exist",
          lambda c: c.train("--from_sig=deadbeef"), ("--from_sig=deadbeef", "<tmp>/runs/xps/deadbeef/config.json")),
     Case("config-codec-shape", "train.py", "n_q that the codec does not have", lambda c: c.train("--n_q=8"),
-         ("codec debug has n_q=4", "n_q=8", "set them to match")),
+         ("codec demo has n_q=4", "n_q=8", "set them to match")),
     Case("config-zero-heads", "train.py", "zero attention heads", lambda c: c.train("--n_heads=0"),
          ("n_heads=0", "must be at least 1")),
     Case("config-zero-hidden", "train.py", "a feed-forward width of zero", lambda c: c.train("--hidden_scale=0"),
@@ -499,6 +508,16 @@ CASES = [
     Case("tokenize-codec-missing", "data.py tokenize", "a codec path that does not exist",
          lambda c: ("data.py", ["tokenize", str(dataset(c, manifest_lines(_row(c, "a.wav"))) / "train"),
                                 str(c.tmp / "cache"), f"--codec={c.tmp / 'nope'}"]), ("<tmp>/nope", "does not exist")),
+    # -- train_codec.py
+    Case("codec-segment-hop", "train_codec.py", "a segment that is not a whole number of codec frames",
+         lambda c: c.train_codec("--segment_duration=0.99"),
+         ("segment_duration=0.99 s", "the codec's hop 640", "use a multiple of 0.02 s")),
+    Case("codec-audio-short", "train_codec.py", "audio shorter than a training segment",
+         lambda c: c.train_codec("--segment_duration=1.0", dataset=dataset(c, manifest_lines(
+             {"path": str(wav(c.tmp / "short.wav", seconds=0.5)), "duration": 0.5, "sample_rate": 32000}))),
+         ("every file is shorter than segment_duration=1.0 s", "0.50 s", "lower segment_duration")),
+    Case("codec-unknown-key", "train_codec.py", "a misspelt key", lambda c: c.train_codec("--n_filter=4"),
+         ('unknown key "n_filter"', 'did you mean "n_filters"')),
     # -- generate.py
     Case("generate-no-run", "generate.py", "no --run", lambda c: ("generate.py", ["--prompt=piano"]),
          ("--run is required",)),
@@ -701,7 +720,7 @@ CASES = [
 # Running a case and the table
 
 def make_data(root):
-    data.make_demo_set(root / "demo", seed=0, sizes={"train": 4, "valid": 2, "evaluate": 2, "generate": 2})
+    demo.make_demo_set(root / "demo", seed=0, sizes={"train": 4, "valid": 2, "evaluate": 2, "generate": 2})
     return root
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import bench
-import data
+import demo
 import env
 import model as lm
 import quantize
@@ -76,7 +76,7 @@ def test_codec_table_compares_identical_codecs(capsys):
 
 
 def test_data_table_sets_loaders_against_the_train_step(capsys, tmp_path):
-    root = data.make_demo_set(tmp_path / "demo", sizes={"train": 6, "valid": 1, "evaluate": 1, "generate": 1})
+    root = demo.make_demo_set(tmp_path / "demo", sizes={"train": 6, "valid": 1, "evaluate": 1, "generate": 1})
     out = run(capsys, "data", *TINY, "--batch_size=2", "--seconds=1", f"--dataset={root}",
               f"--cache_dir={tmp_path / 'cache'}", "--num_workers=0")
     rows, notes = table(out)

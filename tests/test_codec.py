@@ -14,6 +14,7 @@ import torch
 
 import bench
 import codec
+import demo
 import env
 import formats
 from codec import Codec, CodecConfig
@@ -224,7 +225,7 @@ def test_identity_follows_config_and_weights():
     debug = load_codec("debug")
     assert debug.identity() == load_codec("debug").identity()
     assert debug.identity() != load_codec("debug", pad_mode="reflect").identity()
-    cfg, state = codec.debug_codec_state()
+    cfg, state = demo.debug_codec_state()
     state = {k: v.clone() for k, v in state.items()}
     state["codebooks"][0, 0, 0] += 1e-3
     changed = Codec(cfg)

@@ -1,4 +1,4 @@
-"""data.py: manifests, sidecars, descriptions, audio segments, the token cache, sampling, the demo set.
+"""data.py: manifests, sidecars, descriptions, audio segments, the token cache, sampling.
 
     python -m pytest tests/test_data.py -q --durations=5
 """
@@ -636,84 +636,6 @@ def test_bad_files_in_training_are_skipped_warned_counted_and_abort_past_the_fra
     ds = data.open_split(str(root), "train", **dict(kw, max_skip_fraction=0.05))
     with pytest.raises(UserError, match=r"\d+ of \d+ audio reads failed, more than max_skip_fraction=0.05"):
         take(data.make_loader(ds, 4, num_workers=2), 10)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The demo set
-
-SMALL = {"train": 5, "valid": 2, "evaluate": 1, "generate": 4}
-
-
-def test_demo_set_is_deterministic_reused_and_rebuilt_when_partial(tmp_path):
-    a = data.make_demo_set(tmp_path / "a", seed=0, sizes=SMALL)
-    b = data.make_demo_set(tmp_path / "b", seed=0, sizes=SMALL)
-    c = data.make_demo_set(tmp_path / "c", seed=1, sizes=SMALL)
-    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    assert len(files) == 2 * 12 + 4 + 1  # wav + sidecar per clip, a manifest per split, demo.json
-    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
-    assert (a / "train/clip_0000.wav").read_bytes() != (c / "train/clip_0000.wav").read_bytes()
-    for split, n in SMALL.items():
-        metas = data.read_manifest(a / split)
-        assert len(metas) == n and all(m.sample_rate == 32000 and 4 <= m.duration <= 6 for m in metas)
-        assert sf.info(metas[0].path).channels == 1 and data.read_info(metas[0].path)["description"]
-    stamp = (a / "train/clip_0003.wav").stat().st_mtime_ns
-    data.make_demo_set(a, seed=0, sizes=SMALL)
-    assert (a / "train/clip_0003.wav").stat().st_mtime_ns == stamp  # complete: reused as is
-    original = (a / "valid/clip_0001.wav").read_bytes()
-    (a / "valid/clip_0001.wav").unlink()
-    data.make_demo_set(a, seed=0, sizes=SMALL)
-    assert (a / "valid/clip_0001.wav").read_bytes() == original  # partial: rebuilt
-    with open(a / "train/clip_0002.wav", "r+b") as f:
-        f.truncate(1000)
-    data.make_demo_set(a, seed=0, sizes=SMALL)
-    assert sf.info(a / "train/clip_0002.wav").duration > 4
-
-
-def high_share(wav, hz=2000):
-    spec = np.abs(np.fft.rfft(wav)) ** 2
-    return spec[np.fft.rfftfreq(len(wav), 1 / 32000) > hz].sum() / spec.sum()
-
-
-def centroid(wav):
-    spec = np.abs(np.fft.rfft(wav)) ** 2
-    return (spec * np.fft.rfftfreq(len(wav), 1 / 32000)).sum() / spec.sum()
-
-
-def test_demo_descriptions_say_what_the_audio_does():
-    p = data.demo_params(np.random.default_rng(5), "train", 0)
-    p.update(register="middle", drums=False, tempo="moderate", bpm=100)
-    render = {t: data.render_demo(dict(p, timbre=t), rng=np.random.default_rng(1)) for t in data.TIMBRES}
-    texts = {t: data.demo_text(dict(p, timbre=t))[0] for t in data.TIMBRES}
-    assert len(set(texts.values())) == 4 and all(data.TIMBRES[t] in texts[t].lower() for t in texts)
-    assert high_share(render["sine"]) < 0.01 < 0.05 < high_share(render["sawtooth"])  # pure vs bright
-    assert high_share(render["square"]) > 0.02
-    env_sine = np.abs(render["sine"]).reshape(-1, 320).max(1)
-    env_pluck = np.abs(render["plucked"]).reshape(-1, 320).max(1)
-    assert np.median(env_pluck) < 0.6 * np.median(env_sine)  # plucked notes die away
-    low, high = (data.render_demo(dict(p, register=r), rng=np.random.default_rng(1)) for r in ("low", "high"))
-    assert centroid(high) > 4 * centroid(low)
-    assert "low register" in data.demo_text(dict(p, register="low"))[0]
-    slow, fast = (data.render_demo(dict(p, bpm=b, drums=True), rng=np.random.default_rng(1)) for b in (60, 150))
-    onsets = [int((np.diff(np.abs(w).reshape(-1, 320).max(1)) > 0.15).sum()) for w in (slow, fast)]
-    assert onsets[1] > 1.8 * onsets[0]  # faster tempo, more drum hits
-    for template in range(len(data.TEMPLATES)):
-        desc = data.demo_text(dict(p, template=template))[0].lower()
-        assert all(w in desc for w in (p["mode"], p["tempo"], "middle register", data.TIMBRES[p["timbre"]]))
-    desc, side = data.demo_text(p)
-    assert data.normalize_info(side)["bpm"] == 100.0 and side["instrument"] == p["timbre"]
-
-
-def test_demo_dataset_trains_through_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DEMO_SIZES", SMALL)
-    codec = FakeCodec()
-    ds = data.open_split("demo", "train", codec=codec, train=True, token_cache=True, cache_dir=str(tmp_path),
-                         **dict(SEGMENTS, segment_duration=3.0))
-    assert (tmp_path / f"demo-v{data.DEMO_VERSION}" / "demo.json").exists() and len(ds) == 5
-    batch = take(data.make_loader(ds, 4), 1)[0]
-    assert batch["codes"].shape == (4, 2, 150) and all(batch["descriptions"])
-    gen = data.open_split("demo", "generate", codec=codec, train=False, cache_dir=str(tmp_path), segment_duration=3.0)
-    texts = [gen[i]["description"] for i in range(4)]
-    assert [t for t in data.TIMBRES if any(data.TIMBRES[t] in x.lower() for x in texts)] == list(data.TIMBRES)
 
 
 # ----------------------------------------------------------------------------------------------------------

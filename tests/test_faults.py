@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import _faults_util as fu
-import data
+import demo
 import env
 import train
 
@@ -36,7 +36,7 @@ FAULT = [str(ROOT / "config/debug.py"), "--dim=32", "--n_layers=2", "--n_heads=2
 def dataset(tmp_path_factory):
     fu.context()  # the zygote warms up while the demo set is written
     root = tmp_path_factory.mktemp("data")
-    data.make_demo_set(root / "demo", seed=0, sizes={"train": 12, "valid": 4, "evaluate": 4, "generate": 2})
+    demo.make_demo_set(root / "demo", seed=0, sizes={"train": 12, "valid": 4, "evaluate": 4, "generate": 2})
     yield root
     fu.kill_leftovers()
 

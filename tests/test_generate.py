@@ -243,6 +243,7 @@ def test_export_directory_takes_t5_from_reference_or_t5_option(tmp_path, monkeyp
     (["--prompts=missing.txt"], r"--prompts=.*missing.txt: cannot read"),
     (["--temprature=1"], r'command line: unknown key "temprature" \(did you mean "temperature"\?\)'),
     (["--out=x.mp3"], r"--out=.*x.mp3: write a .wav or .flac file"),
+    (["--quantize=int3"], r"--quantize=int3: expected int8 or int4"),
     (["--codec=/nonexistent/codec"], r"codec /nonexistent/codec: .* does not exist \(pass --codec=PATH"),
     (["T5", "--t5=/nonexistent/t5"], r"T5 path /nonexistent/t5 is not a directory .*--t5=PATH"),
 ])
@@ -431,3 +432,20 @@ def test_a_json_that_cannot_be_written_takes_its_wav_with_it(run_dir, tmp_path, 
     with pytest.raises(UserError, match="000.json: No space left on device"):
         generate.main([f"--run={run_dir}", "--prompt=soft piano", "--duration=0.2", f"--out={tmp_path}/"])
     assert not list(tmp_path.glob("000.*"))
+
+
+def test_quantized_generation_records_its_mode_and_is_not_mistaken_for_float_files(run_dir, tmp_path, capsys):
+    """--quantize=int8: the decode step runs on int8 weights (quantize.py), the .json says so, and a float file of the
+    same prompt and seed is not taken for the quantized one (nor the reverse): the mode is part of what makes a file."""
+    args = [f"--run={run_dir}", "--prompt=slow calm strings", "--duration=0.3", "--seed=7", f"--out={tmp_path}/"]
+    assert generate.main(args) == 0
+    float_wav = sf.read(tmp_path / "000.wav")[0]
+    assert json.loads((tmp_path / "000.json").read_text())["quantize"] == ""
+    capsys.readouterr()
+    assert generate.main(args + ["--quantize=int8"]) == 0
+    out = capsys.readouterr().out
+    assert "| int8 weights" in out and "already made" not in out
+    meta = json.loads((tmp_path / "000.json").read_text())
+    assert meta["quantize"] == "int8" and "--quantize=int8" in meta["command"]
+    q = sf.read(tmp_path / "000.wav")[0]
+    assert q.shape == float_wav.shape and np.abs(q).max() > 0

@@ -494,9 +494,9 @@ DEBUG_OVERRIDES = ["--epochs=2", "--updates_per_epoch=5", "--batch_size=4", "--s
 def test_debug_grid_on_real_slurm_finishes_and_resumes_after_preemption(slurm_cluster, runs_dir, monkeypatch):
     monkeypatch.setenv("SLURM_CONF", str(slurm_cluster))
     t0 = time.time()
-    import data
-    demo = data.make_demo_set(runs_dir.parent / "demo", seed=0, sizes={"train": 8, "valid": 2, "evaluate": 2,
-                                                                        "generate": 1})
+    import demo as demo_lib
+    demo = demo_lib.make_demo_set(runs_dir.parent / "demo", seed=0, sizes={"train": 8, "valid": 2, "evaluate": 2,
+                                                                            "generate": 1})
     overrides = DEBUG_OVERRIDES + [f"--dataset={demo}"]
     command = [sys.executable, "-m", "grids", "debug", *overrides]
     out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -286,10 +286,10 @@ def test_export_hf_needs_an_empty_directory(hf_dir, tmp_path):
 # ---- the round trip: transformers -> fine-tune here -> AudioCraft -> transformers
 
 def test_round_trip_hf_finetune_audiocraft_hf_keeps_every_logit(hf_dir, tmp_path):
-    import data
+    import demo
     from transformers import AutoProcessor, MusicgenForConditionalGeneration
     d, hf = hf_dir
-    data.make_demo_set(tmp_path / "demo", seed=0, sizes={"train": 4, "valid": 2, "evaluate": 2, "generate": 2})
+    demo.make_demo_set(tmp_path / "demo", seed=0, sizes={"train": 4, "valid": 2, "evaluate": 2, "generate": 2})
     args = ["config/debug.py", f"--dim={DIM}", "--n_layers=2", "--n_heads=4", f"--n_q={K}", f"--card={CARD}",
             "--conditioner=t5", f"--t5_path={d}", f"--text_dim={TEXT_DIM}", f"--codec={d}", "--mask_memory=True",
             f"--continue_from={d}", "--segment_duration=1.0", "--batch_size=4", "--epochs=1", "--updates_per_epoch=3",

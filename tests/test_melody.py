@@ -17,6 +17,7 @@ import torch
 import yaml
 
 import data
+import demo as demo_lib
 import formats
 import generate
 import melody
@@ -526,7 +527,8 @@ def test_debug_melody_run_trains_and_its_stages_follow_melodies(tmp_path):
     evaluate stage reports chroma_cos."""
     import os
     import subprocess
-    demo = data.make_demo_set(tmp_path / "demo", seed=0, sizes={"train": 8, "valid": 2, "evaluate": 2, "generate": 2})
+    demo = demo_lib.make_demo_set(tmp_path / "demo", seed=0,
+                                  sizes={"train": 8, "valid": 2, "evaluate": 2, "generate": 2})
     args = [str(ROOT / "config/debug.py"), str(ROOT / "config/melody.py"), "--dim=32", "--n_layers=1", "--n_heads=2",
             "--lut_dim=32", "--epochs=1", "--updates_per_epoch=2", "--batch_size=4", "--generate_every=1",
             "--evaluate_every=1", "--evaluate_samples=2", "--generate_count=2", "--generate_duration=0.5",
@@ -537,12 +539,14 @@ def test_debug_melody_run_trains_and_its_stages_follow_melodies(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     run = next((tmp_path / "runs" / "xps").iterdir())
     config = json.loads((run / "config.json").read_text())
-    assert (config["chroma_fuse"], config["chroma_stems"], config["attribute_dropout"]) == ("prepend", "", ["self_wav:0.5"])
+    chroma = (config["chroma_fuse"], config["chroma_stems"], config["attribute_dropout"])
+    assert chroma == ("prepend", "", ["self_wav:0.5"])
     assert (tmp_path / "cache" / "chroma16384-mix").is_dir()
     samples = sorted(p.name for p in (run / "samples" / "1").glob("*.wav"))
     assert samples == ["000.wav", "000_text.wav", "000_uncond.wav", "001.wav", "001_text.wav", "001_uncond.wav"]
     meta = json.loads((run / "samples" / "1" / "000.json").read_text())
-    assert meta["melody"].endswith(".wav") and "melody" not in json.loads((run / "samples" / "1" / "000_text.json").read_text())
+    text_only = json.loads((run / "samples" / "1" / "000_text.json").read_text())
+    assert meta["melody"].endswith(".wav") and "melody" not in text_only
     rows = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
     evaluate = next(row for row in rows if row["stage"] == "evaluate")
     assert 0 <= evaluate["chroma_cos"] <= 1 and evaluate["ce_uncond"] > 0

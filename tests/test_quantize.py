@@ -176,3 +176,20 @@ def test_row_bounds_match_slice_indices():
         for start in (None, -7, -2, 0, 3, 9):
             for stop in (None, -9, -1, 0, 2, 9):
                 assert quantize._bounds(slice(start, stop), n) == slice(start, stop).indices(n)[:2], (start, stop)
+
+
+def test_train_stages_sample_from_a_quantized_copy_and_keep_the_float_weights():
+    """train.py's quantize key: the generate/evaluate stages' sampler runs on an int8 copy; the training model keeps
+    its float weights (a quantized one would refuse state_dict), and the key is infrastructure (same signature)."""
+    import train
+    from _model_util import TINY_RUN
+    cfg = train.parse_args(TINY_RUN + ["--quantize=int8"])
+    model = train.build_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    codes = train.sample_codes(model, cfg, ["slow calm strings", None], 12, [0, 1], torch.device("cpu"), False, 25)
+    assert codes.shape == (2, cfg.n_q, 12)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not hasattr(model, "quantized")
+    assert train.config_signature(cfg) == train.config_signature(train.parse_args(TINY_RUN))
+    with pytest.raises(UserError, match=r'quantize="int3" is not one of , int8, int4'):
+        train.parse_args(TINY_RUN + ["--quantize=int3"])

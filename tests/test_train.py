@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import demo
 import env
 import train
 
@@ -28,7 +29,7 @@ TINY = ["config/debug.py", "--dim=32", "--n_layers=2", "--n_heads=2", "--lut_dim
 def dataset(tmp_path_factory):
     """A small demo set and its token cache, shared by the tests of this file."""
     root = tmp_path_factory.mktemp("data")
-    data.make_demo_set(root / "demo", seed=0, sizes={"train": 12, "valid": 4, "evaluate": 4, "generate": 2})
+    demo.make_demo_set(root / "demo", seed=0, sizes={"train": 12, "valid": 4, "evaluate": 4, "generate": 2})
     return root
 
 
@@ -245,7 +246,7 @@ def test_debug_recipe_learns_to_follow_text(tmp_path):
     """The README's recipe on a smaller demo set: valid ce falls well below its start, and the model given
     the text predicts better than the same model given none."""
     root = tmp_path / "data"
-    data.make_demo_set(root / "demo", seed=0, sizes={"train": 64, "valid": 16, "evaluate": 4, "generate": 2})
+    demo.make_demo_set(root / "demo", seed=0, sizes={"train": 64, "valid": 16, "evaluate": 4, "generate": 2})
     r = run(["config/debug.py", "--generate_every=0", "--evaluate_every=0"], tmp_path / "runs", root)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [json.loads(line) for line in (only_run_dir(tmp_path / "runs") / "history.jsonl").read_text().splitlines()]
