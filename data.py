@@ -51,6 +51,7 @@ import soxr
 import torch
 
 import env
+import melody
 from env import UserError, check_stop, cli, map_dataset_path, resolve_path, stop_requested, write_atomic
 
 SPLITS = ("train", "valid", "evaluate", "generate")
@@ -412,6 +413,29 @@ def describe(info, rng=None, merge_text_p=0.0, drop_desc_p=0.0, keep_field_p=1.0
     if rng.random() < drop_desc_p:
         desc = ""
     return ". ".join(([desc.rstrip(".")] if desc else []) + pairs)
+
+
+ATTRIBUTE_FIELDS = tuple(f for f in INFO_FIELDS if f != "description")   # the text attributes a model may take
+
+
+def check_attributes(names):
+    """Text attributes (a config's `attributes`, NAME or NAME:FUSE) must be sidecar fields."""
+    for spec in names:
+        name = str(spec).partition(":")[0]
+        if name not in ATTRIBUTE_FIELDS:
+            raise UserError(f"attributes: {name!r} is not a sidecar field; the text attributes are "
+                            f"{', '.join(ATTRIBUTE_FIELDS)}")
+
+
+def attribute_text(info, name):
+    """The text of one sidecar field as AudioCraft's MusicInfo gives it to its conditioner (lists joined by spaces,
+    numbers written out), None when empty."""
+    value = info.get(name)
+    if isinstance(value, list):
+        value = " ".join(value)
+    elif isinstance(value, float):
+        value = f"{value:g}"
+    return value or None
 
 
 def manifest_texts(manifest):
@@ -1072,7 +1096,7 @@ class Segments(torch.utils.data.Dataset):
 
     def __init__(self, name, paths, frames, *, train, segment_frames, hop, frame_rate, seed, min_segment_ratio,
                  weights, merge_text_p, drop_desc_p, keep_field_p, max_skip_fraction, cache=None, infos=None,
-                 audio=None, dropped=0):
+                 audio=None, dropped=0, attributes=(), chroma=None):
         self.name, self.paths, self.frames = name, _Strings(paths), np.asarray(frames, dtype=np.int64)
         self.train, self.T, self.hop, self.frame_rate, self.seed = train, segment_frames, hop, frame_rate, seed
         self.min_frames = math.ceil(min_segment_ratio * segment_frames - 1e-9)
@@ -1083,6 +1107,9 @@ class Segments(torch.utils.data.Dataset):
         self.max_skip_fraction = max_skip_fraction
         self.cache, self.audio, self.dropped = cache, audio, dropped
         self.infos = None if infos is None else _Strings(infos)  # cache: sidecars as read by tokenize, JSON
+        self.attributes = tuple(str(a).partition(":")[0] for a in attributes)   # text fields the items carry
+        self.chroma = chroma   # the melody's chroma classes: a cache beside the token cache ({dir, shard, offset,
+        # frames}) or, reading audio, an encoder; and the frames of one segment ("length")
         self.counts = torch.zeros(MAX_WORKERS + 1, 2, dtype=torch.int64).share_memory_()  # [row, (reads, fails)]
         self._mm, self._warned = {}, set()
 
@@ -1125,17 +1152,23 @@ class Segments(torch.utils.data.Dataset):
                 start = int(rng.integers(max(0, self.frames[f] - self.min_frames) + 1))
                 item = self._load(f, start)
                 if item is not None:
-                    item["description"] = describe(item.pop("info"), rng, **self.aug)
-                    return item
+                    return self._texts(item, rng)
         else:
             if not 0 <= i < len(self):
                 raise IndexError(i)
             for k in range(min(len(self), MAX_DRAWS)):  # an unreadable file: the next one stands in
                 item = self._load((i + k) % len(self), 0)
                 if item is not None:
-                    item["description"] = describe(item.pop("info"))
-                    return item
+                    return self._texts(item, None)
         raise UserError(f"{self.name}: no readable file after {MAX_DRAWS} tries (see the warnings above)")
+
+    def _texts(self, item, rng):
+        """The item's description (augmented in training) and its text attributes, from its sidecar."""
+        info = item.pop("info")
+        item["description"] = describe(info, rng, **self.aug) if rng is not None else describe(info)
+        if self.attributes:
+            item["attributes"] = {name: attribute_text(info, name) for name in self.attributes}
+        return item
 
     def _choose(self, rng):
         if self.cum is None:
@@ -1171,7 +1204,31 @@ class Segments(torch.utils.data.Dataset):
         codes = np.zeros((c["n_q"], self.T), dtype=np.int64)  # codes: [K, T] int64, zeros past the end
         codes[:, :n] = self._mm[shard][first:first + n].T
         valid = torch.arange(self.T) < n  # valid: [T] bool
-        return {"codes": torch.from_numpy(codes), "valid": valid, "info": json.loads(self.infos[f])}
+        item = {"codes": torch.from_numpy(codes), "valid": valid, "info": json.loads(self.infos[f])}
+        if self.chroma:
+            item["chroma"] = self._read_chroma(f, start, n)
+        return item
+
+    def _read_chroma(self, f, start, n, wav=None):
+        """The chroma classes [length] int64 of the segment of n real frames from frame start, -1 past its audio
+        (AudioCraft masks chroma frames at or after length / hop). From the cache, its frame at the segment's start
+        time (AudioCraft's int(frame_rate * seek_time)) on; or from the segment's audio wav [C, S]."""
+        c = self.chroma
+        out = np.full(c["length"], -1, dtype=np.int64)          # classes: [length] int64
+        real = min(c["length"], math.ceil(n / self.frame_rate * melody.FRAME_RATE - 1e-9))
+        if wav is not None:
+            classes = c["encoder"].classes(torch.from_numpy(wav.mean(0))[None], c["sample_rate"])[0].numpy()
+            real = min(real, len(classes))
+            out[:real] = classes[:real]
+            return torch.from_numpy(out)
+        shard, first = int(c["shard"][f]), int(start / self.frame_rate * melody.FRAME_RATE)
+        key = ("chroma", shard)
+        if key not in self._mm:
+            self._mm[key] = np.memmap(Path(c["dir"]) / f"codes.{shard}.u16", dtype=np.uint16, mode="r")
+        m = max(0, min(real, int(c["frames"][f]) - first))
+        at = int(c["offset"][f]) + first
+        out[:m] = self._mm[key][at:at + m]
+        return torch.from_numpy(out)
 
     def _read_wav(self, f, start):
         a = self.audio
@@ -1184,20 +1241,28 @@ class Segments(torch.utils.data.Dataset):
         wav = np.zeros((a["channels"], S), np.float32)  # wav: [C, S] float32, zeros past the end
         wav[:, :n] = x[:, :n]                           # (numpy: torch's threaded fill is slow on busy CPUs)
         valid = torch.arange(self.T) < -(-n // self.hop)  # valid: [T] bool, frames touching real audio
-        return {"wav": torch.from_numpy(wav), "valid": valid, "info": info}
+        item = {"wav": torch.from_numpy(wav), "valid": valid, "info": info}
+        if self.chroma:
+            item["chroma"] = self._read_chroma(f, start, n / self.hop, wav)
+        return item
 
 
 def open_split(dataset, split, *, codec, train, segment_duration=30.0, seed=0, token_cache=False, cache_dir=None,
                min_segment_ratio=0.8, sample_on_weight=False, sample_on_duration=False, merge_text_p=0.25,
                drop_desc_p=0.5, keep_field_p=0.5, max_skip_fraction=0.05, rank=0, world_size=1,
-               stall_timeout=STALL_TIMEOUT):
+               stall_timeout=STALL_TIMEOUT, attributes=(), chroma=None):
     """The Segments of one split of a dataset directory.
 
     With token_cache the split is tokenized once into cache_path(...) and items hold codes; otherwise items
     hold wav at the codec's rate and channels for the trainer to encode. Every rank of a job calls it at once,
     with its rank and world_size, and no collective: a missing or stale cache is encoded by all of them, each its
     share (tokenize(..., wait=True)), and each returns when the whole split is in. The cache's frame counts are
-    the truth about durations: sample_on_duration uses them, and a manifest that disagrees is said once."""
+    the truth about durations: sample_on_duration uses them, and a manifest that disagrees is said once.
+
+    attributes: sidecar fields the items carry as text conditions (item["attributes"]). chroma: a
+    melody.ChromaEncoder: items carry the segment's chroma classes (item["chroma"], a melody model's condition),
+    which with token_cache are computed once per file into a cache beside the token cache (the same machinery:
+    cache_path(cache_dir, chroma, ...), sharded, resumable), and otherwise from each segment's audio."""
     if split not in SPLITS:
         raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     if segment_duration is None or not segment_duration > 0:
@@ -1215,9 +1280,12 @@ def open_split(dataset, split, *, codec, train, segment_duration=30.0, seed=0, t
     if not metas:
         raise UserError(f"{file} lists no files")
     T = max(1, round(segment_duration * codec.frame_rate))
+    check_attributes(attributes)
     common = dict(train=train, segment_frames=T, hop=codec.hop, frame_rate=codec.frame_rate, seed=seed,
                   min_segment_ratio=min_segment_ratio, merge_text_p=merge_text_p, drop_desc_p=drop_desc_p,
-                  keep_field_p=keep_field_p, max_skip_fraction=max_skip_fraction)
+                  keep_field_p=keep_field_p, max_skip_fraction=max_skip_fraction, attributes=attributes)
+    # one segment's chroma frames: the melody condition's length (ChromaConditioner.frames)
+    chroma_length = melody.chroma_frames(int(melody.CHROMA_RATE * segment_duration))
     name = f"{root.name}/{split}"
 
     def weights(ok, seconds):
@@ -1230,13 +1298,21 @@ def open_split(dataset, split, *, codec, train, segment_duration=30.0, seed=0, t
         frames = [max(1, math.ceil(m.duration * codec.frame_rate - 1e-6)) for m in metas]
         audio = {"sample_rate": codec.sample_rate, "channels": codec.channels,
                  "rates": np.array([m.sample_rate for m in metas])}
-        return Segments(name, [m.path for m in metas], frames, audio=audio,
+        chroma_cfg = None if chroma is None else {"encoder": chroma, "sample_rate": codec.sample_rate,
+                                                    "length": chroma_length}
+        return Segments(name, [m.path for m in metas], frames, audio=audio, chroma=chroma_cfg,
                         weights=weights(range(len(metas)), [m.duration for m in metas]), **common)
+    stamps = input_stamps(metas)
+    fill = dict(rank=rank, world_size=world_size, wait=True, stall_timeout=stall_timeout, verbose=True,
+                batch_size=16, num_workers=0, chunk_seconds=30.0)
     out = cache_path(cache_root, codec, file, metas)
-    rows, _ = _fill_cache(file, metas, input_stamps(metas), out, codec, rank=rank, world_size=world_size, wait=True,
-                          stall_timeout=stall_timeout, verbose=True, batch_size=16, num_workers=0, chunk_seconds=30.0)
-    ok = [i for i in range(len(metas)) if "error" not in rows[i]]
-    bad = [rows[i] for i in range(len(metas)) if "error" in rows[i]]
+    rows, _ = _fill_cache(file, metas, list(stamps), out, codec, **fill)
+    chroma_rows = rows
+    if chroma is not None:   # the same machinery, its own directory beside the token cache
+        chroma_out = cache_path(cache_root, chroma, file, metas)
+        chroma_rows, _ = _fill_cache(file, metas, list(stamps), chroma_out, chroma, **fill)
+    ok = [i for i in range(len(metas)) if "error" not in rows[i] and "error" not in chroma_rows[i]]
+    bad = [rows[i] if "error" in rows[i] else chroma_rows[i] for i in sorted(set(range(len(metas))) - set(ok))]
     if bad:
         if rank == 0:
             _log(f"warning: data: {name}: {len(bad)} of {len(metas)} files were unreadable when {out} was made, "
@@ -1255,19 +1331,43 @@ def open_split(dataset, split, *, codec, train, segment_duration=30.0, seed=0, t
              f"durations are used (rebuild the manifest to make them agree)")
     cache = {"dir": str(out), "n_q": codec.n_q, "shard": np.array([rows[i]["shard"] for i in ok], dtype=np.int32),
              "offset": np.array([rows[i]["offset"] for i in ok], dtype=np.int64)}
+    chroma_cfg = None
+    if chroma is not None:
+        chroma_cfg = {"dir": str(chroma_out), "length": chroma_length,
+                      "shard": np.array([chroma_rows[i]["shard"] for i in ok], dtype=np.int32),
+                      "offset": np.array([chroma_rows[i]["offset"] for i in ok], dtype=np.int64),
+                      "frames": np.array([chroma_rows[i]["frames"] for i in ok], dtype=np.int64)}
     return Segments(name, [metas[i].path for i in ok], [rows[i]["frames"] for i in ok], weights=weights(ok, seconds),
-                    cache=cache, infos=[json.dumps(rows[i]["info"]) for i in ok], dropped=len(bad), **common)
+                    cache=cache, infos=[json.dumps(rows[i]["info"]) for i in ok], dropped=len(bad),
+                    chroma=chroma_cfg, **common)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Batches
 
 def collate(items):
-    """{codes [B, K, T] | wav [B, C, S], valid [B, T], descriptions list[str], paths list[str]}."""
+    """{codes [B, K, T] | wav [B, C, S], valid [B, T], descriptions list[str], paths list[str]}, and with them
+    attributes {name: list[str | None]} and chroma [B, length] int64 when the split has them."""
     key = "codes" if "codes" in items[0] else "wav"
     stack = lambda k: torch.from_numpy(np.stack([it[k].numpy() for it in items]))  # noqa: E731 (numpy: one thread)
-    return {key: stack(key), "valid": stack("valid"), "descriptions": [it["description"] for it in items],
-            "paths": [it["path"] for it in items]}
+    batch = {key: stack(key), "valid": stack("valid"), "descriptions": [it["description"] for it in items],
+             "paths": [it["path"] for it in items]}
+    if "attributes" in items[0]:
+        batch["attributes"] = {name: [it["attributes"][name] for it in items] for name in items[0]["attributes"]}
+    if "chroma" in items[0]:
+        batch["chroma"] = stack("chroma")
+    return batch
+
+
+def unconditioned(batch):
+    """The batch with no condition at all: no description, no attributes, no melody (the valid stage's ce_uncond)."""
+    n = len(batch["descriptions"])
+    out = dict(batch, descriptions=[None] * n)
+    if "attributes" in batch:
+        out["attributes"] = {name: [None] * n for name in batch["attributes"]}
+    if "chroma" in batch:
+        out["chroma"] = torch.full_like(batch["chroma"], -1)
+    return out
 
 
 def train_batches(batch_size, rank, world_size, start=0):

@@ -13,12 +13,14 @@ facebook/musicgen-small as save_pretrained writes it). The items are the split's
 (--dataset=DIR with --split, default evaluate: DIR/<split>/data.jsonl[.gz], AudioCraft's layout; --dataset=demo is
 train.py's synthetic set) or one --manifest=FILE, in order, the first --samples of them (0: all). Item i (its line
 in the manifest) is generated from its description (the sidecar's, as train.py's evaluate split reads it; none:
-unconditional) with row seed --seed + i, for --duration seconds, --batch_size at a time, with model.sample (the
-sampler of generate.py and train.py; windows slide past the model's context) and loudness-normalised as generate.py
-does (--normalize=none keeps the codec's level, as AudioCraft's metrics see it). Each becomes OUT/samples/NNN.wav
-with a .json holding every setting and the generate.py command that remakes it alone. The metrics then read those
-files and the references (the first --duration seconds of each, at the codec's rate and channels): fad, kld, clap
-and chroma_cos as metrics.py defines them (its --help lists the weights files and where they go). A reference
+unconditional; a melody model, config/melody.py or musicgen-melody, also follows the item's reference audio as
+generate.py --melody=FILE does) with row seed --seed + i, for --duration seconds, --batch_size at a time, with
+model.sample (the sampler of generate.py and train.py; windows slide past the model's context) and
+loudness-normalised as generate.py does (--normalize=none keeps the codec's level, as AudioCraft's metrics see it).
+Each becomes OUT/samples/NNN.wav with a .json holding every setting and the generate.py command that remakes it
+alone. The metrics then read those files and the references (the first --duration seconds of each, at the codec's
+rate and channels): fad, kld, clap and chroma_cos as metrics.py defines them (its --help lists the weights files
+and where they go). A reference
 shorter than --duration is compared over its own length: its generated clip is cut to match (the report counts
 them); an unreadable reference or sidecar skips its item with a warning (the report lists them).
 
@@ -53,6 +55,7 @@ import demo
 import env
 import formats
 import generate
+import melody
 import metrics
 import model as lm_lib
 import train
@@ -185,6 +188,14 @@ def append_row(folder, row):
 # ----------------------------------------------------------------------------------------------------------
 # The two phases: generate what is missing, then score every item from the files
 
+def item_melody(mg, item):
+    """The melody values an item's .json records (generate.py's --melody and its file identity): its reference audio
+    for a melody model, none otherwise."""
+    if mg.lm.melody is None:
+        return {"melody": None, "melody_file": None}
+    return {"melody": item.path, "melody_file": generate.stat_identity(item.path)}
+
+
 def generate_missing(d, o, mg, items, paths, todo, settings, resolved, common, n_frames, stride, device, dtype):
     """model.sample for the items at positions `todo` (this rank's share), batch by batch; each wav + .json written
     whole (generate.write_output). -> (files written, seconds, this process's CPU seconds)."""
@@ -203,10 +214,13 @@ def generate_missing(d, o, mg, items, paths, todo, settings, resolved, common, n
         # steps/s and stop checks between decode steps; with several ranks only the collective check between batches
         meter = generate.Progress(f"batch {turn + 1}/{turns}", len(chunk) * n_frames / rate) \
             if d.world_size == 1 else None
+        melodies = None if mg.lm.melody is None else [   # a melody model: each reference's, as generate.py --melody
+            mg.lm.melody.melody_classes(melody.read_melody(it.path, f"item {it.index}: melody"), melody.CHROMA_RATE)
+            for it in batch]
         with torch.autocast(device.type, dtype=generate.DTYPES[dtype], enabled=dtype != "float32"):
             codes = lm_lib.sample(mg.lm, [it.description for it in batch], n_frames, window=mg.window, stride=stride,
-                                  seeds=[o["seed"] + it.index for it in batch],
-                                  on_step=meter, **settings)   # [b, K, n_frames]
+                                  seeds=[o["seed"] + it.index for it in batch], melodies=melodies,
+                                  frame_rate=rate, on_step=meter, **settings)   # [b, K, n_frames]
         for j, it, row in zip(chunk, batch, codes):
             # decoded one at a time: a file is then the same whatever batch made it (a resumed run's, another
             # rank's, generate.py's remake from the .json's command); batched decoding rounds differently
@@ -216,12 +230,13 @@ def generate_missing(d, o, mg, items, paths, todo, settings, resolved, common, n
             command = shlex.join(["python", "generate.py", f"--run={o['run']}"]
                                  + ([f"--prompt={it.description}"] if it.description else [])
                                  + [f"--seed={row_seed}", f"--out={paths[j].name}"]
+                                 + ([f"--melody={it.path}"] if mg.lm.melody is not None else [])
                                  + [f"--{k}={resolved[k]}" for k in ("duration", *formats.SAMPLING_DEFAULTS,
                                                                      "extend_stride", "normalize", "headroom_db",
                                                                      "device", "dtype", "t5", "codec")
                                     if resolved[k] is not None])
-            meta = {**resolved, **common, "prompt": it.description, "index": it.index, "row_seed": row_seed,
-                    "reference": it.path, "file": paths[j].name, "signature": mg.signature,
+            meta = {**resolved, **common, **item_melody(mg, it), "prompt": it.description, "index": it.index,
+                    "row_seed": row_seed, "reference": it.path, "file": paths[j].name, "signature": mg.signature,
                     "sample_rate": sr, "gain_db": round(gain_db, 2), "command": command}
             generate.write_output(paths[j], audio, sr, meta, advice)
             written += 1
@@ -291,7 +306,7 @@ def score(d, o, ev, mg, items, paths):
 
 def evaluate(d, o):
     t_start = time.time()
-    generate.check_options({**o, "prompt": None, "prompts": None, "audio_prompt": None,
+    generate.check_options({**o, "prompt": None, "prompts": None, "audio_prompt": None, "quantize": "",
                             "prompt_duration": generate.OPTIONS["prompt_duration"]})
     if o["samples"] < 0:
         raise UserError(f"--samples={o['samples']}: must be >= 0 (0: every item of the split)")
@@ -342,13 +357,15 @@ def evaluate(d, o):
            f"{f' ({len(skipped)} skipped)' if skipped else ''} | {o['duration']:g} s each | {', '.join(names)}")
 
     resolved = {**o, **settings, "device": str(device), "dtype": dtype, "compile": compiled,
-                "extend_stride": round(stride / rate, 6), "audio_prompt": None, "prompt_duration": None}
-    common = {"frames": n_frames, "audio_prompt_file": None, "source": str(mg.source),
+                "extend_stride": round(stride / rate, 6), "audio_prompt": None, "prompt_duration": None, "quantize": "",
+                "melody": None, "chroma_stems": None if mg.lm.melody is None else mg.lm.melody.stems}
+    common = {"frames": n_frames, "audio_prompt_file": None, "melody_file": None, "source": str(mg.source),
               "source_file": generate.stat_identity(mg.source), "weights": mg.weights, "codec_source": mg.codec_source,
               "torch": torch.__version__}
 
     def wanted(j, seed):   # generate.py's resume check: the OUTPUT_KEYS values file j must record
-        values = {**resolved, **common, "prompt": items[j].description, "row_seed": seed + items[j].index}
+        values = {**resolved, **common, "prompt": items[j].description, "row_seed": seed + items[j].index,
+                  **item_melody(mg, items[j])}
         return {k: values[k] for k in generate.OUTPUT_KEYS}
     _, done = generate.resume(generate.read_previous(paths), wanted, o["seed"], len(items))
     todo = [j for j in range(len(items)) if j not in done]

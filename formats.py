@@ -34,6 +34,7 @@ import yaml
 import adapters
 import codec as codec_lib
 import env
+import melody
 import model as lm_lib
 import text
 from env import UserError, cli, load_tensors, parse_options, read_weights, resolve_path, write_atomic
@@ -43,6 +44,10 @@ CODEC_FILE = "compression_state_dict.bin"
 _CODEC_EXPECTED = f"; expected an AudioCraft {CODEC_FILE} or a Hugging Face EnCodec directory"  # unreadable files
 T5_DIMS = {"t5-small": 512, "t5-base": 768, "t5-large": 1024, "t5-3b": 1024, "t5-11b": 1024}
 TEXT_DIM_T5 = {512: "t5-small", 768: "t5-base", 1024: "t5-large"}
+# AudioCraft's ChromaStemConditioner settings (its chroma2music.yaml, which MusicGen-melody was trained with): the
+# chroma melody.py computes; its builder passes every key on, so an export writes exactly these
+CHROMA_STEM = {"sample_rate": melody.CHROMA_RATE, "n_chroma": melody.N_CHROMA, "radix2_exp": 14, "argmax": True,
+               "match_len_on_eval": False, "eval_wavs": None, "n_eval_wavs": 100, "cache_path": None}
 # AudioCraft's MusicGen.set_generation_params defaults, for files that do not say otherwise
 SAMPLING_DEFAULTS = {"cfg_coef": 3.0, "top_k": 250, "top_p": 0.0, "temperature": 1.0}
 
@@ -129,7 +134,7 @@ def _parse_xp(xp, source):
 # ----------------------------------------------------------------------------------------------------------
 # AudioCraft LM: state_dict.bin = {'best_state': flat LM state dict, 'xp.cfg': YAML text}
 
-def audiocraft_differences(cfg, conditioner="t5"):
+def audiocraft_differences(cfg, conditioner="t5", chroma_stems="", segment_duration=None):
     """What AudioCraft computes differently from us for a model with these settings, one sentence each: an export
     records them in xp.cfg (nanomusicgen.audiocraft_differences) and generate.py export prints them, so that nobody
     compares the two and concludes that one is broken."""
@@ -144,6 +149,13 @@ def audiocraft_differences(cfg, conditioner="t5"):
     if conditioner == "lut":
         out.append("conditioner=lut: AudioCraft conditions released-style models on T5 and tokenizes lookup-table "
                    "text its own way, so only nanomusicgen follows this model's prompts")
+    if cfg.chroma_fuse and not chroma_stems:
+        out.append("chroma_stems='': this model learned the chroma of the full mix; AudioCraft's ChromaStemConditioner "
+                   "always removes drums and bass first (Demucs), so there it follows a melody through other chroma")
+    if cfg.chroma_fuse and segment_duration is not None and segment_duration <= 18:
+        out.append(f"segment_duration={segment_duration:g}: AudioCraft reads a context of 30 s from this export (its "
+                   f"extend_stride must be shorter), so its melody condition spans the chroma of 30 s, not of "
+                   f"{segment_duration:g} s as here")
     return out
 
 
@@ -184,14 +196,27 @@ def xp_config(cfg, extra=None):
         "attribute_dropout": {},
         "fuser": {"cross_attention_pos_emb": False, "cross_attention_pos_emb_scale": 1,
                   "sum": [], "prepend": [], "cross": [], "input_interpolate": []},
-        "conditioners": {"description": {"model": "t5", "t5": {
-            "name": TEXT_DIM_T5.get(cfg.text_dim, "t5-base"), "finetune": False, "word_dropout": 0.3,
-            "normalize_text": False}}},
+        "conditioners": {},
         "nanomusicgen": {"text_dim": cfg.text_dim, "mask_memory": cfg.mask_memory,
                          "cfg_dropout_per_batch": cfg.cfg_dropout_per_batch,
                          "audiocraft_differences": audiocraft_differences(cfg)},
     }
-    xp["fuser"][cfg.fuse] = ["description"]
+    fuses = lm_lib.condition_fuses(cfg)
+    xp["transformer_lm"]["cross_attention"] = "cross" in fuses.values()
+    if lm_lib.MELODY in fuses:     # first, as AudioCraft's chroma2music.yaml has it (the fuser applies text first)
+        xp["conditioners"][lm_lib.MELODY] = {"model": "chroma_stem", "chroma_stem": dict(CHROMA_STEM)}
+    for name, fuse in fuses.items():
+        xp["fuser"][fuse].append(name)
+        if name != lm_lib.MELODY:
+            xp["conditioners"][name] = {"model": "t5", "t5": {
+                "name": TEXT_DIM_T5.get(cfg.text_dim, "t5-base"), "finetune": False, "word_dropout": 0.3,
+                "normalize_text": False}}
+    dropout = lm_lib.attribute_dropout(cfg)
+    if dropout:   # AudioCraft's layout: per condition type, and its args
+        xp["attribute_dropout"] = {"args": {"active_on_eval": False},
+                                   "text": {n: p for n, p in dropout.items() if n != lm_lib.MELODY},
+                                   "wav": {n: p for n, p in dropout.items() if n == lm_lib.MELODY}}
+        xp["nanomusicgen"]["attribute_dropout_per_batch"] = cfg.attribute_dropout_per_batch
     for key, value in (extra or {}).items():
         _merge(xp, key, value)
     return xp
@@ -216,6 +241,52 @@ def export_audiocraft_lm(model, cfg, path, extra=None):
     return path
 
 
+def xp_conditions(xp, source):
+    """{condition name: fuse} from xp.cfg's conditioners and fuser, in AudioCraft's fuser order (text conditions in
+    the conditioners' order, then the melody); what our model cannot compute is a UserError."""
+    conds = {k: v for k, v in (lookup(xp, "conditioners") or {}).items() if k != "args"}
+    kinds = {name: lookup(xp, f"conditioners.{name}.model") for name in conds}
+    unknown = sorted(n for n, k in kinds.items() if k not in ("t5", "lut", "chroma_stem")
+                     or (k == "chroma_stem") != (n == lm_lib.MELODY))
+    if unknown or "description" not in conds:
+        raise UserError(f"{source}: conditioners {', '.join(f'{n} ({kinds[n]})' for n in unknown) or 'without description'}"
+                        f" not supported: nanomusicgen conditions on text (t5, lut: description and other attributes) and "
+                        f"on a melody (chroma_stem, as {lm_lib.MELODY}), not on style or CLAP conditioners")
+    for key in ("input_interpolate", "ignore"):
+        if lookup(xp, f"fuser.{key}"):
+            raise UserError(f"{source}: fuser.{key}={lookup(xp, f'fuser.{key}')} is not supported (prepend, cross, sum)")
+    fuses = {}
+    for name in conds:
+        found = [m for m in lm_lib.FUSES if name in (lookup(xp, f"fuser.{m}") or [])]
+        allowed = lm_lib.CHROMA_FUSES if name == lm_lib.MELODY else lm_lib.FUSES
+        if len(found) != 1 or found[0] not in allowed:
+            raise UserError(f"{source}: fuser must put {name!r} in exactly one of {', '.join(allowed)}")
+        fuses[name] = found[0]
+    if kinds.get(lm_lib.MELODY):
+        for key, want in CHROMA_STEM.items():
+            got = lookup(xp, f"conditioners.{lm_lib.MELODY}.chroma_stem.{key}", want)
+            if key in ("sample_rate", "n_chroma", "radix2_exp", "argmax") and got != want:
+                raise UserError(f"{source}: conditioners.{lm_lib.MELODY}.chroma_stem.{key}={got} is not supported "
+                                f"(melody.py computes MusicGen-melody's chroma: {want})")
+    texts = [n for n in conds if n != lm_lib.MELODY]
+    order = ["description"] + [n for n in texts if n != "description"]
+    if texts != order and any(sum(fuses[n] == f for n in texts) > 1 for f in ("prepend", "cross")):
+        raise UserError(f"{source}: conditioners list {texts[0]!r} before description and share its fuse: nanomusicgen "
+                        f"fuses the description first")
+    return {n: fuses[n] for n in order + [n for n in conds if n == lm_lib.MELODY]}
+
+
+def xp_attribute_dropout(xp, conditions):
+    """attribute_dropout's NAME:P entries from xp.cfg's attribute_dropout {text: {...}, wav: {...}} (its args
+    left out), for the conditions the model has."""
+    out = []
+    for kind in ("text", "wav"):
+        for name, p in (lookup(xp, f"attribute_dropout.{kind}") or {}).items():
+            if name in conditions and float(p) > 0:
+                out.append(f"{name}:{float(p):g}")
+    return tuple(out)
+
+
 def lm_config_from_xp(xp, state=None, source="xp.cfg"):
     """LMConfig from AudioCraft's xp.cfg; features our model does not implement are a UserError."""
     if lookup(xp, "lm_model", "transformer_lm") != "transformer_lm":
@@ -235,14 +306,7 @@ def lm_config_from_xp(xp, state=None, source="xp.cfg"):
             raise UserError(f"{source}: transformer_lm.{key}={got} is not supported (MusicGen's LM has {want})")
     if lookup(xp, "transformer_lm.positional_scale", 1.0) != 1.0:
         raise UserError(f"{source}: transformer_lm.positional_scale is not supported")
-    conds = lookup(xp, "conditioners") or {}
-    extra_conds = sorted(set(conds) - {"description", "args"})
-    if extra_conds or "description" not in conds:
-        raise UserError(f"{source}: conditioners {sorted(conds)} not supported: nanomusicgen conditions on a "
-                        f"text 'description' only (no melody/chroma, style or CLAP conditioners)")
-    fuse = [m for m in lm_lib.FUSES if "description" in (lookup(xp, f"fuser.{m}") or [])]
-    if len(fuse) != 1:
-        raise UserError(f"{source}: fuser must put 'description' in exactly one of {', '.join(lm_lib.FUSES)}")
+    conditions = xp_conditions(xp, source)
     if lookup(xp, "fuser.cross_attention_pos_emb", False):
         raise UserError(f"{source}: fuser.cross_attention_pos_emb=true is not supported")
     pattern = lookup(xp, "codebooks_pattern.modeling", "parallel")
@@ -275,7 +339,11 @@ def lm_config_from_xp(xp, state=None, source="xp.cfg"):
         n_heads=int(lookup(xp, "transformer_lm.num_heads")),
         hidden_scale=int(lookup(xp, "transformer_lm.hidden_scale", 4)), n_q=n_q,
         card=int(lookup(xp, "transformer_lm.card")),
-        pattern=pattern, delays=delays, text_dim=int(text_dim), fuse=fuse[0],
+        pattern=pattern, delays=delays, text_dim=int(text_dim), fuse=conditions["description"],
+        attributes=tuple(f"{n}:{f}" for n, f in conditions.items() if n not in ("description", lm_lib.MELODY)),
+        chroma_fuse=conditions.get(lm_lib.MELODY, ""),
+        attribute_dropout=xp_attribute_dropout(xp, conditions),
+        attribute_dropout_per_batch=bool(lookup(xp, "nanomusicgen.attribute_dropout_per_batch", False)),
         mask_memory=bool(lookup(xp, "nanomusicgen.mask_memory", False)),
         dropout=float(lookup(xp, "transformer_lm.dropout", 0.0) or 0.0),
         cfg_dropout=float(lookup(xp, "classifier_free_guidance.training_dropout", 0.3)),
@@ -297,6 +365,17 @@ def lm_settings_from_xp(xp, path, state=None, t5=None):
     if kind not in ("t5", "lut") or (kind == "lut" and not ours):
         raise UserError(f"{path}: text conditioner {kind!r} is not supported (T5, or the lookup table of a "
                         f"nanomusicgen export)")
+    for name in lm_lib.condition_fuses(lm_lib.lm_config(settings)):
+        same = [lookup(xp, f"conditioners.{n}.model") for n in (name, "description")] + \
+            [lookup(xp, f"conditioners.{n}.t5.name") for n in (name, "description")]
+        if name not in ("description", lm_lib.MELODY) and (same[0] != same[1] or same[2] != same[3]):
+            raise UserError(f"{path}: conditioner {name} is not of description's kind: nanomusicgen builds every text "
+                            f"condition of a model alike")
+    # the melody's chroma: of the song without drums and bass (AudioCraft always takes it so), unless our export
+    # says it learned the full mix; one segment's chroma frames (the melody condition's length)
+    settings["chroma_stems"] = str(lookup(xp, "nanomusicgen.chroma_stems", melody.DEMUCS_WEIGHTS) or "")
+    settings["segment_duration"] = float(lookup(xp, "nanomusicgen.segment_duration")
+                                         or lookup(xp, "dataset.segment_duration", 30.0))
     settings.update({k: ours[k] for k in text.SETTINGS if k in ours and k != "t5_path"})  # paths are the machine's
     settings["conditioner"] = kind
     if kind == "t5":
@@ -499,6 +578,9 @@ def hf_differences(cfg, text_max_length=0):
 def _hf_refusal(mg):
     """Why this model cannot be written as a transformers MusicGen, or None."""
     cfg, codec, cond = mg.lm_cfg, mg.codec, mg.conditioner
+    if len(mg.lm.fuses) > 1:
+        return (f"conditions {', '.join(mg.lm.fuses)}: transformers' MusicGen conditions on a description only; "
+                f"export --format=audiocraft instead")
     if cond["conditioner"] != "t5":
         return (f"conditioner={cond['conditioner']}: transformers' MusicGen conditions on T5 only, so a lookup-table "
                 f"conditioner cannot be expressed there; export --format=audiocraft instead")
@@ -1208,7 +1290,9 @@ def export(run, out_dir, runs_dir=None, codec=None, format="audiocraft", t5=None
     if format == "hf":
         return (mg, *export_hf(mg, out, t5))
     cond = dict(mg.conditioner)
-    differences = audiocraft_differences(mg.lm_cfg, cond["conditioner"])
+    stems = mg.lm.melody.stems if mg.lm.melody is not None else ""
+    differences = audiocraft_differences(mg.lm_cfg, cond["conditioner"], stems, mg.max_duration)
+    texts = [n for n in mg.lm.fuses if n != lm_lib.MELODY]
     extra = {
         "sample_rate": mg.codec.sample_rate, "channels": mg.codec.channels,
         # AudioCraft's max_duration (one generation window); its MusicGen asserts that its default extend_stride
@@ -1220,16 +1304,20 @@ def export(run, out_dir, runs_dir=None, codec=None, format="audiocraft", t5=None
         "nanomusicgen": {"signature": mg.signature, "weights": mg.weights, "codec": mg.codec_source,
                          "segment_duration": mg.max_duration, "audiocraft_differences": differences},
     }
+    if mg.lm.melody is not None:
+        extra["nanomusicgen"]["chroma_stems"] = stems
     tokenizer_file = None
     if cond["conditioner"] == "t5":   # AudioCraft knows t5-* and google/flan-t5-* by name
         name = Path(str(cond["t5_path"])).name
         if name in T5_DIMS or name.startswith("flan-t5-"):
-            extra["conditioners.description.t5.name"] = ("google/" if name.startswith("flan") else "") + name
+            for text_name in texts:
+                extra[f"conditioners.{text_name}.t5.name"] = ("google/" if name.startswith("flan") else "") + name
     else:
         lut = mg.lm.conditioner
-        extra["conditioners.description"] = {"model": "lut", "lut": {
-            "n_bins": lut.tokenizer.vocab_size, "dim": cond["lut_dim"], "tokenizer": "noop",
-            "pad_idx": lut.tokenizer.pad_id}}
+        for text_name in texts:
+            extra[f"conditioners.{text_name}"] = {"model": "lut", "lut": {
+                "n_bins": lut.tokenizer.vocab_size, "dim": cond["lut_dim"], "tokenizer": "noop",
+                "pad_idx": lut.tokenizer.pad_id}}
         spec = str(cond["lut_tokenizer"])
         if text.tokenizer_file(spec) is not None:
             prefix = "tiktoken:" if spec.startswith("tiktoken:") else ""

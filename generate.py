@@ -4,6 +4,7 @@
     python generate.py --run=runs/xps/SIG --prompts=prompts.txt --out=samples/ --batch_size=8
     python generate.py --run=//reference/musicgen-small --prompt="80s synth pop" --duration=60 --out=long.flac
     python generate.py --run=SIG --audio_prompt=intro.wav --prompt_duration=3 --duration=15 --out=more.wav
+    python generate.py --run=//reference/musicgen-melody --prompt="80s synth pop" --melody=tune.wav --out=pop.wav
     python generate.py export SIG out/my-musicgen         # state_dict.bin + compression_state_dict.bin
 
 --run is a run signature (under the team's runs directory, or --runs_dir), a run directory (config.json +
@@ -34,6 +35,12 @@ costs a CPU ~20-45 s) --audio_prompt=FILE --prompt_duration (s of it, 3; resampl
 none; never above -1 dBFS) --t5=PATH --codec=PATH (instead of the run's) --runs_dir --quantize (int8 | int4:
 weight-only quantized decoding, quantize.py; fewer bytes per step for some loss of fidelity, see BENCHMARKS.md).
 
+Melody models (config/melody.py, the released musicgen-melody) follow --melody=FILE, as AudioCraft's
+generate_with_chroma: the file (mono, resampled to 32 kHz, at least 0.51 s) becomes its chroma (melody.py: drums and
+bass removed by Demucs when the model's chroma_stems names its weights; --chroma_stems=PATH or "" to change that),
+which loops or is trimmed to the model's context; a piece longer than one window follows the melody on, looping
+it. Every prompt follows the same melody; without --melody a melody model plays without one.
+
 Export writes AudioCraft's layout, so `audiocraft.models.MusicGen.get_pretrained(OUT_DIR)` loads the model and
 `python generate.py --run=OUT_DIR` samples it: the LM's best EMA state with its xp.cfg, and the codec. AudioCraft
 conditions released-style models on T5: a model trained here with conditioner=t5 means the same thing there. A
@@ -60,6 +67,7 @@ import torch
 import data
 import env
 import formats
+import melody
 import model as lm_lib
 import quantize
 from env import UserError, resolve_path
@@ -157,8 +165,9 @@ def stat_identity(path):
 # re-run of the same command skips it. The batch, the batch size and timings are not among them: a row's codes
 # do not depend on its batch.
 OUTPUT_KEYS = ("prompt", "row_seed", "cfg_coef", "top_k", "top_p", "temperature", "frames", "extend_stride",
-               "audio_prompt", "audio_prompt_file", "prompt_duration", "normalize", "headroom_db", "source",
-               "source_file", "weights", "codec_source", "dtype", "device", "compile", "quantize", "torch")
+               "audio_prompt", "audio_prompt_file", "prompt_duration", "melody", "melody_file", "chroma_stems",
+               "normalize", "headroom_db", "source", "source_file", "weights", "codec_source", "dtype", "device",
+               "compile", "quantize", "torch")
 
 
 def read_previous(paths):
@@ -216,6 +225,7 @@ OPTIONS = {  # env.parse_options' schema: key: default, or (type, None) for "of 
     "cfg_coef": (float, None), "top_k": (int, None), "top_p": (float, None), "temperature": (float, None),
     "seed": (int, None), "batch_size": 8, "device": (str, None), "dtype": (str, None), "compile": (bool, None),
     "audio_prompt": (str, None), "prompt_duration": 3.0, "t5": (str, None), "codec": (str, None),
+    "melody": (str, None), "chroma_stems": (str, None),
     "extend_stride": (float, None), "normalize": "loudness", "headroom_db": (float, None), "runs_dir": (str, None),
     "quantize": "",
 }
@@ -324,8 +334,14 @@ def generate_main(o):
     compiled = o["compile"] if o["compile"] is not None else device.type == "cuda"
     if device.type == "cpu":
         env.keep_freed_memory()
+    tune = None if o["melody"] is None else melody.read_melody(o["melody"])         # [S] at 32 kHz, checked
     t_load = time.time()
     mg = load(o["run"], o["runs_dir"], o["t5"], o["codec"], device)
+    if tune is not None and mg.lm.melody is None:
+        raise UserError(f"--melody={o['melody']}: {mg.source} has no melody (chroma) condition, so it cannot follow "
+                        f"one: leave --melody out, or use a melody model (config/melody.py, musicgen-melody)")
+    stems = None if mg.lm.melody is None else mg.lm.melody.stems if o["chroma_stems"] is None else o["chroma_stems"]
+    melody_classes = None if tune is None else melody.chroma_classes(tune[None], melody.CHROMA_RATE, stems)[0]
     if o["quantize"]:   # in place, on the device: the decode step reads 4x (int8) or ~6x (int4) fewer weight bytes
         quantize.quantize(mg.lm, o["quantize"])
     settings = {k: (o[k] if o[k] is not None else mg.defaults[k]) for k in SAMPLING_DEFAULTS}
@@ -352,9 +368,11 @@ def generate_main(o):
           flush=True)
 
     resolved = {**o, **settings, "device": str(device), "dtype": dtype, "compile": compiled,
-                "extend_stride": round(stride / rate, 6)}
+                "extend_stride": round(stride / rate, 6), "chroma_stems": stems if tune is not None else None}
     common = {"frames": n_frames, "audio_prompt_file": stat_identity(resolve_path(o["audio_prompt"]))
-              if o["audio_prompt"] else None, "source": str(mg.source), "source_file": stat_identity(mg.source),
+              if o["audio_prompt"] else None,
+              "melody_file": stat_identity(resolve_path(o["melody"])) if o["melody"] else None,
+              "source": str(mg.source), "source_file": stat_identity(mg.source),
               "weights": mg.weights, "codec_source": mg.codec_source, "torch": torch.__version__}
 
     def wanted(i, seed):
@@ -385,7 +403,9 @@ def generate_main(o):
             with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "float32"):
                 codes = lm_lib.sample(mg.lm, batch, n_frames, window=mg.window, stride=stride,
                                       prompt=None if prompt is None else prompt.expand(len(batch), -1, -1),
-                                      seeds=[seed + i for i in items], on_step=meter, **settings)  # [b, K, n_frames]
+                                      seeds=[seed + i for i in items], on_step=meter,
+                                      melodies=None if tune is None else [melody_classes] * len(batch),
+                                      frame_rate=rate, **settings)                          # [b, K, n_frames]
             print(meter.line(), flush=True)
             wav = mg.codec.decode(codes).float().cpu()                                  # [b, C, n_frames * hop]
             seconds = time.time() - t0

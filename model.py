@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import melody as melody_lib
 import text
 from env import UserError, cli, parse_options
 from text import sin_embedding  # AudioCraft's create_sin_embedding; the lookup-table text encoder shares it
@@ -56,6 +57,10 @@ class LMConfig:
     cfg_dropout: float = 0.3
     cfg_dropout_per_batch: bool = False   # AudioCraft: one coin for the whole batch
     max_period: float = 10000.0
+    attributes: tuple = ()            # more text conditions (sidecar fields), each NAME or NAME:FUSE (default: fuse)
+    chroma_fuse: str = ""             # the melody condition self_wav (melody.py): "" none | prepend | cross
+    attribute_dropout: tuple = ()     # NAME:P: training drops condition NAME with probability P (e.g. self_wav:0.5)
+    attribute_dropout_per_batch: bool = False   # AudioCraft: one coin per attribute for the whole batch
 
 
 def check_config(cfg):
@@ -63,11 +68,53 @@ def check_config(cfg):
         raise UserError(f'pattern="{cfg.pattern}" is not one of {", ".join(PATTERNS)}')
     if cfg.fuse not in FUSES:
         raise UserError(f'fuse="{cfg.fuse}" is not one of {", ".join(FUSES)}')
+    attribute_dropout(cfg)   # checks attributes and chroma_fuse too
     if cfg.dim % cfg.n_heads:
         raise UserError(f"dim={cfg.dim} is not a multiple of n_heads={cfg.n_heads}")
     if cfg.dim < 4 or cfg.dim % 2:
         raise UserError(f"dim={cfg.dim} must be even and at least 4 (sinusoidal positions)")
     pattern_delays(cfg.pattern, cfg.n_q, cfg.delays)
+
+
+MELODY = "self_wav"                 # the chroma condition's name (AudioCraft's, in its state dict and xp.cfg)
+CHROMA_FUSES = ("prepend", "cross")  # a chroma has its own length: AudioCraft's sum needs the music's
+
+
+def condition_fuses(cfg):
+    """{condition name: fuse} in the order AudioCraft's fuser applies them: text conditions (description, then the
+    attributes), then the melody. Prepended conditions end up in reverse order before the music (each goes in
+    front of the ones before it), cross-attended ones one after the other in the memory."""
+    fuses = {"description": cfg.fuse}
+    for spec in cfg.attributes:
+        name, _, fuse = str(spec).partition(":")
+        fuse = fuse or cfg.fuse
+        if not name.isidentifier() or name in fuses or name == MELODY:
+            raise UserError(f"attributes={list(cfg.attributes)}: {name!r} must be a field name (genre, moods...), given "
+                            f"once, other than description and {MELODY}")
+        if fuse not in FUSES:
+            raise UserError(f"attributes: {spec!r}: fuse {fuse!r} is not one of {', '.join(FUSES)}")
+        fuses[name] = fuse
+    if cfg.chroma_fuse:
+        if cfg.chroma_fuse not in CHROMA_FUSES:
+            raise UserError(f'chroma_fuse="{cfg.chroma_fuse}" is not one of "", {", ".join(CHROMA_FUSES)}')
+        fuses[MELODY] = cfg.chroma_fuse
+    return fuses
+
+
+def attribute_dropout(cfg):
+    """{condition name: probability} from attribute_dropout's NAME:P entries, checked against the conditions."""
+    names, out = condition_fuses(cfg), {}
+    for spec in cfg.attribute_dropout:
+        name, _, p = str(spec).partition(":")
+        try:
+            p = float(p)
+        except ValueError:
+            p = None
+        if name not in names or p is None or not 0 <= p <= 1 or name in out:
+            raise UserError(f"attribute_dropout={list(cfg.attribute_dropout)}: {spec!r} must be NAME:P once per "
+                            f"condition, with NAME one of {', '.join(names)} and P in [0, 1]")
+        out[name] = p
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,6 +245,35 @@ def _dropout(x, p):
     return F.dropout(x, p, True) if p > 0 else x
 
 
+def _coins(p, per_batch, n):
+    """n bools, each True with probability p (torch's global RNG; one coin for all with per_batch); none drawn
+    when p is 0."""
+    if p <= 0:
+        return [False] * n
+    drop = (torch.rand(1 if per_batch else n) < p).tolist()
+    return drop * n if per_batch else drop
+
+
+def _null_rows(values, drop):
+    """The dropped rows of one condition's values made null: None in a list of texts, -1 in chroma classes [B, T]."""
+    if values is None or not any(drop):
+        return values if values is None or isinstance(values, torch.Tensor) else list(values)
+    if isinstance(values, torch.Tensor):
+        return torch.where(torch.tensor(drop, device=values.device)[:, None], -1, values)
+    return [None if d else v for d, v in zip(drop, values)]
+
+
+@dataclass
+class Fused:
+    """The conditions fused with the input (MusicGenLM._fuse)."""
+    x: torch.Tensor          # [B, P + S, dim]: the prefix, then the input with the sum term added
+    memory: object           # [B, L, dim] the cross-attention memory, or None
+    cross_mask: object       # [B, 1, 1, L] bool (mask_memory) or None
+    prefix_valid: object     # [B, P] bool: the prefix's real positions (mask_memory), or None
+    add: object              # [B, 1, dim] the sum term, or None
+    P: int                   # prepended positions
+
+
 class Attention(nn.Module):
     """The parameters (AudioCraft's names) and the fused projection; the attention itself lives in Layer.forward."""
 
@@ -273,7 +349,8 @@ class Layer(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: LMConfig):
         super().__init__()
-        self.layers = nn.ModuleList([Layer(cfg, cross=cfg.fuse == "cross") for _ in range(cfg.n_layers)])
+        cross = "cross" in condition_fuses(cfg).values()
+        self.layers = nn.ModuleList([Layer(cfg, cross=cross) for _ in range(cfg.n_layers)])
 
 
 class ProjectedCondition(nn.Module):
@@ -301,15 +378,26 @@ class DecodeCache:
 
 
 class MusicGenLM(nn.Module):
-    def __init__(self, cfg: LMConfig, conditioner: nn.Module | None = None):
+    """conditioner: the description's conditioner, or {condition name: conditioner} for several (condition_fuses);
+    a text condition without one gets ProjectedCondition, the melody melody.ChromaConditioner(duration)."""
+
+    def __init__(self, cfg: LMConfig, conditioner: nn.Module | dict | None = None, duration: float = 30.0):
         super().__init__()
         check_config(cfg)
         self.cfg = cfg
         self.delays = pattern_delays(cfg.pattern, cfg.n_q, cfg.delays)
-        # AudioCraft's module path, so the conditioner's parameters carry its state_dict names
+        self.fuses = condition_fuses(cfg)
+        self.drop_p = attribute_dropout(cfg)
+        given = conditioner if isinstance(conditioner, dict) else {"description": conditioner}
+        unknown = set(given) - set(self.fuses)
+        if unknown:
+            raise UserError(f"conditioners {sorted(unknown)} have no condition in the config ({', '.join(self.fuses)})")
+        # AudioCraft's module path, so the conditioners' parameters carry its state_dict names
         self.condition_provider = nn.Module()
-        self.condition_provider.conditioners = nn.ModuleDict(
-            {"description": conditioner if conditioner is not None else ProjectedCondition(cfg.text_dim, cfg.dim)})
+        self.condition_provider.conditioners = nn.ModuleDict({
+            name: given[name] if given.get(name) is not None else
+            melody_lib.ChromaConditioner(cfg.dim, duration) if name == MELODY else
+            ProjectedCondition(cfg.text_dim, cfg.dim) for name in self.fuses})
         self.emb = nn.ModuleList([nn.Embedding(cfg.card + 1, cfg.dim) for _ in range(cfg.n_q)])
         self.transformer = Transformer(cfg)
         self.out_norm = nn.LayerNorm(cfg.dim, eps=1e-5)
@@ -319,6 +407,31 @@ class MusicGenLM(nn.Module):
     @property
     def conditioner(self):
         return self.condition_provider.conditioners.description
+
+    @property
+    def melody(self):
+        """The chroma conditioner (melody.ChromaConditioner), or None for a model without a melody condition."""
+        return self.condition_provider.conditioners[MELODY] if MELODY in self.fuses else None
+
+    def condition(self, values, sampling=False):
+        """{name: per-row values} -> {name: (condition [B, L, dim], mask [B, L])} for every condition of the model, in
+        fuse order. Text conditions take a list of strings (None or "": none); the melody chroma classes [B, T]
+        int64 (-1: none). A condition missing from values (or None) is absent for every row. sampling: the melody
+        as AudioCraft samples it (ChromaConditioner.forward), else as its loss sees it."""
+        B = next((len(v) for v in values.values() if v is not None), None)
+        if B is None:
+            raise UserError(f"condition: no values for any of {', '.join(self.fuses)}")
+        out = {}
+        for name in self.fuses:
+            value, conditioner = values.get(name), self.condition_provider.conditioners[name]
+            if name == MELODY:
+                device = conditioner.output_proj.weight.device
+                value = torch.full((B, conditioner.frames), -1, dtype=torch.long, device=device) if value is None \
+                    else value.to(device)
+                out[name] = conditioner(value, sampling=sampling)
+            else:
+                out[name] = conditioner(list(value) if value is not None else [None] * B)
+        return out
 
     def _init_weights(self):
         """AudioCraft's gaussian init with depthwise 'current' scaling; in_proj_weight and the conditioner keep
@@ -359,20 +472,37 @@ class MusicGenLM(nn.Module):
                 raise UserError(f"{name}: values in [{int(codes.min())}, {int(codes.max())}] outside [0, {top}] "
                                 f"(card={cfg.card}): codes from a codec with a different codebook size?")
 
-    def check_condition(self, condition, mask, batch=None):
+    def check_condition(self, condition, mask, batch=None, name="condition"):
         cfg = self.cfg
         if not isinstance(condition, torch.Tensor) or condition.dim() != 3:
-            raise UserError(f"condition: expected a tensor [B, L, {cfg.dim}], got "
+            raise UserError(f"{name}: expected a tensor [B, L, {cfg.dim}], got "
                             f"{type(condition).__name__} {tuple(getattr(condition, 'shape', ()))}")
         if condition.shape[-1] != cfg.dim:
             hint = " (raw text-encoder states? pass them through model.conditioner first)" \
                 if condition.shape[-1] == cfg.text_dim else ""
-            raise UserError(f"condition: width {condition.shape[-1]} but the model's dim is {cfg.dim}{hint}")
+            raise UserError(f"{name}: width {condition.shape[-1]} but the model's dim is {cfg.dim}{hint}")
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(condition.shape[:2]):
-            raise UserError(f"condition_mask: shape {tuple(getattr(mask, 'shape', ()))} does not match "
-                            f"condition [B, L] = {tuple(condition.shape[:2])}")
+            raise UserError(f"{name}_mask: shape {tuple(getattr(mask, 'shape', ()))} does not match "
+                            f"{name} [B, L] = {tuple(condition.shape[:2])}")
         if batch is not None and condition.shape[0] != batch:
-            raise UserError(f"condition: batch {condition.shape[0]} but codes have batch {batch}")
+            raise UserError(f"{name}: batch {condition.shape[0]} but codes have batch {batch}")
+
+    def _conditions(self, condition, mask, batch=None):
+        """The conditions as {name: (condition, mask)}, checked: one tensor and its mask is the description's (a model
+        with that one condition); several come as the dict condition() returns."""
+        if not isinstance(condition, dict):
+            if len(self.fuses) > 1:
+                raise UserError(f"condition: this model has the conditions {', '.join(self.fuses)}: pass "
+                                f"{{name: (condition, mask)}} (model.condition builds it)")
+            condition = {"description": (condition, mask)}
+        if set(condition) != set(self.fuses):
+            raise UserError(f"condition: has {', '.join(condition)}; the model's are {', '.join(self.fuses)}")
+        for name, value in condition.items():
+            if not isinstance(value, (tuple, list)) or len(value) != 2:
+                raise UserError(f"condition {name}: expected (condition [B, L, {self.cfg.dim}], mask [B, L])")
+            self.check_condition(*value, batch, name=name if len(self.fuses) > 1 else "condition")
+            batch = value[0].shape[0]
+        return condition
 
     # ---- the network
 
@@ -388,63 +518,75 @@ class MusicGenLM(nn.Module):
         w = self.head_weight() if w is None else w
         return F.linear(h, w).unflatten(-1, (self.cfg.n_q, self.cfg.card))
 
-    def _fuse(self, x, condition, mask):
-        """-> (input [B, P+S, dim], memory, self_mask, cross_mask, P): P prepended condition positions."""
-        cfg = self.cfg
-        mask = mask.bool()
-        cond = condition * mask[..., None].to(condition.dtype)
-        if cfg.fuse == "cross":
-            cross_mask = None
-            if cfg.mask_memory:
-                # a row with no text attends to its zero memory, which gives 0 as with no mask
+    def _fuse(self, x, conditions):
+        """x [B, S, dim] and {name: (condition, mask)} -> Fused, in AudioCraft's fuser order (condition_fuses)."""
+        prefix, memory, add = [], [], None
+        for name, fuse in self.fuses.items():
+            condition, mask = conditions[name]
+            mask = mask.bool()
+            cond = condition * mask[..., None].to(condition.dtype)
+            if fuse == "cross":
+                memory.append((cond, mask))
+            elif fuse == "sum":
+                pooled = _pooled(cond, mask)
+                add = pooled if add is None else add + pooled
+            else:
+                prefix.insert(0, (cond, mask))        # each prepended condition goes before the ones before it
+        if add is not None:
+            x = x + add.to(x.dtype)
+        cross, cross_mask, prefix_valid = None, None, None
+        if memory:
+            cross = memory[0][0] if len(memory) == 1 else torch.cat([c.to(x.dtype) for c, _ in memory], 1)
+            if self.cfg.mask_memory:
+                mask = torch.cat([m for _, m in memory], 1)
+                # a row with no condition attends to its zero memory, which gives 0 as with no mask
                 cross_mask = (mask | ~mask.any(-1, keepdim=True))[:, None, None, :]
-            return x, cond, None, cross_mask, 0
-        if cfg.fuse == "sum":
-            return x + _pooled(cond, mask).to(x.dtype), None, None, None, 0
-        B, L = mask.shape
-        x = torch.cat([cond.to(x.dtype), x], 1)
+        if prefix:
+            x = torch.cat([c.to(x.dtype) for c, _ in prefix] + [x], 1)
+            if self.cfg.mask_memory:
+                prefix_valid = torch.cat([m for _, m in prefix], 1)
+        return Fused(x, cross, cross_mask, prefix_valid, add, sum(m.shape[1] for _, m in prefix))
+
+    def _hidden(self, sequence, condition, condition_mask=None):  # -> [B, S, dim] after out_norm
+        f = self._fuse(self._embed(sequence), self._conditions(condition, condition_mask))
+        x = f.x + sin_embedding(torch.arange(f.x.shape[1], device=f.x.device), self.cfg.dim,
+                                self.cfg.max_period).to(f.x.dtype)
         self_mask = None
-        if cfg.mask_memory:
-            n = x.shape[1]
+        if f.prefix_valid is not None:
+            B, n = x.shape[:2]
             idx = torch.arange(n, device=x.device)
-            key_valid = torch.cat([mask, mask.new_ones(B, n - L)], 1)
+            key_valid = torch.cat([f.prefix_valid, f.prefix_valid.new_ones(B, n - f.P)], 1)
             self_mask = ((idx[None, :] <= idx[:, None]) & (key_valid[:, None, :] | (idx[None, :] == idx[:, None])))
             self_mask = self_mask[:, None]
-        return x, None, self_mask, None, L
-
-    def _hidden(self, sequence, condition, condition_mask):  # -> [B, S, dim] after out_norm
-        x = self._embed(sequence)
-        x, memory, self_mask, cross_mask, P = self._fuse(x, condition, condition_mask)
-        x = x + sin_embedding(torch.arange(x.shape[1], device=x.device), self.cfg.dim,
-                              self.cfg.max_period).to(x.dtype)
         for layer in self.transformer.layers:
-            x = layer(x, memory, self_mask, cross_mask)
-        return self.out_norm(x[:, P:])
+            x = layer(x, f.memory, self_mask, f.cross_mask)
+        return self.out_norm(x[:, f.P:])
 
-    def forward(self, sequence, condition, condition_mask):
-        """sequence [B, K, S] pattern steps -> logits [B, K, S, card]; output s predicts step s + 1."""
+    def forward(self, sequence, condition, condition_mask=None):
+        """sequence [B, K, S] pattern steps -> logits [B, K, S, card]; output s predicts step s + 1. condition: the
+        description's [B, L, dim] with condition_mask [B, L], or {name: (condition, mask)} (model.condition)."""
         return self._heads(self._hidden(sequence, condition, condition_mask)).permute(0, 2, 1, 3)
 
     def _tables(self, T, valid_only, device):
         return pattern_tables(self.cfg.pattern, self.cfg.n_q, self.delays, T, valid_only, str(device))
 
-    def compute_predictions(self, codes, condition, condition_mask):
+    def compute_predictions(self, codes, condition, condition_mask=None):
         """codes [B, K, T] -> (logits [B, K, T, card] aligned with codes (NaN where the pattern gives no
         prediction), mask [B, K, T] bool)."""
         self.check_codes(codes)
-        self.check_condition(condition, condition_mask, codes.shape[0])
+        condition = self._conditions(condition, condition_mask, codes.shape[0])
         B, K, T = codes.shape
         tables = self._tables(T, True, codes.device)
         logits = self(build_sequence(codes, tables, self.cfg.card), condition, condition_mask)
         logits, mask = revert_logits(logits, tables)
         return logits, mask[None].expand(B, -1, -1)
 
-    def compute_loss(self, codes, condition, condition_mask, valid=None):
+    def compute_loss(self, codes, condition, condition_mask=None, valid=None):
         """Masked per-codebook cross-entropy, averaged over codebooks (each over its own targets, AudioCraft's
         weighting). valid [B, T] bool marks real audio frames: padded frames are neither inputs (special token)
         nor targets; codes equal to card count as padding too. -> (ce, ce_per_q [K] detached). No host sync."""
         self.check_codes(codes)
-        self.check_condition(condition, condition_mask, codes.shape[0])
+        condition = self._conditions(condition, condition_mask, codes.shape[0])
         B, K, T = codes.shape
         card = self.cfg.card
         if valid is not None:
@@ -463,19 +605,34 @@ class MusicGenLM(nn.Module):
         ce_per_q = ce.sum((0, 1)) / (~ignore).sum((0, 1)).clamp(min=1)
         return ce_per_q.mean(), ce_per_q.detach()
 
-    # ---- classifier-free-guidance dropout
+    # ---- classifier-free-guidance dropout, attribute dropout
 
     def cfg_dropout(self, descriptions):
         """Training: each description becomes None with probability cfg_dropout (one coin for the whole batch
         with cfg_dropout_per_batch), drawn from torch's global RNG. Eval: unchanged."""
         descriptions = list(descriptions)
-        if not self.training or self.cfg.cfg_dropout <= 0:
+        if not self.training:
             return descriptions
-        n = 1 if self.cfg.cfg_dropout_per_batch else len(descriptions)
-        drop = (torch.rand(n) < self.cfg.cfg_dropout).tolist()
-        if self.cfg.cfg_dropout_per_batch:
-            drop = drop * len(descriptions)
-        return [None if d else text for d, text in zip(drop, descriptions)]
+        drop = _coins(self.cfg.cfg_dropout, self.cfg.cfg_dropout_per_batch, len(descriptions))
+        return _null_rows(descriptions, drop)
+
+    def drop_conditions(self, values):
+        """Training: CFG dropout nulls every condition of a row (text None, melody -1) with probability cfg_dropout,
+        then attribute dropout nulls condition NAME with its attribute_dropout probability; per row, or one coin
+        per batch with cfg_dropout_per_batch / attribute_dropout_per_batch (AudioCraft). values: condition()'s
+        input, {name: per-row values} (the description's is required). Torch's global RNG. Eval: unchanged."""
+        if not self.training:
+            return dict(values)
+        B = len(values["description"])
+        drop_all = _coins(self.cfg.cfg_dropout, self.cfg.cfg_dropout_per_batch, B)
+        out = {}
+        for name in self.fuses:
+            drop = drop_all
+            if self.drop_p.get(name, 0) > 0:
+                mine = _coins(self.drop_p[name], self.cfg.attribute_dropout_per_batch, B)
+                drop = [a or b for a, b in zip(drop_all, mine)]
+            out[name] = _null_rows(values.get(name), drop)
+        return out
 
     # ---- generation
 
@@ -513,14 +670,15 @@ class MusicGenLM(nn.Module):
             x = x + cache.fuse_add.to(x.dtype)
         return self._heads(self._run_cached(x, pos, cache, n_keys), cache.heads)[:, -1].float()
 
-    def _start_cache(self, condition, mask, first, n_max):
+    def _start_cache(self, conditions, first, n_max):
         """Allocate the cache, compute cross-attention keys/values once and run the first chunk (prompt, or just
         the start step) -> (cache, logits [N, K, card] for the next step)."""
         cfg = self.cfg
+        condition = next(iter(conditions.values()))[0]
         N, device = condition.shape[0], condition.device
         dtype = self._compute_dtype(device)
-        x = self._embed(first)                                                           # [N, P0, dim]
-        x, memory, _, cross_mask, P = self._fuse(x, condition, mask)
+        f = self._fuse(self._embed(first), conditions)                                   # [N, P + P0, dim]
+        x, memory, cross_mask, P = f.x, f.memory, f.cross_mask, f.P
         n_max += P
         H = cfg.n_heads
         shape = (N, H, n_max, cfg.dim // H)
@@ -532,11 +690,9 @@ class MusicGenLM(nn.Module):
                 kv = layer.cross_attention.project(memory, slice(cfg.dim, None))
                 cross_kv[i] = tuple(layer._split(t) for t in kv.chunk(2, -1))
         key_valid = None
-        if cfg.fuse == "prepend" and cfg.mask_memory:
-            key_valid = torch.cat([mask.bool(), mask.new_ones(N, n_max - P, dtype=torch.bool)], 1)
-        fuse_add = None
-        if cfg.fuse == "sum":
-            fuse_add = _pooled(condition * mask[..., None].to(condition.dtype), mask.bool())
+        if f.prefix_valid is not None:
+            key_valid = torch.cat([f.prefix_valid, f.prefix_valid.new_ones(N, n_max - P)], 1)
+        fuse_add = f.add
         pos_table = sin_embedding(torch.arange(n_max, device=device), cfg.dim, cfg.max_period)
         heads = self.head_weight()
         cache = DecodeCache(k, v, cross_kv, cross_mask, key_valid, fuse_add, pos_table, heads)
@@ -559,10 +715,32 @@ class MusicGenLM(nn.Module):
         return pick_next(logits, step, seeds, guided, cfg_coef, temperature, top_k, top_p)
 
     @torch.no_grad()
+    def null_conditions(self, batch, device, like=None):
+        """{name: (condition, mask)} of no condition at all, for `batch` rows: zeros and an all-False mask for text (as
+        long as `like`'s, so that both batch together; with cross-attention and no memory mask any length gives the
+        same result), the conditioner's null() where it has one (the melody: the chroma of silence, as AudioCraft
+        samples a model without a melody)."""
+        out = {}
+        for name in self.fuses:
+            conditioner = self.condition_provider.conditioners[name]
+            if hasattr(conditioner, "null"):
+                out[name] = conditioner.null(batch, device)
+                if like is not None and like[name][0].shape[1] != out[name][0].shape[1]:
+                    raise UserError(f"condition {name}: {like[name][0].shape[1]} positions, but sampling takes "
+                                    f"{out[name][0].shape[1]} (build it with model.condition(..., sampling=True))")
+            elif like is not None:
+                out[name] = (torch.zeros_like(like[name][0]), torch.zeros_like(like[name][1]))
+            else:
+                out[name] = (torch.zeros(batch, 1, self.cfg.dim, device=device),
+                             torch.zeros(batch, 1, dtype=torch.bool, device=device))
+        return out
+
+    @torch.no_grad()
     def generate(self, condition, condition_mask, n_frames, cfg_coef=3.0, temperature=1.0, top_k=250, top_p=0.0,
                  prompt=None, generator=None, greedy=False, seeds=None, on_step=None):
-        """condition [B, L, dim] (None: unconditional), prompt [B, K, T0] codes kept as they are -> codes
-        [B, K, n_frames]. With a condition and cfg_coef != 1, conditional and null-condition rows run as one
+        """condition [B, L, dim] with condition_mask [B, L] (the description's), or {name: (condition, mask)}
+        (model.condition(..., sampling=True)), or None: unconditional; prompt [B, K, T0] codes kept as they are ->
+        codes [B, K, n_frames]. With a condition and cfg_coef != 1, conditional and null-condition rows run as one
         batch: logits = uncond + cfg_coef * (cond - uncond). greedy or temperature 0: argmax; else softmax
         sampling with top_p (when > 0) or top_k (when > 0) from keyed_noise of the row seeds (int64 [B]): each
         row's music depends on its own seed only, not on its batch. Without seeds, the seeds are drawn from
@@ -573,7 +751,10 @@ class MusicGenLM(nn.Module):
         if prompt is not None:
             self.check_codes(prompt, "prompt", allow_special=False, values=True)
             prompt = prompt.to(device)
-        B = condition.shape[0] if condition is not None else prompt.shape[0] if prompt is not None else 1
+        if condition is not None:
+            condition = self._conditions(condition, condition_mask)
+        B = next(iter(condition.values()))[0].shape[0] if condition is not None else \
+            prompt.shape[0] if prompt is not None else 1
         if prompt is not None and prompt.shape[0] != B:
             raise UserError(f"prompt: batch {prompt.shape[0]} but condition has batch {B}")
         greedy = greedy or temperature <= 0
@@ -590,18 +771,15 @@ class MusicGenLM(nn.Module):
         if not 0 <= T0 < n_frames:
             raise UserError(f"n_frames={n_frames}: must exceed the prompt's {T0} frames")
         if condition is None:
-            condition = torch.zeros(B, 1, cfg.dim, device=device)
-            condition_mask = torch.zeros(B, 1, dtype=torch.bool, device=device)
-            guided = False
+            conditions, guided = self.null_conditions(B, device), False
         else:
-            self.check_condition(condition, condition_mask)
-            condition, condition_mask = condition.to(device), condition_mask.to(device).bool()
+            conditions = {name: (c.to(device), m.to(device).bool()) for name, (c, m) in condition.items()}
             guided = cfg_coef != 1.0
         if guided:
-            # the null condition: zeros with an all-False mask (length L so both halves batch together; with
-            # cross-attention and no memory mask any length gives the same result)
-            condition = torch.cat([condition, torch.zeros_like(condition)])
-            condition_mask = torch.cat([condition_mask, torch.zeros_like(condition_mask)])
+            # the null conditions batch with the conditional rows: the second half of the batch
+            null = self.null_conditions(B, device, like=conditions)
+            conditions = {name: (torch.cat([c, null[name][0].to(c.dtype)]), torch.cat([m, null[name][1]]))
+                          for name, (c, m) in conditions.items()}
 
         tables = self._tables(n_frames, False, device)   # cached tables are made outside inference mode
         S = tables.S
@@ -614,8 +792,7 @@ class MusicGenLM(nn.Module):
                 codes[..., :T0] = prompt
             sequence = build_sequence(codes, tables, cfg.card)                           # [B, K, S]
             first = sequence[..., :start]
-            cache, logits = self._start_cache(condition, condition_mask, torch.cat([first, first]) if guided else first,
-                                              S - 1)
+            cache, logits = self._start_cache(conditions, torch.cat([first, first]) if guided else first, S - 1)
             P = cache.pos_table.shape[0] - (S - 1)
             pos = torch.full((1,), P + start - 1, dtype=torch.long, device=device)
             step = torch.full((1,), start, dtype=torch.long, device=device)
@@ -760,27 +937,43 @@ def check_seeds(seeds, n):
 
 @torch.no_grad()
 def sample(lm, descriptions, n_frames, *, window, stride=None, prompt=None, cfg_coef, top_k, top_p, temperature,
-           seeds, on_step=None):
+           seeds, on_step=None, melodies=None, frame_rate=None, attributes=None):
     """The sampler of generate.py and train.py's generate stage. descriptions (None or "": unconditional) ->
     codes [B, K, n_frames], starting with prompt's codes [B, K, T0] unchanged. Row b draws its randomness from
     seeds[b] alone (keyed_noise), so a description and its seed give the same codes alone or in any batch.
     Longer than `window` frames (the model's context), windows slide by `stride` frames (window_plan); window i > 0
     draws from mix_seeds(seeds, i). on_step(done, total) is called between decode steps (the place for progress
     and stop checks: a hook inside a compiled step would break fullgraph). Run under the caller's autocast;
-    compile_decode(lm) beforehand for the compiled step."""
+    compile_decode(lm) beforehand for the compiled step.
+
+    A melody model follows melodies: one chroma-class tensor [T_i] per row (ChromaConditioner.melody_classes;
+    None: no melody), repeated periodically through the piece as AudioCraft's generate_with_chroma does; frame_rate
+    (codes per second) places each window in it. attributes: {name: one text per row} for a model's other text
+    conditions (missing: none)."""
     descriptions = [d or None for d in descriptions]
     seeds = check_seeds(seeds, len(descriptions))
     plan, stride = window_plan(n_frames, window, stride, 0 if prompt is None else prompt.shape[-1])
     total, done = sample_steps(lm, plan), 0
+    if melodies is not None:
+        if lm.melody is None:
+            raise UserError("a melody was given, but this model has no melody (chroma) condition: leave the melody "
+                            "out, or use a melody model")
+        if len(melodies) != len(descriptions) or (len(plan) > 1 and not frame_rate):
+            raise UserError(f"melodies: {len(melodies)} for {len(descriptions)} descriptions (one per row, None for "
+                            f"none), and frame_rate to place windows in them")
 
     def step():
         nonlocal done
         done += 1
         on_step(done, total)
-    condition, mask = lm.conditioner(descriptions)
+    conditions = lm.condition({"description": descriptions, **(attributes or {})}, sampling=True)
     pieces = []
     for i, (length, t0) in enumerate(plan):
-        codes = lm.generate(condition, mask, length, cfg_coef=cfg_coef, temperature=temperature, top_k=top_k,
+        if melodies is not None:
+            offset = 0 if i == 0 else i * stride / frame_rate
+            classes = melody_lib.window_classes(melodies, offset, lm.melody.frames)            # [B, frames]
+            conditions[MELODY] = lm.melody(classes.to(lm.melody.output_proj.weight.device), sampling=True)
+        codes = lm.generate(conditions, None, length, cfg_coef=cfg_coef, temperature=temperature, top_k=top_k,
                             top_p=top_p, prompt=prompt if t0 else None, seeds=mix_seeds(seeds, i) if i else seeds,
                             on_step=step if on_step is not None else None)               # [B, K, length]
         pieces.append(codes[..., t0:] if pieces else codes)
@@ -870,19 +1063,24 @@ def lm_config(settings):
 
 
 def build_lm(settings, *, with_t5=True, meta=False):
-    """The LM and its text conditioner from settings: a dict of train.py Config's keys (LMConfig's fields and the
-    conditioning keys of text.SETTINGS; other keys are ignored, a missing one takes Config's default).
+    """The LM and its conditioners from settings: a dict of train.py Config's keys (LMConfig's fields and the
+    conditioning keys of text.SETTINGS and melody.SETTINGS; other keys are ignored, a missing one takes Config's
+    default).
 
     with_t5=False leaves a frozen T5 out: conditioner=t5 then gets ProjectedCondition, the projection after T5 that
     holds all of its trained weights (exports, importers, benchmarks on precomputed states). meta=True builds the
     LM's parameters on the meta device, uninitialised, for weights loaded with load_state_dict(assign=True); the
     conditioner is built for real either way (T5 reads its weights from disk, and is not part of a state dict)."""
     cfg = lm_config(settings)
-    conditioner = None
+    conditioners = {}
     if with_t5 or settings.get("conditioner", text.SETTINGS["conditioner"]) != "t5":
-        conditioner = text.build_conditioner(settings, cfg.dim)
+        conditioners = text.build_conditioners(settings, cfg.dim, [n for n in condition_fuses(cfg) if n != MELODY])
     with torch.device("meta") if meta else contextlib.nullcontext():
-        return MusicGenLM(cfg, conditioner)
+        if cfg.chroma_fuse:
+            chroma = {k: settings.get(k, default) for k, default in melody_lib.SETTINGS.items()}
+            conditioners[MELODY] = melody_lib.ChromaConditioner(cfg.dim, chroma["segment_duration"],
+                                                                chroma["chroma_stems"])
+        return MusicGenLM(cfg, conditioners)
 
 
 def summary(model):

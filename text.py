@@ -426,9 +426,10 @@ class T5Conditioner(nn.Module):
     forward(descriptions: list[str | None]) -> (condition [B, L, output_dim], mask [B, L] bool). An empty or
     None description (or one word dropout emptied) gives an all-False mask row and a zero condition row."""
 
-    def __init__(self, path, output_dim, word_dropout=0.0, dtype="float32", max_length=0, cache_size=1024):
+    def __init__(self, path, output_dim, word_dropout=0.0, dtype="float32", max_length=0, cache_size=1024, t5=None):
         super().__init__()
-        self.t5 = FrozenT5(path, dtype, max_length, cache_size)  # not a Module: invisible to parameters()
+        # not a Module: invisible to parameters(); several text conditions of one model share one (t5)
+        self.t5 = t5 if t5 is not None else FrozenT5(path, dtype, max_length, cache_size)
         self.word_dropout = word_dropout
         self.output_proj = nn.Linear(self.t5.model.config.d_model, output_dim)
 
@@ -494,13 +495,26 @@ def conditioning(settings):
 def build_conditioner(settings, output_dim):
     """The conditioner `settings` names (train.py's conditioning keys, a dict; a missing key takes SETTINGS'):
     conditioner='t5' (frozen T5, AudioCraft's) or 'lut' (trained from scratch). model.build_lm calls it."""
+    return build_conditioners(settings, output_dim, ["description"])["description"]
+
+
+def build_conditioners(settings, output_dim, names):
+    """{name: conditioner} for a model's text conditions (description and its other attributes), each of the kind
+    `settings` names with its own output_proj (and lookup table), as AudioCraft builds one per attribute; T5
+    conditioners share one frozen T5."""
     s = conditioning(settings)
     if s["conditioner"] == "t5":
-        return T5Conditioner(s["t5_path"], output_dim, word_dropout=s["word_dropout"], dtype=s["t5_dtype"],
-                             max_length=s["text_max_length"])
+        shared = None
+        out = {}
+        for name in names:
+            out[name] = T5Conditioner(s["t5_path"], output_dim, word_dropout=s["word_dropout"], dtype=s["t5_dtype"],
+                                      max_length=s["text_max_length"], t5=shared)
+            shared = out[name].t5
+        return out
     if s["conditioner"] == "lut":
-        return LUTConditioner(s["lut_tokenizer"], output_dim, dim=s["lut_dim"], n_layers=s["lut_layers"],
-                              word_dropout=s["word_dropout"], max_length=s["text_max_length"])
+        return {name: LUTConditioner(s["lut_tokenizer"], output_dim, dim=s["lut_dim"], n_layers=s["lut_layers"],
+                                     word_dropout=s["word_dropout"], max_length=s["text_max_length"])
+                for name in names}
     raise UserError(f"conditioner={s['conditioner']!r}: expected 't5' or 'lut'")
 
 

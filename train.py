@@ -36,6 +36,7 @@ import demo
 import env
 import formats
 import loggers
+import melody
 import metrics
 import model as lm_lib
 import quantize
@@ -92,6 +93,11 @@ class Config:
     lut_layers: int = 0
     cfg_dropout: float = 0.3          # drop the whole description with this probability (classifier-free guidance)
     cfg_dropout_per_batch: bool = False   # AudioCraft: one coin for the whole batch
+    attributes: tuple[str, ...] = ()  # more text conditions from the sidecars: NAME or NAME:FUSE (genre, moods:prepend)
+    chroma_fuse: str = ""             # the melody (chroma) condition self_wav: "" none | prepend | cross (melody.py)
+    chroma_stems: str = ""            # Demucs weights that remove drums and bass before the chroma; "": the full mix
+    attribute_dropout: tuple[str, ...] = ()   # NAME:P drops condition NAME with probability P, e.g. self_wav:0.5
+    attribute_dropout_per_batch: bool = False   # AudioCraft: one coin per attribute for the whole batch
     # fine-tuning: low-rank adapters (adapters.py) on a base from continue_from
     lora_rank: int = 0                # adapters of this rank on lora_targets; 0: every weight trains
     lora_alpha: float = 16.0          # the adapters' update is scaled by lora_alpha / lora_rank
@@ -170,7 +176,7 @@ TYPES = env.option_types(Config)
 CHOICES = {"pattern": lm_lib.PATTERNS, "fuse": lm_lib.FUSES, "conditioner": ("t5", "lut"),
            "dtype": ("bfloat16", "float16", "float32"), "lr_schedule": ("cosine", "linear", "constant"),
            "parallel": ("ddp", "fsdp"), "t5_dtype": ("float32", "bfloat16"), "ema_device": ("", "cpu"),
-           "quantize": ("",) + quantize.MODES}
+           "chroma_fuse": ("", *lm_lib.CHROMA_FUSES), "quantize": ("",) + quantize.MODES}
 # Ranges every value must be in (inclusive; None: unbounded), checked when the config is parsed.
 RANGES = {
     **{k: (1, None) for k in ("epochs", "updates_per_epoch", "batch_size", "grad_accum", "ema_every", "log_every",
@@ -248,6 +254,9 @@ def validate(cfg, world_size=None):
     if cfg.delays and len(cfg.delays) != cfg.n_q:
         raise UserError(f"delays={list(cfg.delays)} has {len(cfg.delays)} entries but n_q={cfg.n_q}")
     lm_lib.check_config(lm_config(cfg))
+    data.check_attributes(cfg.attributes)
+    if cfg.chroma_fuse and cfg.chroma_stems:
+        melody.check_stems(cfg.chroma_stems)
     if cfg.metrics:
         metrics.parse_names(cfg.metrics)
     if cfg.lora_rank and (set(cfg.lora_targets) - set(adapters.TARGETS) or not cfg.lora_targets):
@@ -395,8 +404,13 @@ class TrainStep(torch.nn.Module):
         self.lm = lm
         self.cond_len = 0
 
-    def forward(self, codes, descriptions, valid):
+    def forward(self, codes, descriptions, valid, attributes=None):
         lm = self.lm
+        if attributes:   # a model with several conditions: {name: per-row values} (data.collate's, chroma classes)
+            values = {"description": descriptions, **attributes}
+            conditions = lm.condition(lm.drop_conditions(values) if self.training else values)
+            self.cond_len = sum(mask.shape[-1] for _, mask in conditions.values())
+            return lm.compute_loss(codes, conditions, None, valid)
         if self.training:
             descriptions = lm.cfg_dropout(descriptions)
         condition, mask = lm.conditioner(descriptions)
@@ -721,8 +735,11 @@ def forward_loss(step, batch, cfg, codec, d, autocast):
     valid = batch["valid"].to(device, non_blocking=True)
     if cfg.train_on_padding:
         valid = torch.ones_like(valid)
+    attributes = dict(batch.get("attributes") or {})     # a model's other conditions: text, the melody's chroma
+    if "chroma" in batch:
+        attributes[lm_lib.MELODY] = batch["chroma"].to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=getattr(torch, cfg.dtype), enabled=autocast):
-        ce, ce_q = step(codes, list(batch["descriptions"]), valid)
+        ce, ce_q = step(codes, list(batch["descriptions"]), valid, attributes or None)
     return ce, ce_q, valid.sum()
 
 
@@ -770,7 +787,7 @@ def evaluate_ce(step, split, cfg, codec, d, micro_batch, autocast, max_batches=0
             last = batch
             n = len(batch["descriptions"])
             ce, ce_q, _ = forward_loss(step, batch, cfg, codec, d, autocast)
-            ce_u, _, _ = forward_loss(step, dict(batch, descriptions=[None] * n), cfg, codec, d, autocast)
+            ce_u, _, _ = forward_loss(step, data.unconditioned(batch), cfg, codec, d, autocast)
             sums += weight * n * torch.cat([torch.stack([ce, ce_u]).double(), ce_q.double(),
                                             torch.ones(1, dtype=torch.float64, device=d.device)])
         check_stop_everywhere(d)
@@ -781,26 +798,43 @@ def evaluate_ce(step, split, cfg, codec, d, micro_batch, autocast, max_batches=0
             **{f"ce_q{k + 1}": v / count for k, v in enumerate(totals[2:])}}
 
 
-def sample_codes(lm, cfg, descriptions, n_frames, seeds, device, autocast, window):
+def sample_codes(lm, cfg, descriptions, n_frames, seeds, device, autocast, window, melodies=None, frame_rate=None):
     """Codes [B, K, n_frames] for descriptions (None: unconditional) with the config's sampling settings: model.py's
-    one sampler (generate.py's), row b drawn from seeds[b] alone, windows of the model's context sliding past it."""
+    one sampler (generate.py's), row b drawn from seeds[b] alone, windows of the model's context sliding past it;
+    a melody model follows melodies (chroma classes per row, None: none)."""
     if cfg.quantize:   # a copy: the training weights stay float (quantize.py refuses state_dict on what it touches)
         lm = quantize.quantize(copy.deepcopy(lm), cfg.quantize)
     with torch.autocast(device.type, dtype=getattr(torch, cfg.dtype), enabled=autocast):
         return lm_lib.sample(lm, list(descriptions), n_frames, window=window, seeds=seeds, cfg_coef=cfg.cfg_coef,
-                             top_k=cfg.top_k, top_p=cfg.top_p, temperature=cfg.temperature)
+                             top_k=cfg.top_k, top_p=cfg.top_p, temperature=cfg.temperature, melodies=melodies,
+                             frame_rate=frame_rate)
+
+
+def item_melody(item):
+    """A split item's chroma classes as a melody to follow: its frames with audio (None: the split has none)."""
+    if "chroma" not in item:
+        return None
+    classes = item["chroma"]
+    return classes[classes >= 0] if (classes >= 0).any() else classes.clamp(min=0)
 
 
 def generate_stage(step, lm, splits, cfg, codec, d, epoch, out, autocast, weights):
     """Samples for the generate split's descriptions and their unconditional twins, decoded to wav and
     loudness-normalised as generate.py does; row seed cfg.seed + epoch + i, so `python generate.py --run=SIG
-    --prompt=P --seed=ROW_SEED` remakes sample i from the same weights. Prompts are strided across ranks; each rank
-    writes its own files, each wav with its .json atomically. -> the history row."""
+    --prompt=P --seed=ROW_SEED` remakes sample i from the same weights. A melody model's samples follow the melody
+    of their file (its first segment's cached chroma; generate.py --melody=FILE takes the whole file), with
+    `_text` twins that have the description only. Prompts are strided across ranks; each rank writes its own
+    files, each wav with its .json atomically. -> the history row."""
     split = splits["generate"]
     count = min(cfg.generate_count, len(split))
     mine = list(range(d.rank, count, d.world_size))
-    descriptions = [split[i]["description"] for i in mine]
+    items = [split[i] for i in mine]
+    descriptions = [it["description"] for it in items]
     seeds = [cfg.seed + epoch + i for i in mine]
+    # a melody model: each description with its file's melody (the chroma of its first segment), then without it
+    melodies = [item_melody(it) for it in items] if lm.melody is not None else None
+    variants = [("", descriptions, melodies)] + ([("_text", descriptions, None)] if melodies else []) + \
+        [("_uncond", [None] * len(descriptions), None)]
     n_frames = max(1, int(round(cfg.generate_duration * codec.frame_rate)))
     window = max(1, int(round(cfg.segment_duration * codec.frame_rate)))
     folder = out / "samples" / str(epoch)
@@ -808,18 +842,21 @@ def generate_stage(step, lm, splits, cfg, codec, d, epoch, out, autocast, weight
     settings = {k: getattr(cfg, k) for k in ("cfg_coef", "top_k", "top_p", "temperature", "generate_duration")}
     t0 = time.time()
     with eval_mode(step, sampling=True):
-        for name, texts in (("", descriptions), ("_uncond", [None] * len(descriptions))):
+        for name, texts, tunes in variants:
             if texts:
-                wav = codec.decode(sample_codes(lm, cfg, texts, n_frames, seeds, d.device, autocast, window))
+                wav = codec.decode(sample_codes(lm, cfg, texts, n_frames, seeds, d.device, autocast, window, tunes,
+                                                codec.frame_rate))
             for j, i in enumerate(mine):
                 path = folder / f"{i:03d}{name}.wav"
                 audio, gain_db = data.normalize(wav[j].float().cpu(), codec.sample_rate)
                 meta = {"prompt": texts[j], "epoch": epoch, "row_seed": seeds[j], "weights": weights,
                         "gain_db": round(gain_db, 2), **settings}
+                if tunes:
+                    meta["melody"] = items[j]["path"]   # the chroma of its first segment_duration seconds
                 env.write_atomic(path, lambda f: f.write(data.audio_bytes(audio, codec.sample_rate, path.suffix)))
                 env.write_atomic(path.with_suffix(".json"), lambda f: f.write(json.dumps(meta, indent=1).encode()))
             check_stop_everywhere(d)
-    total = int(all_sum(d, [2 * len(mine)])[0])
+    total = int(all_sum(d, [len(variants) * len(mine)])[0])
     return {"samples": total, "seconds": time.time() - t0}
 
 
@@ -845,8 +882,10 @@ def evaluate_stage(step, lm, splits, cfg, codec, d, epoch, micro_batch, autocast
                 reference = torch.stack([it["codes"] if "codes" in it else codec.encode(it["wav"][None].to(d.device))[0]
                                          for it in items]).to(d.device)                    # [B, K, T]
             with eval_mode(step, sampling=True):
+                melodies = [item_melody(it) for it in items] if lm.melody is not None else None
                 generated = sample_codes(lm, cfg, [it["description"] for it in items], reference.shape[-1],
-                                         [cfg.seed + i for i in chunk], d.device, autocast, reference.shape[-1])
+                                         [cfg.seed + i for i in chunk], d.device, autocast, reference.shape[-1],
+                                         melodies, codec.frame_rate)
             with torch.no_grad():
                 for side, codes in (("reference", reference), ("generated", generated)):
                     latents[side].append(codec.decode_latent(codes).transpose(1, 2).flatten(0, 1).float().cpu())
@@ -930,7 +969,8 @@ def open_splits(cfg, codec, d):
                   cache_dir=cfg.cache_dir or str(runs / "cache"), min_segment_ratio=cfg.min_segment_ratio,
                   sample_on_weight=cfg.sample_on_weight, sample_on_duration=cfg.sample_on_duration,
                   merge_text_p=cfg.merge_text_p, drop_desc_p=cfg.drop_desc_p, keep_field_p=cfg.keep_field_p,
-                  max_skip_fraction=cfg.max_skip_fraction, rank=d.rank, world_size=d.world_size)
+                  max_skip_fraction=cfg.max_skip_fraction, rank=d.rank, world_size=d.world_size,
+                  attributes=cfg.attributes, chroma=melody.ChromaEncoder(cfg.chroma_stems) if cfg.chroma_fuse else None)
     return {s: data.open_split(dataset, s, train=s == "train", **common) for s in data.SPLITS}
 
 
