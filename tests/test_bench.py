@@ -114,7 +114,7 @@ def test_static_decode_path_computes_what_the_eager_path_does():
     condition, mask = torch.randn(2, 5, 128), torch.ones(2, 5, dtype=torch.bool)
     mask[1, 3:] = False
     with torch.no_grad():
-        cache, _ = model._start_cache(condition, mask, torch.full((2, 4, 1), 256), 20)
+        cache, _ = model._start_cache(model._conditions(condition, mask), torch.full((2, 4, 1), 256), 20)
         for position in range(1, 8):
             tokens, pos = torch.randint(0, 256, (2, 4, 1)), torch.tensor([position])
             static = model.decode_step(tokens, pos, cache)
