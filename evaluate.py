@@ -458,13 +458,7 @@ def main(argv):
                f"asks for a requeue")
         code = env.EXIT_REQUEUE
     finally:
-        if d.world_size > 1:   # gloo aborts at interpreter exit in some runs (ENVIRONMENT.md): leave by os._exit
-            if code in (0, env.EXIT_REQUEUE) and dist.is_initialized():
-                dist.barrier()
-            dist.destroy_process_group()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+        train.leave_distributed(d, code)
     return code
 
 

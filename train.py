@@ -454,6 +454,18 @@ def parallelize(step, cfg, d):
     return DistributedDataParallel(step, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
+def leave_distributed(d, code):
+    """End a process of several (train.py, train_codec.py, evaluate.py): wait for the others when all went well, then
+    leave by os._exit, because gloo aborts at interpreter exit in some runs (ENVIRONMENT.md). One process: return."""
+    if d.world_size > 1:
+        if code in (0, EXIT_REQUEUE) and dist.is_initialized():
+            dist.barrier()
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def trainable(lm):
     """{name: parameter} of what trains: what the optimizer, the EMA and the best state hold."""
     return {k: p for k, p in lm.named_parameters() if p.requires_grad}
@@ -1386,13 +1398,7 @@ def main(argv):
         traceback.print_exc()  # os._exit below would otherwise swallow it
         print(f"error: rank {d.rank} failed", file=sys.stderr)
     finally:
-        if d.world_size > 1:  # gloo aborts at interpreter exit in some runs (ENVIRONMENT.md): leave by os._exit
-            if code in (0, EXIT_REQUEUE) and dist.is_initialized():
-                dist.barrier()
-            dist.destroy_process_group()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+        leave_distributed(d, code)
     if code == 2 and d.main and (out / "log.txt").exists():
         set_status(out, d, "failed")
     return code

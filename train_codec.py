@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
 import signal
 import socket
@@ -44,8 +43,8 @@ import data
 import env
 from codec import Codec, CodecConfig, Conv, ConvTr, run_layers
 from env import EXIT_REQUEUE, UserError
-from train import (Log, _log_error, all_sum, config_dict, finished, load_checkpoint, lr_at, run_directory, save_atomic,
-                   set_status, setup_distributed, write_run_file)
+from train import (Log, _log_error, all_sum, config_dict, finished, leave_distributed, load_checkpoint, lr_at,
+                   run_directory, save_atomic, set_status, setup_distributed, write_run_file)
 
 
 @dataclass
@@ -875,13 +874,7 @@ def main(argv):
         set_status(out, d, "failed")
         raise
     finally:
-        if d.world_size > 1:  # gloo aborts at interpreter exit in some runs (ENVIRONMENT.md): leave by os._exit
-            if code in (0, EXIT_REQUEUE) and dist.is_initialized():
-                dist.barrier()
-            dist.destroy_process_group()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+        leave_distributed(d, code)
     return code
 
 
