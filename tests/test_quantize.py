@@ -193,3 +193,8 @@ def test_train_stages_sample_from_a_quantized_copy_and_keep_the_float_weights():
     assert train.config_signature(cfg) == train.config_signature(train.parse_args(TINY_RUN))
     with pytest.raises(UserError, match=r'quantize="int3" is not one of , int8, int4'):
         train.parse_args(TINY_RUN + ["--quantize=int3"])
+    # FSDP shards the weights across ranks: no rank holds a whole model to copy, so the key is refused up front
+    fsdp = train.parse_args(TINY_RUN + ["--quantize=int8", "--parallel=fsdp"])
+    train.validate(fsdp, world_size=1)   # one process holds it all
+    with pytest.raises(UserError, match=r'quantize="int8" with parallel="fsdp": .*generate.py --quantize=int8'):
+        train.validate(fsdp, world_size=2)
