@@ -710,12 +710,14 @@ def bench_codec(a):
 
 def bench_data(a):
     import data
+    import demo
     device, B, seconds = a["device"], a["batch_size"], a["seconds"]
     codec = formats.load_codec(a["codec"]).to(device)
     load_start = load()
     rows, speeds = [], {}
+    dataset = demo.dataset_dir(a["dataset"])   # "demo": train.py's built-in set, where train.py writes it
     for cached in (True, False):
-        ds = data.open_split(a["dataset"], "train", codec=codec, train=True, segment_duration=seconds,
+        ds = data.open_split(dataset, "train", codec=codec, train=True, segment_duration=seconds,
                              token_cache=cached, cache_dir=a["cache_dir"] or None)
         loader = data.make_loader(ds, B, num_workers=a["num_workers"], pin_memory=device.type == "cuda")
         r = data.loader_speed(loader, batches=max(4, 4 * a["repeats"]))

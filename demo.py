@@ -221,6 +221,15 @@ def _write_demo_set(root, seed, sizes):
     return files
 
 
+def dataset_dir(dataset, runs_dir=None):
+    """A dataset setting -> its directory: "demo" is the built-in set, written once under <runs_dir>/data/demo (the
+    team's runs directory by default) and shared by train.py, train_codec.py, evaluate.py and bench.py; any other
+    value is returned as given."""
+    if dataset != "demo":
+        return dataset
+    return str(make_demo_set(Path(runs_dir or env.get_env().runs_dir) / "data" / "demo", seed=0))
+
+
 def make_demo_set(root, seed=0, sizes=None):
     """Write the synthetic demo set under root (<root>/<split>/data.jsonl, clip_NNNN.wav + .json beside it);
     deterministic from the seed. Returns root.

@@ -88,7 +88,7 @@ def manifest_of(o):
     if o["manifest"] is not None:
         return data.manifest_file(o["manifest"])
     if o["dataset"] == "demo":   # train.py's synthetic set, where train.py puts it
-        root = demo.make_demo_set(Path(o["runs_dir"] or env.get_env().runs_dir) / "data" / "demo", seed=0)
+        root = Path(demo.dataset_dir("demo", o["runs_dir"]))
     else:
         root = env.resolve_path(env.map_dataset_path(o["dataset"]))
         if not root.is_dir():

@@ -973,10 +973,8 @@ def _si(x):
 def open_splits(cfg, codec, d):
     """The four splits. Every rank opens them at once and encodes its share of a missing token cache; ranks wait for
     each other by watching the cache files (data.py), never in a collective that could time out."""
-    dataset, runs = cfg.dataset, Path(cfg.runs_dir or env.get_env().runs_dir)
-    if dataset == "demo":
-        dataset = str(runs / "data" / "demo")
-        demo.make_demo_set(dataset, seed=0)
+    runs = Path(cfg.runs_dir or env.get_env().runs_dir)
+    dataset = demo.dataset_dir(cfg.dataset, runs)
     common = dict(codec=codec, segment_duration=cfg.segment_duration, seed=cfg.seed, token_cache=cfg.token_cache,
                   cache_dir=cfg.cache_dir or str(runs / "cache"), min_segment_ratio=cfg.min_segment_ratio,
                   sample_on_weight=cfg.sample_on_weight, sample_on_duration=cfg.sample_on_duration,

@@ -566,11 +566,8 @@ def sync_grads(params, d):
 
 def open_splits(cfg, codec, d):
     """{train, valid, generate} Segments of wav [C, S] (every rank at once; the demo set is written by one)."""
-    dataset = cfg.dataset
-    if dataset == "demo":
-        import demo
-        dataset = str(Path(cfg.runs_dir or env.get_env().runs_dir) / "data" / "demo")
-        demo.make_demo_set(dataset, seed=0)
+    import demo
+    dataset = demo.dataset_dir(cfg.dataset, cfg.runs_dir)
     common = dict(codec=codec, seed=cfg.seed, token_cache=False, min_segment_ratio=1.0, merge_text_p=0.0,
                   max_skip_fraction=cfg.max_skip_fraction)
     splits = {"train": data.open_split(dataset, "train", train=True, segment_duration=cfg.segment_duration,

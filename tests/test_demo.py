@@ -223,3 +223,20 @@ def test_debug_recipe_follows_the_register_it_is_asked_for(tmp_path):
     samples = sorted((run / "samples").iterdir(), key=lambda p: int(p.name))[-1]
     m = demo.measure_registers(samples)
     assert m["gap"] > 6 and m["ordered"] >= 0.75, m
+
+
+def test_the_demo_dataset_setting_names_one_directory_for_every_entry_point(tmp_path, monkeypatch):
+    """dataset=demo means <runs_dir>/data/demo for train.py, train_codec.py, evaluate.py and bench.py data (bench
+    data failed with "demo is not a directory" when the set moved out of data.py); other values pass through."""
+    calls = []
+    real = demo.make_demo_set
+    monkeypatch.setattr(demo, "make_demo_set", lambda root, seed=0: calls.append((Path(root), seed)) or real(
+        root, seed, sizes={"train": 2, "valid": 1, "evaluate": 1, "generate": 1}))
+    assert demo.dataset_dir("demo", tmp_path / "runs") == str(tmp_path / "runs" / "data" / "demo")
+    assert (tmp_path / "runs" / "data" / "demo" / "train" / "data.jsonl").is_file()
+    assert calls == [(tmp_path / "runs" / "data" / "demo", 0)]
+    assert demo.dataset_dir("egs/mine", tmp_path / "runs") == "egs/mine" and len(calls) == 1
+    import env
+    monkeypatch.setenv("AUDIOCRAFT_DORA_DIR", str(tmp_path / "team_runs"))   # no runs_dir: the team's
+    monkeypatch.setattr(env, "_env", None)                                   # read the environment again
+    assert demo.dataset_dir("demo") == str(tmp_path / "team_runs" / "data" / "demo")
