@@ -30,6 +30,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -1135,8 +1136,12 @@ def check_train_run(a, ctx, add):
             ours = [f for f in stack if os.path.dirname(os.path.abspath(f.filename)) == project
                     and not f.filename.endswith("bench.py")]
             at = ours[-1] if ours else stack[-1]
+            # the thread too: one sync per update, attributed to two unrelated lines on the H200 (a block's call,
+            # optimizer.step), looks like one delivered late from another thread (the loader's pin-memory thread?)
+            thread = threading.current_thread().name
             syncs.append(f"{os.path.basename(at.filename)}:{at.lineno} `{(at.line or '').strip()[:70]}` "
-                         f"(in {os.path.basename(stack[-1].filename)}:{stack[-1].lineno})")
+                         f"(in {os.path.basename(stack[-1].filename)}:{stack[-1].lineno}"
+                         f"{'' if thread == 'MainThread' else ', thread ' + thread})")
 
     records = []
 
