@@ -3,7 +3,7 @@
 The demo set is procedural music whose descriptions say what the audio is (timbre, register, tempo, mode, drums),
 so that a tiny model trained on it for a minute learns to follow the text. The demo codec (`load_codec("demo")`,
 assets/demo_codec.bin) is a small EnCodec trained on that set by config/codec_demo.py and shipped, so that the first
-command's samples are music; `python demo.py codec` makes it again, bit for bit on the same kind of CPU. The debug
+command's samples are music; `python demo.py codec` makes it again (33 min on one thread). The debug
 codec (`load_codec("debug")`) is a seeded, untrained EnCodec-shaped codec for tests.
 
     python demo.py set OUT_DIR [--seed=0]          # write the synthetic demo set
@@ -370,8 +370,9 @@ DEMO_CODEC_THREADS = 1   # CPU results depend on the thread count: pinned, so th
 
 def build_demo_codec(extra=()):
     """Train the demo codec (config/codec_demo.py on the CPU, DEMO_CODEC_THREADS threads) and export it to
-    assets/demo_codec.bin in AudioCraft's compression_state_dict.bin layout. On the same kind of CPU and torch
-    version this rebuilds the shipped file bit for bit. -> its path."""
+    assets/demo_codec.bin in AudioCraft's compression_state_dict.bin layout. The shipped file is one full build by
+    this function; two builds agree bit for bit (tested at a reduced size: one thread, the same seeds). A full
+    rebuild of the file shipped before it gave other bits, because the training code had changed since. -> its path."""
     import train_codec
     from formats import export_audiocraft_codec, load_codec
     threads = torch.get_num_threads()
