@@ -1367,9 +1367,22 @@ def main(argv):
         print_config(cfg)
         return 0
     d = setup_distributed(cfg)
-    code, out = 1, run_dir(cfg)
+
+    def oom_advice():
+        return (f"out of memory on {d.device} with a micro-batch of {cfg.batch_size // d.world_size // cfg.grad_accum}"
+                f" (batch_size={cfg.batch_size} over {d.world_size} process(es), grad_accum={cfg.grad_accum}): raise "
+                f"--grad_accum, or use --checkpointing=True or --parallel=fsdp")
+    return run_to_exit(d, run_dir(cfg), lambda: train(cfg, d), oom_advice)
+
+
+def run_to_exit(d, out, body, oom_advice=None):
+    """Run body() (train.py's train, train_codec.py's) and end the process the same way for both: a UserError is one
+    line on the terminal and in log.txt (exit 2); a stop signal before the loop exits 75 as "preempted"; with
+    oom_advice, running out of GPU memory is one line saying what to change (exit 2); anything else is logged, marks
+    the run "failed" and propagates (printed first under several ranks, where os._exit would swallow it)."""
+    code = 1
     try:
-        code = train(cfg, d)
+        code = body()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         _log_error(out, d, f"error: {e}")
@@ -1378,23 +1391,22 @@ def main(argv):
         print(f"stopped by signal {e} before training: run the same command again to resume", file=sys.stderr)
         set_status(out, d, "preempted")
         code = EXIT_REQUEUE
-    except torch.OutOfMemoryError:
-        msg = (f"out of memory on {d.device} with a micro-batch of {cfg.batch_size // d.world_size // cfg.grad_accum}"
-               f" (batch_size={cfg.batch_size} over {d.world_size} process(es), grad_accum={cfg.grad_accum}): raise "
-               f"--grad_accum, or use --checkpointing=True or --parallel=fsdp")
-        print(f"error: {msg}", file=sys.stderr)
-        _log_error(out, d, f"error: {msg}")
-        set_status(out, d, "failed")
-        code = 2
     except BaseException as e:
-        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
-            _log_error(out, d, f"error: {type(e).__name__}: {e} (traceback on stderr)")
-        set_status(out, d, "failed")
-        if d.world_size == 1:
-            raise
-        import traceback
-        traceback.print_exc()  # os._exit below would otherwise swallow it
-        print(f"error: rank {d.rank} failed", file=sys.stderr)
+        if oom_advice is not None and isinstance(e, torch.OutOfMemoryError):
+            msg = oom_advice()
+            print(f"error: {msg}", file=sys.stderr)
+            _log_error(out, d, f"error: {msg}")
+            set_status(out, d, "failed")
+            code = 2
+        else:
+            if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+                _log_error(out, d, f"error: {type(e).__name__}: {e} (traceback on stderr)")
+            set_status(out, d, "failed")
+            if d.world_size == 1:
+                raise
+            import traceback
+            traceback.print_exc()  # os._exit below would otherwise swallow it
+            print(f"error: rank {d.rank} failed", file=sys.stderr)
     finally:
         leave_distributed(d, code)
     if code == 2 and d.main and (out / "log.txt").exists():

@@ -26,13 +26,9 @@ import dataclasses
 import json
 import math
 import shutil
-import signal
-import socket
-import sys
 import time
 from dataclasses import dataclass, fields
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -43,8 +39,8 @@ import data
 import env
 from codec import Codec, CodecConfig, Conv, ConvTr, run_layers
 from env import EXIT_REQUEUE, UserError
-from train import (Log, _log_error, all_sum, config_dict, finished, leave_distributed, load_checkpoint, lr_at,
-                   run_directory, save_atomic, set_status, setup_distributed, write_run_file)
+from train import (Log, all_sum, config_dict, finished, load_checkpoint, lr_at, run_directory, run_to_exit,
+                   save_atomic, set_status, setup_distributed, write_run_file)
 
 
 @dataclass
@@ -855,24 +851,7 @@ def main(argv):
         print_config(cfg)
         return 0
     d = setup_distributed(cfg)
-    code, out = 1, env.run_dir(config_signature(cfg), cfg.runs_dir or None)
-    try:
-        code = train(cfg, d)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        _log_error(out, d, f"error: {e}")
-        code = 2
-    except env.Stopped as e:   # stopped before the loop (writing the demo set, opening the data)
-        print(f"stopped by signal {e} before training: run the same command again to resume", file=sys.stderr)
-        code = EXIT_REQUEUE
-    except BaseException as e:
-        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
-            _log_error(out, d, f"error: {type(e).__name__}: {e} (traceback on stderr)")
-        set_status(out, d, "failed")
-        raise
-    finally:
-        leave_distributed(d, code)
-    return code
+    return run_to_exit(d, env.run_dir(config_signature(cfg), cfg.runs_dir or None), lambda: train(cfg, d))
 
 
 if __name__ == "__main__":

@@ -407,3 +407,29 @@ def test_two_processes_match_one_process(tmp_path, dataset):
         weights = [k for k in a[part] if "parametrizations" in k or k.endswith("bias")]
         differ = sum(int(((a[part][k] - b[part][k]).abs() > 1e-5).sum()) for k in weights)
         assert differ < 0.01 * sum(a[part][k].numel() for k in weights), part
+
+
+def test_train_codec_ends_its_process_the_way_train_py_does(tmp_path, monkeypatch):
+    """One entry-point ending (train.run_to_exit) for train.py and train_codec.py: a stop before the loop marks the
+    run preempted, a bad input is exit 2 in log.txt and marks it failed. train_codec.py once left the status alone
+    in both cases, and under several ranks lost the traceback of a crash to os._exit."""
+    import types
+    import train
+    from env import Stopped
+    d = types.SimpleNamespace(main=True, rank=0, world_size=1)
+    (tmp_path / "log.txt").write_text("")
+
+    def stop():
+        raise Stopped("SIGTERM")
+
+    def bad():
+        raise UserError("dataset x: no such directory")
+    assert train.run_to_exit(d, tmp_path, stop) == tc.EXIT_REQUEUE
+    assert (tmp_path / "status").read_text().split() == ["preempted"]
+    assert train.run_to_exit(d, tmp_path, bad) == 2
+    assert (tmp_path / "status").read_text().split() == ["failed"]
+    assert "error: dataset x: no such directory" in (tmp_path / "log.txt").read_text()
+    monkeypatch.setattr(tc, "train", lambda cfg, d: stop())
+    monkeypatch.setattr(tc, "setup_distributed", lambda cfg: d)
+    monkeypatch.setattr(tc.env, "run_dir", lambda sig, runs=None: tmp_path)
+    assert tc.main(TINY) == tc.EXIT_REQUEUE and (tmp_path / "status").read_text().split() == ["preempted"]
