@@ -813,13 +813,17 @@ def evaluate_ce(step, split, cfg, codec, d, micro_batch, autocast, max_batches=0
 def sample_codes(lm, cfg, descriptions, n_frames, seeds, device, autocast, window, melodies=None, frame_rate=None):
     """Codes [B, K, n_frames] for descriptions (None: unconditional) with the config's sampling settings: model.py's
     one sampler (generate.py's), row b drawn from seeds[b] alone, windows of the model's context sliding past it;
-    a melody model follows melodies (chroma classes per row, None: none)."""
-    if cfg.quantize:   # a copy: the training weights stay float (quantize.py refuses state_dict on what it touches)
-        lm = quantize.quantize(copy.deepcopy(lm), cfg.quantize)
+    a melody model follows melodies (chroma classes per row, None: none). lm: sampling_model's."""
     with torch.autocast(device.type, dtype=getattr(torch, cfg.dtype), enabled=autocast):
         return lm_lib.sample(lm, list(descriptions), n_frames, window=window, seeds=seeds, cfg_coef=cfg.cfg_coef,
                              top_k=cfg.top_k, top_p=cfg.top_p, temperature=cfg.temperature, melodies=melodies,
                              frame_rate=frame_rate)
+
+
+def sampling_model(lm, cfg):
+    """What a stage samples from, made once per stage: lm itself, or with cfg.quantize a quantized copy (the training
+    weights stay float; quantize.py refuses state_dict on what it touches)."""
+    return quantize.quantize(copy.deepcopy(lm), cfg.quantize) if cfg.quantize else lm
 
 
 def item_melody(item):
@@ -854,9 +858,10 @@ def generate_stage(step, lm, splits, cfg, codec, d, epoch, out, autocast, weight
     settings = {k: getattr(cfg, k) for k in ("cfg_coef", "top_k", "top_p", "temperature", "generate_duration")}
     t0 = time.time()
     with eval_mode(step, sampling=True):
+        sampler = sampling_model(lm, cfg)
         for name, texts, tunes in variants:
             if texts:
-                wav = codec.decode(sample_codes(lm, cfg, texts, n_frames, seeds, d.device, autocast, window, tunes,
+                wav = codec.decode(sample_codes(sampler, cfg, texts, n_frames, seeds, d.device, autocast, window, tunes,
                                                 codec.frame_rate))
             for j, i in enumerate(mine):
                 path = folder / f"{i:03d}{name}.wav"
@@ -886,6 +891,7 @@ def evaluate_stage(step, lm, splits, cfg, codec, d, epoch, micro_batch, autocast
     if evaluator is not None:
         evaluator.reset()
     latents = {"reference": [], "generated": []}                    # [frames, D] float32 on the host
+    sampler = None                                                  # sampling_model's, at the first batch
     for turn in range(turns):
         chunk = mine[turn * micro_batch:(turn + 1) * micro_batch]
         items = [split[i] for i in chunk]
@@ -894,8 +900,9 @@ def evaluate_stage(step, lm, splits, cfg, codec, d, epoch, micro_batch, autocast
                 reference = torch.stack([it["codes"] if "codes" in it else codec.encode(it["wav"][None].to(d.device))[0]
                                          for it in items]).to(d.device)                    # [B, K, T]
             with eval_mode(step, sampling=True):
+                sampler = sampling_model(lm, cfg) if sampler is None else sampler
                 melodies = [item_melody(it) for it in items] if lm.melody is not None else None
-                generated = sample_codes(lm, cfg, [it["description"] for it in items], reference.shape[-1],
+                generated = sample_codes(sampler, cfg, [it["description"] for it in items], reference.shape[-1],
                                          [cfg.seed + i for i in chunk], d.device, autocast, reference.shape[-1],
                                          melodies, codec.frame_rate)
             with torch.no_grad():

@@ -186,10 +186,13 @@ def test_train_stages_sample_from_a_quantized_copy_and_keep_the_float_weights():
     cfg = train.parse_args(TINY_RUN + ["--quantize=int8"])
     model = train.build_model(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    codes = train.sample_codes(model, cfg, ["slow calm strings", None], 12, [0, 1], torch.device("cpu"), False, 25)
+    sampler = train.sampling_model(model, cfg)
+    assert sampler is not model and sampler.quantized == "int8"
+    codes = train.sample_codes(sampler, cfg, ["slow calm strings", None], 12, [0, 1], torch.device("cpu"), False, 25)
     assert codes.shape == (2, cfg.n_q, 12)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not hasattr(model, "quantized")
+    assert train.sampling_model(model, train.parse_args(TINY_RUN)) is model   # no quantize: the model itself
     assert train.config_signature(cfg) == train.config_signature(train.parse_args(TINY_RUN))
     with pytest.raises(UserError, match=r'quantize="int3" is not one of , int8, int4'):
         train.parse_args(TINY_RUN + ["--quantize=int3"])

@@ -98,6 +98,21 @@ def test_raw_audio_run_encodes_for_training_and_the_evaluate_stage(tmp_path, dat
     assert not (tmp_path / "no_cache").exists()
 
 
+def test_stages_sample_from_a_quantized_copy_with_the_quantize_key(tmp_path, dataset):
+    """quantize=int8: the generate and evaluate stages sample from one int8 copy per stage (train.sampling_model);
+    training and its checkpoint stay float."""
+    r = run(TINY + ["--epochs=1", "--generate_every=1", "--evaluate_every=1", "--evaluate_samples=2",
+                    "--quantize=int8"], tmp_path, dataset)
+    assert r.returncode == 0, r.stdout + r.stderr
+    d = only_run_dir(tmp_path)
+    rows = [json.loads(line) for line in (d / "history.jsonl").read_text().splitlines()]
+    assert [row["stage"] for row in rows] == ["train", "valid", "generate", "evaluate"] and rows[-1]["fd"] >= 0
+    assert sorted(p.name for p in (d / "samples" / "1").glob("*.wav")) == [
+        "000.wav", "000_uncond.wav", "001.wav", "001_uncond.wav"]
+    ckpt = torch.load(d / "checkpoint.pt", weights_only=True)
+    assert all(v.is_floating_point() for k, v in ckpt["model"].items() if k.endswith("weight"))
+
+
 def test_resume_after_sigterm_matches_uninterrupted_run(tmp_path, dataset):
     straight = run(TINY, tmp_path / "a", dataset)
     assert straight.returncode == 0, straight.stdout + straight.stderr
